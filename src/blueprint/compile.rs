@@ -1,0 +1,1201 @@
+//! Text → [`Blueprint`], collecting every diagnostic before giving up.
+//!
+//! The YAML is parsed once into marked nodes (line/column on every value). Each section and
+//! each item in it is then deserialized on its own, so one broken resource does not hide the
+//! problems of the next; cross-references (`depends_on`, template references, check targets)
+//! and cycles are checked last, over whatever parsed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use marked_yaml::{Marker, Node, Spanned};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::diag::{Diagnostic, Diagnostics, SourceMap, did_you_mean};
+use super::template;
+use super::{
+    Blueprint, BucketSpec, Check, CheckSpec, DatabaseSpec, Engine, LocalSettings, Resource,
+    ResourceSpec, SecretSource, ServiceSpec, TeardownPolicy, Template,
+};
+
+/// Why a blueprint did not compile.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The file could not be read.
+    #[error("cannot read blueprint {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blueprint has errors; all of them are in here.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+/// Limits that keep a hostile or broken file from exhausting the tool.
+const MAX_BLUEPRINT_BYTES: usize = 1 << 20;
+const MAX_RESOURCES: usize = 200;
+const MAX_CHECKS: usize = 500;
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "params",
+    "secrets",
+    "providers",
+    "resources",
+    "checks",
+    "teardown",
+    "ttl",
+];
+const KINDS: &[&str] = &["database", "bucket", "service"];
+const CHECK_KINDS: &[&str] = &["http", "command", "sql"];
+const ENGINES: &[&str] = &["sqlite", "postgres"];
+
+/// Reads and compiles a blueprint file with `--param` values.
+///
+/// # Errors
+/// [`CompileError::Read`] if the file cannot be read, [`CompileError::Invalid`] with every
+/// diagnostic otherwise.
+pub fn compile_file(
+    path: &Path,
+    params: &BTreeMap<String, String>,
+) -> Result<Blueprint, CompileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CompileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    compile(path, &text, params)
+}
+
+/// Compiles blueprint text. `path` names the file in diagnostics and anchors relative paths.
+///
+/// # Errors
+/// [`CompileError::Invalid`] with every diagnostic found.
+pub fn compile(
+    path: &Path,
+    text: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<Blueprint, CompileError> {
+    let mut c = Compiler {
+        map: SourceMap::new(text),
+        diags: Vec::new(),
+    };
+    let bp = c.run(path, text, params);
+    if c.diags.is_empty() {
+        if let Some(bp) = bp {
+            return Ok(bp);
+        }
+    }
+    let mut items = c.diags;
+    items.sort_by_key(|d| (d.line, d.col));
+    items.dedup();
+    Err(CompileError::Invalid(Diagnostics {
+        file: path.display().to_string(),
+        source: text.to_string(),
+        items,
+    }))
+}
+
+// ----- raw, spanned shapes (private: only the compiled model leaves this module) -----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParam {
+    description: Option<String>,
+    default: Option<String>,
+    #[serde(default)]
+    required: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Spanned<String>,
+    #[allow(dead_code)]
+    description: Option<String>,
+    default: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProviders {
+    local: Option<RawLocal>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    backups: Option<String>,
+    buckets: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    #[serde(rename = "type")]
+    _kind: String,
+    engine: Spanned<String>,
+    source: Spanned<String>,
+    database: Option<String>,
+    backup: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBucket {
+    #[serde(rename = "type")]
+    _kind: String,
+    source: Spanned<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(rename = "type")]
+    _kind: String,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    start: Option<Spanned<String>>,
+    ready_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    #[serde(rename = "type")]
+    _kind: String,
+    name: Spanned<String>,
+    url: Spanned<String>,
+    method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    body: Option<Spanned<String>>,
+    #[serde(default)]
+    expect: RawHttpExpect,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttpExpect {
+    status: Option<u16>,
+    body_contains: Option<String>,
+    #[serde(default)]
+    json: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    #[serde(rename = "type")]
+    _kind: String,
+    name: Spanned<String>,
+    run: Spanned<String>,
+    #[serde(default)]
+    expect: RawCommandExpect,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCommandExpect {
+    exit_code: Option<i32>,
+    output_contains: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSql {
+    #[serde(rename = "type")]
+    _kind: String,
+    name: Spanned<String>,
+    database: Spanned<String>,
+    query: Spanned<String>,
+    #[serde(default)]
+    expect: RawSqlExpect,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSqlExpect {
+    value: Option<String>,
+    rows: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeardown {
+    policy: Option<Spanned<String>>,
+    keep_for: Option<Spanned<String>>,
+}
+
+/// A template value with where it was written, for reference checks.
+struct TplUse {
+    src: String,
+    at: Option<Marker>,
+    /// Whether resource outputs may be referenced here (false for params and resource sources).
+    resources_allowed: bool,
+}
+
+struct Compiler<'a> {
+    map: SourceMap<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Compiler<'_> {
+    fn diag_at(
+        &mut self,
+        at: Option<&Marker>,
+        message: impl Into<String>,
+        label: &str,
+        help: Option<String>,
+    ) {
+        let (line, col) = at.map_or((1, 1), |m| (m.line(), m.column()));
+        let mut d = self.map.at(line, col, message, label);
+        d.help = help;
+        self.diags.push(d);
+    }
+
+    fn de<T: DeserializeOwned>(&mut self, node: &Node, what: &str) -> Option<T> {
+        match marked_yaml::from_node::<T>(node) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let at = e.start_mark().or_else(|| node.span().start().copied());
+                match &*e {
+                    marked_yaml::Error::UnknownFieldError(field, expected, _) => {
+                        let help = did_you_mean(field, expected.iter().copied())
+                            .map(|s| format!("did you mean `{s}`?"))
+                            .or_else(|| {
+                                Some(format!("allowed keys here: {}", expected.join(", ")))
+                            });
+                        self.diag_at(
+                            at.as_ref(),
+                            format!("unknown key `{field}` in {what}"),
+                            "unknown key",
+                            help,
+                        );
+                    }
+                    other => {
+                        let msg = other_message(other);
+                        let help = if msg.contains("expected a string")
+                            || msg.contains("invalid type: map")
+                        {
+                            Some(
+                                "a value that starts with `{{` must be quoted: \"{{params.x}}\""
+                                    .to_string(),
+                            )
+                        } else {
+                            None
+                        };
+                        self.diag_at(at.as_ref(), format!("{what}: {msg}"), "here", help);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: Option<&Spanned<String>>, default: Duration, what: &str) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.as_str()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.diag_at(
+                    v.span().start(),
+                    format!("{what}: `{}` is not a duration ({e})", v.as_str()),
+                    "not a duration",
+                    Some("write e.g. `30s`, `5m`, `2h 30m`".into()),
+                );
+                default
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn run(
+        &mut self,
+        path: &Path,
+        text: &str,
+        cli_params: &BTreeMap<String, String>,
+    ) -> Option<Blueprint> {
+        if text.len() > MAX_BLUEPRINT_BYTES {
+            self.diag_at(
+                None,
+                format!(
+                    "blueprint is {} bytes; the limit is {MAX_BLUEPRINT_BYTES}",
+                    text.len()
+                ),
+                "too large",
+                None,
+            );
+            return None;
+        }
+        let opts = marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true);
+        let root = match marked_yaml::parse_yaml_with_options(0, text, opts) {
+            Ok(n) => n,
+            Err(e) => {
+                let (at, msg) = load_error(&e);
+                self.diag_at(at.as_ref(), format!("not valid YAML: {msg}"), "here", None);
+                return None;
+            }
+        };
+        let Some(top) = root.as_mapping() else {
+            self.diag_at(None, "a blueprint is a YAML mapping", "here", None);
+            return None;
+        };
+        for (k, _) in top.iter() {
+            if !TOP_KEYS.contains(&k.as_str()) {
+                let help = did_you_mean(k.as_str(), TOP_KEYS.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"));
+                self.diag_at(
+                    k.span().start(),
+                    format!("unknown top-level key `{}`", k.as_str()),
+                    "unknown key",
+                    help,
+                );
+            }
+        }
+
+        let name = match top.get_scalar("name") {
+            Some(n) => {
+                let s = n.as_str().to_string();
+                if !valid_name(&s) {
+                    self.diag_at(
+                        n.span().start(),
+                        format!("blueprint name `{s}` is not a valid name"),
+                        "invalid name",
+                        Some(
+                            "use lower-case letters, digits, `-` and `_`, starting with a letter"
+                                .into(),
+                        ),
+                    );
+                }
+                s
+            }
+            None => {
+                self.diag_at(
+                    root.span().start(),
+                    "missing `name`",
+                    "blueprint starts here",
+                    Some("add `name: my-env` at the top".into()),
+                );
+                String::new()
+            }
+        };
+        let description = top
+            .get_scalar("description")
+            .map(|d| d.as_str().to_string());
+
+        // params
+        let mut params = BTreeMap::new();
+        let mut declared_params: Vec<String> = Vec::new();
+        if let Some(pnode) = top.get_node("params") {
+            if let Some(pmap) = self.mapping(pnode, "params") {
+                for (k, v) in pmap.iter() {
+                    let pname = k.as_str().to_string();
+                    declared_params.push(pname.clone());
+                    let Some(p) = self.de::<RawParam>(v, &format!("param `{pname}`")) else {
+                        continue;
+                    };
+                    let _ = p.description;
+                    if let Some(val) = cli_params.get(&pname) {
+                        params.insert(pname, val.clone());
+                    } else if let Some(d) = p.default {
+                        params.insert(pname, d);
+                    } else if p.required {
+                        self.diag_at(
+                            k.span().start(),
+                            format!("param `{pname}` is required and was not given"),
+                            "declared here",
+                            Some(format!("pass --param {pname}=VALUE")),
+                        );
+                    } else {
+                        params.insert(pname, String::new());
+                    }
+                }
+            }
+        }
+        for k in cli_params.keys() {
+            if !declared_params.contains(k) {
+                let help = did_you_mean(k, declared_params.iter().map(String::as_str))
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .or_else(|| {
+                        Some(format!(
+                            "declared params: {}",
+                            if declared_params.is_empty() {
+                                "none".to_string()
+                            } else {
+                                declared_params.join(", ")
+                            }
+                        ))
+                    });
+                let at = top.get_node("params").map_or_else(
+                    || root.span().start().copied(),
+                    |n| n.span().start().copied(),
+                );
+                self.diag_at(
+                    at.as_ref(),
+                    format!("--param `{k}` is not declared in the blueprint"),
+                    "params are declared here",
+                    help,
+                );
+            }
+        }
+
+        // secrets
+        let mut secrets = BTreeMap::new();
+        if let Some(snode) = top.get_node("secrets") {
+            if let Some(smap) = self.mapping(snode, "secrets") {
+                for (k, v) in smap.iter() {
+                    let Some(s) = self.de::<RawSecret>(v, &format!("secret `{}`", k.as_str()))
+                    else {
+                        continue;
+                    };
+                    secrets.insert(
+                        k.as_str().to_string(),
+                        SecretSource {
+                            env: s.env.as_str().to_string(),
+                            has_default: s.default.is_some(),
+                            default: s.default,
+                        },
+                    );
+                }
+            }
+        }
+
+        // providers
+        let providers: RawProviders = top
+            .get_node("providers")
+            .and_then(|n| self.de(n, "providers"))
+            .unwrap_or_default();
+        let dir = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .to_path_buf();
+        let local_raw = providers.local.unwrap_or_default();
+        let local = LocalSettings {
+            backups: resolve(&dir, local_raw.backups.as_deref().unwrap_or("backups")),
+            buckets: resolve(&dir, local_raw.buckets.as_deref().unwrap_or("buckets")),
+        };
+
+        // resources
+        let mut resources: Vec<Resource> = Vec::new();
+        let mut res_marks: HashMap<String, Option<Marker>> = HashMap::new();
+        let mut dep_uses: Vec<(String, Spanned<String>)> = Vec::new();
+        let mut tpl_uses: Vec<TplUse> = Vec::new();
+        match top.get_node("resources") {
+            None => self.diag_at(
+                root.span().start(),
+                "missing `resources`",
+                "blueprint starts here",
+                Some("declare at least one database, bucket or service under `resources:`".into()),
+            ),
+            Some(rnode) => {
+                if let Some(rmap) = self.mapping(rnode, "resources") {
+                    if rmap.len() > MAX_RESOURCES {
+                        self.diag_at(
+                            rnode.span().start(),
+                            format!("{} resources; the limit is {MAX_RESOURCES}", rmap.len()),
+                            "here",
+                            None,
+                        );
+                    }
+                    for (k, v) in rmap.iter().take(MAX_RESOURCES) {
+                        let rname = k.as_str().to_string();
+                        res_marks.insert(rname.clone(), k.span().start().copied());
+                        if !valid_name(&rname) {
+                            self.diag_at(k.span().start(), format!("resource name `{rname}` is not a valid name"), "invalid name",
+                                Some("use lower-case letters, digits, `-` and `_`, starting with a letter".into()));
+                        }
+                        if let Some(r) = self.resource(&rname, v, &mut dep_uses, &mut tpl_uses) {
+                            resources.push(r);
+                        }
+                    }
+                }
+            }
+        }
+
+        // checks
+        let mut checks: Vec<Check> = Vec::new();
+        let mut check_db_uses: Vec<Spanned<String>> = Vec::new();
+        if let Some(cnode) = top.get_node("checks") {
+            match cnode.as_sequence() {
+                None => self.diag_at(
+                    cnode.span().start(),
+                    "`checks` must be a list",
+                    "here",
+                    Some("write each check as `- name: …`".into()),
+                ),
+                Some(seq) => {
+                    if seq.len() > MAX_CHECKS {
+                        self.diag_at(
+                            cnode.span().start(),
+                            format!("{} checks; the limit is {MAX_CHECKS}", seq.len()),
+                            "here",
+                            None,
+                        );
+                    }
+                    let mut seen: HashMap<String, ()> = HashMap::new();
+                    for item in seq.iter().take(MAX_CHECKS) {
+                        if let Some(c) = self.check(item, &mut tpl_uses, &mut check_db_uses) {
+                            if seen.insert(c.name.clone(), ()).is_some() {
+                                self.diag_at(
+                                    item.span().start(),
+                                    format!("duplicate check name `{}`", c.name),
+                                    "second use",
+                                    Some("check names must be unique".into()),
+                                );
+                            }
+                            checks.push(c);
+                        }
+                    }
+                }
+            }
+        }
+
+        // teardown + ttl
+        let ttl = {
+            let t = top
+                .get_node("ttl")
+                .and_then(|n| self.de::<Spanned<String>>(n, "ttl"));
+            self.duration(t.as_ref(), Duration::from_secs(6 * 3600), "ttl")
+        };
+        let teardown = match top
+            .get_node("teardown")
+            .and_then(|n| self.de::<RawTeardown>(n, "teardown"))
+        {
+            None => TeardownPolicy::Always,
+            Some(t) => {
+                let keep_for = self.duration(
+                    t.keep_for.as_ref(),
+                    Duration::from_secs(3600),
+                    "teardown.keep_for",
+                );
+                match t.policy.as_ref().map(|p| p.as_str()) {
+                    None | Some("always") => TeardownPolicy::Always,
+                    Some("on-success") => TeardownPolicy::OnSuccess { keep_for },
+                    Some("keep") => TeardownPolicy::Keep { keep_for },
+                    Some(other) => {
+                        let opts = ["always", "on-success", "keep"];
+                        let help = did_you_mean(other, opts).map_or_else(
+                            || "one of: always, on-success, keep".to_string(),
+                            |s| format!("did you mean `{s}`?"),
+                        );
+                        self.diag_at(
+                            t.policy.as_ref().and_then(|p| p.span().start()),
+                            format!("unknown teardown policy `{other}`"),
+                            "unknown policy",
+                            Some(help),
+                        );
+                        TeardownPolicy::Always
+                    }
+                }
+            }
+        };
+
+        // cross references
+        let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+        let all_names: Vec<String> = res_marks.keys().cloned().collect();
+        for (owner, dep) in &dep_uses {
+            if !all_names.iter().any(|n| n == dep.as_str()) {
+                self.unknown_resource(dep.as_str(), dep.span().start(), &all_names);
+            } else if dep.as_str() == owner {
+                self.diag_at(
+                    dep.span().start(),
+                    format!("resource `{owner}` depends on itself"),
+                    "here",
+                    None,
+                );
+            }
+        }
+        for c in &check_db_uses {
+            match resources.iter().find(|r| r.name == c.as_str()) {
+                Some(r) if !matches!(r.spec, ResourceSpec::Database(_)) => {
+                    self.diag_at(
+                        c.span().start(),
+                        format!("`{}` is a {}, not a database", c.as_str(), r.spec.kind()),
+                        "not a database",
+                        None,
+                    );
+                }
+                Some(_) => {}
+                None if all_names.iter().any(|n| n == c.as_str()) => {}
+                None => self.unknown_resource(c.as_str(), c.span().start(), &all_names),
+            }
+        }
+        let kinds: HashMap<String, &'static str> = resources
+            .iter()
+            .map(|r| (r.name.clone(), r.spec.kind()))
+            .collect();
+        for u in &tpl_uses {
+            self.check_template(u, &declared_params, &secrets, &kinds, &all_names);
+        }
+        if self.diags.is_empty() {
+            self.cycles(&resources, &res_marks);
+        }
+        let _ = names;
+        Some(Blueprint {
+            name,
+            description,
+            path: path.to_path_buf(),
+            params,
+            secrets,
+            local,
+            resources,
+            checks,
+            teardown,
+            ttl,
+        })
+    }
+
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+    ) -> Option<&'n marked_yaml::types::MarkedMappingNode> {
+        if let Some(m) = node.as_mapping() {
+            return Some(m);
+        }
+        if node.as_scalar().is_some_and(|s| s.as_str().is_empty()) {
+            return None;
+        }
+        self.diag_at(
+            node.span().start(),
+            format!("`{what}` must be a mapping of name → definition"),
+            "here",
+            None,
+        );
+        None
+    }
+
+    fn unknown_resource(&mut self, name: &str, at: Option<&Marker>, all: &[String]) {
+        let help = did_you_mean(name, all.iter().map(String::as_str))
+            .map(|s| format!("did you mean `{s}`?"))
+            .or_else(|| Some(format!("resources in this blueprint: {}", all.join(", "))));
+        self.diag_at(
+            at,
+            format!("unknown resource `{name}`"),
+            "no such resource",
+            help,
+        );
+    }
+
+    fn resource(
+        &mut self,
+        name: &str,
+        node: &Node,
+        deps: &mut Vec<(String, Spanned<String>)>,
+        tpls: &mut Vec<TplUse>,
+    ) -> Option<Resource> {
+        let Some(map) = node.as_mapping() else {
+            self.diag_at(
+                node.span().start(),
+                format!("resource `{name}` must be a mapping with a `type`"),
+                "here",
+                None,
+            );
+            return None;
+        };
+        let Some(kind) = map.get_scalar("type") else {
+            self.diag_at(
+                node.span().start(),
+                format!("resource `{name}` has no `type`"),
+                "resource starts here",
+                Some(format!("add `type:` with one of: {}", KINDS.join(", "))),
+            );
+            return None;
+        };
+        let what = format!("resource `{name}`");
+        let (spec, depends_on) = match kind.as_str() {
+            "database" => {
+                let r: RawDatabase = self.de(node, &what)?;
+                let engine = match r.engine.as_str() {
+                    "sqlite" => Engine::Sqlite,
+                    "postgres" | "postgresql" => Engine::Postgres,
+                    other => {
+                        let help = did_you_mean(other, ENGINES.iter().copied()).map_or_else(
+                            || format!("engines: {}", ENGINES.join(", ")),
+                            |s| format!("did you mean `{s}`?"),
+                        );
+                        self.diag_at(
+                            r.engine.span().start(),
+                            format!("unknown database engine `{other}`"),
+                            "unknown engine",
+                            Some(help),
+                        );
+                        Engine::Sqlite
+                    }
+                };
+                tpls.push(TplUse {
+                    src: r.source.as_str().to_string(),
+                    at: r.source.span().start().copied(),
+                    resources_allowed: false,
+                });
+                (
+                    ResourceSpec::Database(DatabaseSpec {
+                        engine,
+                        source: r.source.as_str().to_string(),
+                        database: r.database.unwrap_or_else(|| "app".into()),
+                        backup: r.backup,
+                    }),
+                    r.depends_on,
+                )
+            }
+            "bucket" => {
+                let r: RawBucket = self.de(node, &what)?;
+                tpls.push(TplUse {
+                    src: r.source.as_str().to_string(),
+                    at: r.source.span().start().copied(),
+                    resources_allowed: false,
+                });
+                (
+                    ResourceSpec::Bucket(BucketSpec {
+                        source: r.source.as_str().to_string(),
+                        prefix: r.prefix,
+                    }),
+                    r.depends_on,
+                )
+            }
+            "service" => {
+                let r: RawService = self.de(node, &what)?;
+                let ready_timeout = self.duration(
+                    r.ready_timeout.as_ref(),
+                    Duration::from_secs(60),
+                    "ready_timeout",
+                );
+                let mut env = BTreeMap::new();
+                for (k, v) in &r.env {
+                    tpls.push(TplUse {
+                        src: v.as_str().to_string(),
+                        at: v.span().start().copied(),
+                        resources_allowed: true,
+                    });
+                    env.insert(
+                        k.clone(),
+                        Template {
+                            src: v.as_str().to_string(),
+                        },
+                    );
+                }
+                if let Some(s) = &r.start {
+                    tpls.push(TplUse {
+                        src: s.as_str().to_string(),
+                        at: s.span().start().copied(),
+                        resources_allowed: true,
+                    });
+                }
+                (
+                    ResourceSpec::Service(ServiceSpec {
+                        env,
+                        start: r.start.map(|s| Template {
+                            src: s.as_str().to_string(),
+                        }),
+                        ready_timeout,
+                    }),
+                    r.depends_on,
+                )
+            }
+            other => {
+                let help = did_you_mean(other, KINDS.iter().copied()).map_or_else(
+                    || format!("kinds: {}", KINDS.join(", ")),
+                    |s| format!("did you mean `{s}`?"),
+                );
+                self.diag_at(
+                    kind.span().start(),
+                    format!("unknown resource type `{other}`"),
+                    "unknown type",
+                    Some(help),
+                );
+                return None;
+            }
+        };
+        for d in &depends_on {
+            deps.push((name.to_string(), d.clone()));
+        }
+        let mut res = Resource {
+            name: name.to_string(),
+            spec,
+            depends_on: depends_on.iter().map(|d| d.as_str().to_string()).collect(),
+            implied: Vec::new(),
+        };
+        let implied: Vec<String> = match &res.spec {
+            ResourceSpec::Service(s) => s
+                .env
+                .values()
+                .chain(s.start.iter())
+                .flat_map(Template::resource_refs)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for i in implied {
+            if !res.implied.contains(&i) && i != name {
+                res.implied.push(i);
+            }
+        }
+        Some(res)
+    }
+
+    fn check(
+        &mut self,
+        node: &Node,
+        tpls: &mut Vec<TplUse>,
+        dbs: &mut Vec<Spanned<String>>,
+    ) -> Option<Check> {
+        let Some(map) = node.as_mapping() else {
+            self.diag_at(
+                node.span().start(),
+                "a check must be a mapping with `name` and `type`",
+                "here",
+                None,
+            );
+            return None;
+        };
+        let label = map.get_scalar("name").map_or_else(
+            || "check".to_string(),
+            |n| format!("check `{}`", n.as_str()),
+        );
+        let Some(kind) = map.get_scalar("type") else {
+            self.diag_at(
+                node.span().start(),
+                format!("{label} has no `type`"),
+                "check starts here",
+                Some(format!(
+                    "add `type:` with one of: {}",
+                    CHECK_KINDS.join(", ")
+                )),
+            );
+            return None;
+        };
+        let tpl = |s: &Spanned<String>, tpls: &mut Vec<TplUse>| {
+            tpls.push(TplUse {
+                src: s.as_str().to_string(),
+                at: s.span().start().copied(),
+                resources_allowed: true,
+            });
+            Template {
+                src: s.as_str().to_string(),
+            }
+        };
+        let (name, timeout, retries, interval, spec) = match kind.as_str() {
+            "http" => {
+                let r: RawHttp = self.de(node, &label)?;
+                let at = r.name.span().start().copied();
+                for v in r.expect.body_contains.iter().chain(r.expect.json.values()) {
+                    tpls.push(TplUse {
+                        src: v.clone(),
+                        at,
+                        resources_allowed: true,
+                    });
+                }
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), tpl(v, tpls)))
+                    .collect();
+                let spec = CheckSpec::Http {
+                    url: tpl(&r.url, tpls),
+                    method: r.method.unwrap_or_else(|| "GET".into()).to_uppercase(),
+                    headers,
+                    body: r.body.as_ref().map(|b| tpl(b, tpls)),
+                    status: r.expect.status.unwrap_or(200),
+                    body_contains: r.expect.body_contains,
+                    json: r.expect.json,
+                };
+                (r.name, r.timeout, r.retries, r.interval, spec)
+            }
+            "command" => {
+                let r: RawCommand = self.de(node, &label)?;
+                if let Some(v) = &r.expect.output_contains {
+                    tpls.push(TplUse {
+                        src: v.clone(),
+                        at: r.name.span().start().copied(),
+                        resources_allowed: true,
+                    });
+                }
+                let spec = CheckSpec::Command {
+                    run: tpl(&r.run, tpls),
+                    exit_code: r.expect.exit_code.unwrap_or(0),
+                    output_contains: r.expect.output_contains,
+                };
+                (r.name, r.timeout, r.retries, r.interval, spec)
+            }
+            "sql" => {
+                let r: RawSql = self.de(node, &label)?;
+                if let Some(v) = &r.expect.value {
+                    tpls.push(TplUse {
+                        src: v.clone(),
+                        at: r.name.span().start().copied(),
+                        resources_allowed: true,
+                    });
+                }
+                dbs.push(r.database.clone());
+                let spec = CheckSpec::Sql {
+                    database: r.database.as_str().to_string(),
+                    query: tpl(&r.query, tpls),
+                    value: r.expect.value,
+                    rows: r.expect.rows,
+                };
+                (r.name, r.timeout, r.retries, r.interval, spec)
+            }
+            other => {
+                let help = did_you_mean(other, CHECK_KINDS.iter().copied()).map_or_else(
+                    || format!("check types: {}", CHECK_KINDS.join(", ")),
+                    |s| format!("did you mean `{s}`?"),
+                );
+                self.diag_at(
+                    kind.span().start(),
+                    format!("unknown check type `{other}`"),
+                    "unknown type",
+                    Some(help),
+                );
+                return None;
+            }
+        };
+        let timeout = self.duration(timeout.as_ref(), Duration::from_secs(30), "timeout");
+        let interval = self.duration(interval.as_ref(), Duration::from_secs(1), "interval");
+        Some(Check {
+            name: name.as_str().to_string(),
+            timeout,
+            retries: retries.unwrap_or(0),
+            interval,
+            spec,
+        })
+    }
+
+    fn check_template(
+        &mut self,
+        u: &TplUse,
+        params: &[String],
+        secrets: &BTreeMap<String, SecretSource>,
+        kinds: &HashMap<String, &'static str>,
+        all: &[String],
+    ) {
+        let refs = match template::references(&u.src) {
+            Ok(r) => r,
+            Err(e) => {
+                self.diag_at(
+                    u.at.as_ref(),
+                    format!("template does not parse: {e}"),
+                    "in this value",
+                    None,
+                );
+                return;
+            }
+        };
+        for r in refs {
+            let seg: Vec<&str> = r.segments.iter().map(String::as_str).collect();
+            match seg.as_slice() {
+                ["params", p, ..] if !params.iter().any(|x| x == p) => {
+                    let help = did_you_mean(p, params.iter().map(String::as_str))
+                        .map(|s| format!("did you mean `params.{s}`?"))
+                        .or_else(|| {
+                            Some(format!(
+                                "declare it under `params:` (declared: {})",
+                                if params.is_empty() {
+                                    "none".into()
+                                } else {
+                                    params.join(", ")
+                                }
+                            ))
+                        });
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}` names an undeclared param", r.dotted()),
+                        "in this value",
+                        help,
+                    );
+                }
+                ["secrets", s, ..] if !secrets.contains_key(*s) => {
+                    let help = did_you_mean(s, secrets.keys().map(String::as_str)).map(|x| format!("did you mean `secrets.{x}`?"))
+                        .or_else(|| Some("declare it under `secrets:` with the environment variable that holds it".into()));
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}` names an undeclared secret", r.dotted()),
+                        "in this value",
+                        help,
+                    );
+                }
+                ["resources", ..] if !u.resources_allowed => {
+                    self.diag_at(u.at.as_ref(), format!("`{}`: resource outputs cannot be used here", r.dotted()), "in this value",
+                        Some("resource outputs exist only after creation; use them in service env, service start and checks".into()));
+                }
+                ["resources", name, output, ..] => match kinds.get(*name) {
+                    None if all.iter().any(|a| a == name) => {}
+                    None => self.unknown_resource(name, u.at.as_ref(), all),
+                    Some(kind) => {
+                        let outs = ResourceSpec::outputs(kind);
+                        if !outs.contains(output) {
+                            let help = did_you_mean(output, outs.iter().copied()).map_or_else(
+                                || format!("a {kind} has: {}", outs.join(", ")),
+                                |s| format!("did you mean `resources.{name}.{s}`?"),
+                            );
+                            self.diag_at(
+                                u.at.as_ref(),
+                                format!("`{}`: a {kind} has no output `{output}`", r.dotted()),
+                                "in this value",
+                                Some(help),
+                            );
+                        }
+                    }
+                },
+                ["resources", ..] => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}` must name a resource and an output", r.dotted()),
+                        "in this value",
+                        Some("write `resources.NAME.OUTPUT`, e.g. `resources.db.url`".into()),
+                    );
+                }
+                ["release", f] if !["ref", "version", "git_sha"].contains(f) => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}`: the release has no field `{f}`", r.dotted()),
+                        "in this value",
+                        Some("release fields: ref, version, git_sha".into()),
+                    );
+                }
+                ["run", f] if !["id", "blueprint"].contains(f) => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}`: the run has no field `{f}`", r.dotted()),
+                        "in this value",
+                        Some("run fields: id, blueprint".into()),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reports each dependency cycle once, with its whole chain. Hand-written DFS: graph
+    /// crates report only a node of the cycle, and the chain is what the user needs.
+    fn cycles(&mut self, resources: &[Resource], marks: &HashMap<String, Option<Marker>>) {
+        let idx: HashMap<&str, usize> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        let deps: Vec<Vec<usize>> = resources
+            .iter()
+            .map(|r| {
+                r.all_deps()
+                    .iter()
+                    .filter_map(|d| idx.get(d.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let mut state = vec![0u8; resources.len()]; // 0 new, 1 on stack, 2 done
+        let mut stack: Vec<usize> = Vec::new();
+        let mut reported: Vec<Vec<usize>> = Vec::new();
+        fn visit(
+            n: usize,
+            deps: &[Vec<usize>],
+            state: &mut [u8],
+            stack: &mut Vec<usize>,
+            found: &mut Vec<Vec<usize>>,
+        ) {
+            state[n] = 1;
+            stack.push(n);
+            for &d in &deps[n] {
+                if state[d] == 1 {
+                    let pos = stack.iter().position(|&x| x == d).unwrap_or(0);
+                    let mut cyc: Vec<usize> = stack[pos..].to_vec();
+                    let min = cyc
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, v)| **v)
+                        .map_or(0, |(i, _)| i);
+                    cyc.rotate_left(min);
+                    if !found.contains(&cyc) {
+                        found.push(cyc);
+                    }
+                } else if state[d] == 0 {
+                    visit(d, deps, state, stack, found);
+                }
+            }
+            stack.pop();
+            state[n] = 2;
+        }
+        for i in 0..resources.len() {
+            if state[i] == 0 {
+                visit(i, &deps, &mut state, &mut stack, &mut reported);
+            }
+        }
+        for cyc in reported {
+            let mut chain: Vec<&str> = cyc.iter().map(|&i| resources[i].name.as_str()).collect();
+            chain.push(chain[0]);
+            let first = chain[0].to_string();
+            let at = marks.get(&first).copied().flatten();
+            self.diag_at(
+                at.as_ref(),
+                format!("dependency cycle: {}", chain.join(" → ")),
+                "cycle starts here",
+                Some("remove one `depends_on` or template reference in the chain".into()),
+            );
+        }
+    }
+}
+
+fn other_message(e: &marked_yaml::Error) -> String {
+    match e {
+        marked_yaml::Error::NotBoolean(_) => "expected true or false".into(),
+        marked_yaml::Error::IntegerParseFailure(err, _) => {
+            format!("expected a whole number ({err})")
+        }
+        marked_yaml::Error::FloatParseFailure(err, _) => format!("expected a number ({err})"),
+        marked_yaml::Error::UnknownFieldError(f, _, _) => format!("unknown key `{f}`"),
+        marked_yaml::Error::Other(m, _) => m.replace("marked_yaml::Node", "value"),
+    }
+}
+
+fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
+    use marked_yaml::LoadError as L;
+    match e {
+        L::TopLevelMustBeMapping(m) => (Some(*m), "the top level must be a mapping".into()),
+        L::TopLevelMustBeSequence(m) => (Some(*m), "the top level must be a sequence".into()),
+        L::UnexpectedAnchor(m) => (Some(*m), "anchors and aliases are not supported".into()),
+        L::MappingKeyMustBeScalar(m) => (Some(*m), "mapping keys must be plain strings".into()),
+        L::UnexpectedTag(m) => (Some(*m), "explicit tags are not supported".into()),
+        L::ScanError(m, s) => (Some(*m), s.info().to_string()),
+        L::DuplicateKey(d) => (
+            d.key.span().start().copied(),
+            format!("duplicate key `{}`", d.key.as_str()),
+        ),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && s.len() <= 40
+}
+
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}

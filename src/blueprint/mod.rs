@@ -1,0 +1,369 @@
+//! Blueprints: the YAML file that describes a throw-away copy of production.
+//!
+//! [`compile`] turns text into a typed, validated [`Blueprint`] or into every [`Diagnostic`] at
+//! once. The model here has no spans and no templates left unchecked; values that depend on
+//! resources created at run time stay [`Template`]s and are rendered by the engine.
+//! The format is documented in docs/blueprints.md.
+
+mod compile;
+pub mod diag;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub use compile::{CompileError, compile, compile_file};
+pub use diag::{Diagnostic, Diagnostics};
+
+/// A value that may contain handlebars expressions (`{{params.x}}`, `{{resources.db.url}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Template {
+    /// The text as written.
+    pub src: String,
+}
+
+impl Template {
+    /// Renders against a context built by the engine.
+    ///
+    /// # Errors
+    /// Handlebars' message when a value is missing.
+    pub fn render(&self, ctx: &Value) -> Result<String, String> {
+        template::render(&self.src, ctx)
+    }
+
+    /// Resource names this template reads outputs of.
+    #[must_use]
+    pub fn resource_refs(&self) -> Vec<String> {
+        template::references(&self.src)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.segments.first().is_some_and(|s| s == "resources"))
+            .filter_map(|r| r.segments.get(1).cloned())
+            .collect()
+    }
+}
+
+/// A compiled, validated blueprint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Blueprint {
+    /// Short name, used in run ids, tags and reports.
+    pub name: String,
+    /// What this environment is.
+    pub description: Option<String>,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Parameter values after defaults and `--param` were applied.
+    pub params: BTreeMap<String, String>,
+    /// Declared secrets: name → where the value comes from.
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// Local provider settings (paths already resolved against the blueprint's directory).
+    pub local: LocalSettings,
+    /// Resources in file order.
+    pub resources: Vec<Resource>,
+    /// Checks in file order.
+    pub checks: Vec<Check>,
+    /// What happens to the copy when the run ends.
+    pub teardown: TeardownPolicy,
+    /// How long anything this blueprint creates may live at most; stamped on every resource
+    /// (`expires-at`) so that `dryrun cleanup --expired` can reap it.
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl: Duration,
+}
+
+impl Blueprint {
+    /// The resource of that name.
+    #[must_use]
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// Directory the blueprint file is in (relative paths in it resolve against this).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or_else(|| Path::new("."))
+    }
+}
+
+/// Where a secret's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretSource {
+    /// Environment variable that holds it.
+    pub env: String,
+    /// Whether a documented default exists (its value is never shown).
+    pub has_default: bool,
+    /// The default, for demo blueprints only; never serialized.
+    #[serde(skip)]
+    pub default: Option<String>,
+}
+
+/// Local provider settings from `providers.local`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalSettings {
+    /// Backup store: one directory per production source (see docs/providers/local.md).
+    pub backups: PathBuf,
+    /// Production buckets: one directory per bucket.
+    pub buckets: PathBuf,
+}
+
+/// One resource of the copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resource {
+    /// Name in the blueprint (unique).
+    pub name: String,
+    /// What it is.
+    pub spec: ResourceSpec,
+    /// Explicit `depends_on`.
+    pub depends_on: Vec<String>,
+    /// Dependencies implied by `{{resources.X.…}}` references.
+    pub implied: Vec<String>,
+}
+
+impl Resource {
+    /// `kind.name`, e.g. `database.db`.
+    #[must_use]
+    pub fn address(&self) -> String {
+        format!("{}.{}", self.spec.kind(), self.name)
+    }
+
+    /// All dependencies, explicit and implied, without duplicates.
+    #[must_use]
+    pub fn all_deps(&self) -> Vec<String> {
+        let mut v = self.depends_on.clone();
+        for d in &self.implied {
+            if !v.contains(d) {
+                v.push(d.clone());
+            }
+        }
+        v
+    }
+}
+
+/// The closed set of resource kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ResourceSpec {
+    /// A database restored from a production backup.
+    Database(DatabaseSpec),
+    /// A bucket copied from a production bucket.
+    Bucket(BucketSpec),
+    /// A service running the candidate release.
+    Service(ServiceSpec),
+}
+
+impl ResourceSpec {
+    /// `database`, `bucket` or `service`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResourceSpec::Database(_) => "database",
+            ResourceSpec::Bucket(_) => "bucket",
+            ResourceSpec::Service(_) => "service",
+        }
+    }
+
+    /// Outputs a resource of this kind offers to templates.
+    #[must_use]
+    pub fn outputs(kind: &str) -> &'static [&'static str] {
+        match kind {
+            "database" => &[
+                "url",
+                "host",
+                "port",
+                "name",
+                "user",
+                "password",
+                "path",
+                "engine",
+                "backup_id",
+            ],
+            "bucket" => &["name", "path", "url"],
+            "service" => &["url", "host", "port", "dir"],
+            _ => &[],
+        }
+    }
+}
+
+/// Database engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// SQLite file.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Engine {
+    /// Name as written in blueprints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+}
+
+/// `type: database`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatabaseSpec {
+    /// Engine.
+    pub engine: Engine,
+    /// Production source whose backups are restored (local: store directory; AWS: RDS instance).
+    pub source: String,
+    /// Database name inside the copy (PostgreSQL; default `app`).
+    pub database: String,
+    /// Backup to restore instead of the latest (the CLI's `--backup` overrides).
+    pub backup: Option<String>,
+}
+
+/// `type: bucket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketSpec {
+    /// Production bucket to copy from.
+    pub source: String,
+    /// Only objects under this prefix.
+    pub prefix: Option<String>,
+}
+
+/// `type: service`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    /// Environment for install steps and the service process (templates).
+    pub env: BTreeMap<String, Template>,
+    /// Replaces the release manifest's start command.
+    pub start: Option<Template>,
+    /// How long to wait for the health check after start.
+    #[serde(with = "humantime_serde_compat")]
+    pub ready_timeout: Duration,
+}
+
+/// A check run against the copy after install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Unique name.
+    pub name: String,
+    /// Time limit of one attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Extra attempts after a failure.
+    pub retries: u32,
+    /// Pause between attempts.
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// What to check.
+    pub spec: CheckSpec,
+}
+
+/// The closed set of check kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CheckSpec {
+    /// An HTTP request.
+    Http {
+        /// URL (template).
+        url: Template,
+        /// Method, default GET.
+        method: String,
+        /// Request headers (templates).
+        headers: BTreeMap<String, Template>,
+        /// Request body (template).
+        body: Option<Template>,
+        /// Expected status; default 200.
+        status: u16,
+        /// Substring the body must contain.
+        body_contains: Option<String>,
+        /// JSON pointer → expected value (compared as text).
+        json: BTreeMap<String, String>,
+    },
+    /// A shell command run on the runner.
+    Command {
+        /// `sh -c` command line (template).
+        run: Template,
+        /// Expected exit code; default 0.
+        exit_code: i32,
+        /// Substring stdout+stderr must contain.
+        output_contains: Option<String>,
+    },
+    /// A query against a restored database.
+    Sql {
+        /// Database resource name.
+        database: String,
+        /// Query (template).
+        query: Template,
+        /// Expected first column of the first row, as text.
+        value: Option<String>,
+        /// Expected number of rows.
+        rows: Option<u64>,
+    },
+}
+
+impl CheckSpec {
+    /// `http`, `command` or `sql`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CheckSpec::Http { .. } => "http",
+            CheckSpec::Command { .. } => "command",
+            CheckSpec::Sql { .. } => "sql",
+        }
+    }
+
+    /// Resource names the check needs (its templates' references and, for sql, its database).
+    #[must_use]
+    pub fn resource_refs(&self) -> Vec<String> {
+        match self {
+            CheckSpec::Http {
+                url, headers, body, ..
+            } => {
+                let mut v = url.resource_refs();
+                for t in headers.values().chain(body.iter()) {
+                    v.extend(t.resource_refs());
+                }
+                v
+            }
+            CheckSpec::Command { run, .. } => run.resource_refs(),
+            CheckSpec::Sql {
+                database, query, ..
+            } => {
+                let mut v = query.resource_refs();
+                v.push(database.clone());
+                v
+            }
+        }
+    }
+}
+
+/// What happens to the copy when the run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum TeardownPolicy {
+    /// Tear down after every run (the default).
+    Always,
+    /// Tear down after a passing run; keep a failed one for `keep_for` to look at.
+    OnSuccess {
+        /// How long a failed copy is kept.
+        #[serde(with = "humantime_serde_compat")]
+        keep_for: Duration,
+    },
+    /// Keep the copy for `keep_for`, then `dryrun cleanup --expired` removes it.
+    Keep {
+        /// How long.
+        #[serde(with = "humantime_serde_compat")]
+        keep_for: Duration,
+    },
+}
+
+/// Serializes durations as humantime strings ("2h 30m") in plans and JSON.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}

@@ -1,0 +1,386 @@
+//! Checks: http, command and sql, each with a per-attempt timeout and retries.
+//!
+//! Every result carries the status, the time spent, the number of attempts and a message that
+//! says what was expected and what was seen. Output is captured and truncated; secrets are
+//! redacted before anything leaves this module.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::blueprint::{Check, CheckSpec};
+use crate::provider::Outputs;
+use crate::provider::local::process;
+use crate::report::{CheckReport, Status};
+use crate::secret::Redactor;
+
+/// Most bytes of output kept in a report.
+const OUTPUT_LIMIT: usize = 4000;
+
+/// What a check needs from the run.
+#[derive(Debug)]
+pub struct CheckEnv<'a> {
+    /// Template context (params, secrets, release, run, resources).
+    pub ctx: &'a Value,
+    /// Outputs of every resource, by resource name.
+    pub outputs: &'a BTreeMap<String, Outputs>,
+    /// Redactor of the run.
+    pub redactor: &'a Redactor,
+    /// Run id (tags command processes).
+    pub run_id: &'a str,
+    /// Working directory for command checks (the blueprint's directory).
+    pub cwd: &'a std::path::Path,
+    /// Stops retries and attempts.
+    pub cancel: &'a CancellationToken,
+}
+
+/// One attempt's verdict.
+struct Verdict {
+    passed: bool,
+    message: Option<String>,
+    output: Option<String>,
+}
+
+/// Runs a check with its retries and returns the report entry.
+pub async fn run(
+    check: &Check,
+    env: &CheckEnv<'_>,
+    mut on_retry: impl FnMut(u32, &str),
+) -> CheckReport {
+    let started = Instant::now();
+    let mut attempts = 0;
+    let mut last;
+    loop {
+        attempts += 1;
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(check.timeout, attempt(check, env)) => match r {
+                Ok(v) => v,
+                Err(_) => Err(format!("timed out after {}", humantime::format_duration(check.timeout))),
+            },
+            () = env.cancel.cancelled() => Err("cancelled".to_string()),
+        };
+        last = match attempt {
+            Ok(v) => (
+                if v.passed {
+                    Status::Passed
+                } else {
+                    Status::Failed
+                },
+                v.message,
+                v.output,
+            ),
+            Err(e) => (Status::Failed, Some(e), None),
+        };
+        if last.0 == Status::Passed || attempts > check.retries || env.cancel.is_cancelled() {
+            break;
+        }
+        on_retry(
+            attempts,
+            &env.redactor.redact(last.1.as_deref().unwrap_or("")),
+        );
+        tokio::select! {
+            () = tokio::time::sleep(check.interval) => {}
+            () = env.cancel.cancelled() => break,
+        }
+    }
+    CheckReport {
+        name: check.name.clone(),
+        kind: check.spec.kind().to_string(),
+        status: last.0,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        attempts,
+        message: last.1.map(|m| env.redactor.redact(&m)),
+        output: last
+            .2
+            .map(|o| env.redactor.redact(&process::tail(&o, OUTPUT_LIMIT))),
+    }
+}
+
+async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
+    match &check.spec {
+        CheckSpec::Http {
+            url,
+            method,
+            headers,
+            body,
+            status,
+            body_contains,
+            json,
+        } => {
+            let url = url.render(env.ctx)?;
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let m = reqwest::Method::from_bytes(method.as_bytes())
+                .map_err(|e| format!("method {method}: {e}"))?;
+            let mut req = client.request(m, &url);
+            for (k, v) in headers {
+                req = req.header(k, v.render(env.ctx)?);
+            }
+            if let Some(b) = body {
+                req = req.body(b.render(env.ctx)?);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| format!("{method} {url}: {}", describe_reqwest(&e)))?;
+            let got = resp.status().as_u16();
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| format!("{method} {url}: reading body: {e}"))?;
+            let mut problems = Vec::new();
+            if got != *status {
+                problems.push(format!("expected status {status}, got {got}"));
+            }
+            if let Some(needle) = body_contains {
+                let needle = crate::blueprint::template::render(needle, env.ctx)?;
+                if !text.contains(needle.as_str()) {
+                    problems.push(format!("expected body to contain {needle:?}, it does not"));
+                }
+            }
+            if !json.is_empty() {
+                match serde_json::from_str::<Value>(&text) {
+                    Err(e) => problems.push(format!("expected a JSON body: {e}")),
+                    Ok(doc) => {
+                        for (ptr, want) in json {
+                            let want = &crate::blueprint::template::render(want, env.ctx)?;
+                            let ptr_norm = if ptr.starts_with('/') {
+                                ptr.clone()
+                            } else {
+                                format!("/{}", ptr.replace('.', "/"))
+                            };
+                            match doc.pointer(&ptr_norm) {
+                                None => problems
+                                    .push(format!("expected JSON {ptr} = {want:?}, it is missing")),
+                                Some(v) => {
+                                    let got = as_text(v);
+                                    if &got != want {
+                                        problems.push(format!(
+                                            "expected JSON {ptr} = {want:?}, got {got:?}"
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(verdict(problems, &format!("{method} {url}"), Some(text)))
+        }
+        CheckSpec::Command {
+            run,
+            exit_code,
+            output_contains,
+        } => {
+            let cmdline = run.render(env.ctx)?;
+            let mut cmd = process::shell(
+                &cmdline,
+                env.cwd,
+                &BTreeMap::new(),
+                env.run_id,
+                &format!("check.{}", check.name),
+            );
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let child = cmd.spawn().map_err(|e| format!("cannot start `sh`: {e}"))?;
+            let pid = child.id();
+            // If the attempt times out, this future is dropped: end the command's process group.
+            let guard = KillGroup(pid);
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("waiting for the command: {e}"))?;
+            std::mem::forget(guard);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let code = out.status.code();
+            let mut problems = Vec::new();
+            if code != Some(*exit_code) {
+                problems.push(format!(
+                    "expected exit code {exit_code}, got {}",
+                    code.map_or_else(|| "a signal".to_string(), |c| c.to_string())
+                ));
+            }
+            if let Some(needle) = output_contains {
+                let needle = crate::blueprint::template::render(needle, env.ctx)?;
+                if !text.contains(needle.as_str()) {
+                    problems.push(format!(
+                        "expected output to contain {needle:?}, it does not"
+                    ));
+                }
+            }
+            Ok(verdict(problems, "command", Some(text)))
+        }
+        CheckSpec::Sql {
+            database,
+            query,
+            value,
+            rows,
+        } => {
+            let q = query.render(env.ctx)?;
+            let outs = env
+                .outputs
+                .get(database)
+                .ok_or_else(|| format!("database `{database}` was not created"))?;
+            let engine = outs.get("engine").map(|o| o.value.as_str()).unwrap_or("");
+            let result = match engine {
+                "sqlite" => {
+                    let path = outs
+                        .get("path")
+                        .map(|o| o.value.clone())
+                        .unwrap_or_default();
+                    let q2 = q.clone();
+                    tokio::task::spawn_blocking(move || sqlite_query(&path, &q2))
+                        .await
+                        .map_err(|e| e.to_string())??
+                }
+                "postgres" => {
+                    let url = outs.get("url").map(|o| o.value.clone()).unwrap_or_default();
+                    postgres_query(&url, &q).await?
+                }
+                other => return Err(format!("sql checks do not support engine `{other}`")),
+            };
+            let mut problems = Vec::new();
+            if let Some(want) = rows {
+                if result.len() as u64 != *want {
+                    problems.push(format!("expected {want} rows, got {}", result.len()));
+                }
+            }
+            if let Some(want) = value {
+                let want = &crate::blueprint::template::render(want, env.ctx)?;
+                match result.first().and_then(|r| r.first()) {
+                    None => problems.push(format!(
+                        "expected value {want:?}, the query returned no rows"
+                    )),
+                    Some(got) if got != want => {
+                        problems.push(format!("expected value {want:?}, got {got:?}"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            let preview: Vec<String> = result.iter().take(5).map(|r| r.join(" | ")).collect();
+            Ok(verdict(problems, "query", Some(preview.join("\n"))))
+        }
+    }
+}
+
+fn verdict(problems: Vec<String>, what: &str, output: Option<String>) -> Verdict {
+    if problems.is_empty() {
+        Verdict {
+            passed: true,
+            message: None,
+            output,
+        }
+    } else {
+        Verdict {
+            passed: false,
+            message: Some(format!("{what}: {}", problems.join("; "))),
+            output,
+        }
+    }
+}
+
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let pid = i32::try_from(pid).unwrap_or(0);
+            if pid > 0 {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "connection refused (is the service listening?)".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else {
+        e.to_string()
+    }
+}
+
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+fn sqlite_query(path: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("open {path}: {e}"))?;
+    let mut stmt = conn.prepare(q).map_err(|e| format!("query failed: {e}"))?;
+    let n = stmt.column_count();
+    let mut rows = stmt.query([]).map_err(|e| format!("query failed: {e}"))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| format!("query failed: {e}"))? {
+        let mut r = Vec::with_capacity(n);
+        for i in 0..n {
+            let v: rusqlite::types::Value = row.get(i).map_err(|e| e.to_string())?;
+            r.push(match v {
+                rusqlite::types::Value::Null => "null".into(),
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Real(f) => f.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                rusqlite::types::Value::Blob(b) => format!("<{} bytes>", b.len()),
+            });
+        }
+        out.push(r);
+        if out.len() >= 10_000 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+async fn postgres_query(url: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .map_err(|_| "connecting to the database timed out".to_string())?
+    .map_err(|e| format!("connect: {e}"))?;
+    let h = tokio::spawn(conn);
+    // simple_query returns every value as text, which is how expectations are written.
+    let msgs = client
+        .simple_query(q)
+        .await
+        .map_err(|e| format!("query failed: {}", pg_error(&e)))?;
+    drop(client);
+    let _ = h.await;
+    let mut out = Vec::new();
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            out.push(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("null").to_string())
+                    .collect(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{}: {}", d.severity(), d.message()),
+    )
+}

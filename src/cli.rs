@@ -1,0 +1,673 @@
+//! The `dryrun` command line. The only module that uses anyhow: library errors get their
+//! context here and become exit codes.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::blueprint::{self, Blueprint, CompileError, ResourceSpec};
+use crate::engine::cleanup::{self, Target};
+use crate::engine::{self, Event, RunOptions, Shutdown};
+use crate::graph::{Plan, PlannedBackup};
+use crate::journal;
+use crate::provider::local::LocalProvider;
+use crate::provider::{BackupPick, Provider};
+use crate::release::{Release, ReleaseError};
+use crate::report::terminal::{Progress, ProgressMode};
+use crate::report::{self, Trigger, exit};
+use crate::state::StateDir;
+
+const RUN_AFTER_HELP: &str = "\
+Exit codes:
+  0  every check passed and nothing was left behind
+  1  a check, a migration or a health check failed: the release would break
+  2  blueprint or usage error (nothing was created)
+  3  infrastructure error: provisioning, restore or install failed for reasons of the environment
+  4  teardown left something behind (listed at the end; `dryrun cleanup` finishes it)
+
+Ctrl-C or SIGTERM stops new work and tears the copy down; a second one stops waiting, flushes the
+journal and prints what is left behind for `dryrun cleanup`.
+
+Example:
+  dryrun run blueprints/demo/shop.yaml --release blueprints/demo/releases/v2 --report-dir out/";
+
+/// Rehearse a release on a throw-away copy of production.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dryrun",
+    version,
+    about,
+    long_about = "Rehearse a release on an exact, throw-away copy of production.\n\n\
+dryrun compiles a blueprint, restores the latest production backup into an ephemeral copy, installs \
+the candidate release, runs the checks, tears the copy down (always) and reports what happened."
+)]
+pub struct Cli {
+    /// State directory: journals, reports, logs and local resources.
+    /// Default: $XDG_STATE_HOME/dryrun or ~/.local/state/dryrun.
+    #[arg(long, global = true, env = "DRYRUN_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Only print the final result (no live progress).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
+    /// Colour: auto (when stdout is a terminal and NO_COLOR is unset), always, never.
+    #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
+    color: Color,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ProviderName {
+    /// Processes, directories, SQLite and PostgreSQL on this machine.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PlanFormat {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check blueprints: every error at once, with file:line:col. Exit 0 valid, 2 invalid.
+    Validate {
+        /// Blueprint files.
+        #[arg(required = true, value_name = "BLUEPRINT")]
+        blueprints: Vec<PathBuf>,
+        /// Parameter values (K=V) to validate with; required params without one are reported.
+        #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+    },
+    /// Show what a run would create and which backup it would restore; creates nothing.
+    Plan {
+        /// Blueprint file.
+        blueprint: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Rehearse a release: restore, install, check, tear down, report.
+    #[command(after_long_help = RUN_AFTER_HELP, after_help = "Exit codes: 0 passed, 1 release would break, 2 usage, 3 infrastructure, 4 left behind (see --help).")]
+    Run {
+        /// Blueprint file.
+        blueprint: PathBuf,
+        /// The candidate release: a directory or .tar.gz with a dryrun-release.yaml.
+        #[arg(long, value_name = "REF")]
+        release: String,
+        #[command(flatten)]
+        common: Common,
+        /// Write report.json, junit.xml and report.md here.
+        #[arg(long, value_name = "DIR")]
+        report_dir: Option<PathBuf>,
+        /// Keep the copy this long instead of tearing it down (e.g. 30m, 2h);
+        /// `dryrun cleanup --expired` removes it afterwards.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep: Option<Duration>,
+        /// Print report.json to stdout instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Resources provisioned at once.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        concurrency: usize,
+    },
+    /// Destroy what interrupted or kept runs left behind. Lists first; deletes only with --yes.
+    Cleanup {
+        /// The run to clean (see `dryrun runs`).
+        #[arg(conflicts_with_all = ["all", "expired"], required_unless_present_any = ["all", "expired"])]
+        run_id: Option<String>,
+        /// Every run that is not closed and not in progress.
+        #[arg(long)]
+        all: bool,
+        /// Kept copies past their keep time and runs past their TTL.
+        #[arg(long)]
+        expired: bool,
+        /// Provider whose resources to clean.
+        #[arg(long, value_enum, default_value_t = ProviderName::Local)]
+        provider: ProviderName,
+        /// Delete (without it, cleanup only lists).
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// List past runs, newest first.
+    Runs {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// As JSON lines (one report per run).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Blueprint parameter (repeatable).
+    #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = parse_kv)]
+    params: Vec<(String, String)>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = ProviderName::Local)]
+    provider: ProviderName,
+    /// Backup to restore: `latest`, a backup id, or an RFC 3339 time (the newest backup taken
+    /// at or before it).
+    #[arg(long, default_value = "latest", value_name = "ID|latest|TIME")]
+    backup: String,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not K=V"))
+}
+
+fn parse_backup(s: &str) -> BackupPick {
+    if s == "latest" {
+        BackupPick::Latest
+    } else if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        BackupPick::Before(t.with_timezone(&Utc))
+    } else {
+        BackupPick::Id(s.to_string())
+    }
+}
+
+/// An error that already knows its exit code and has been printed.
+#[derive(Debug)]
+struct Exit(i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Runs the CLI; returns the process exit code.
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INFRA as u8);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+                return ExitCode::from(u8::try_from(*code).unwrap_or(1));
+            }
+            eprintln!("error: {e:#}");
+            let code = if e.chain().any(|c| {
+                c.is::<ReleaseError>()
+                    || c.is::<engine::EngineError>() && c.to_string().starts_with("secret")
+            }) {
+                exit::USAGE
+            } else {
+                exit::INFRA
+            };
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn use_color(c: Color) -> bool {
+    match c {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let color = use_color(cli.color);
+    let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
+    match cli.command {
+        Command::Validate { blueprints, params } => {
+            validate(&blueprints, &params.into_iter().collect(), color)
+        }
+        Command::Plan {
+            blueprint,
+            common,
+            format,
+        } => plan(&blueprint, &common, format, &state, color).await,
+        Command::Run {
+            blueprint,
+            release,
+            common,
+            report_dir,
+            keep,
+            json,
+            concurrency,
+        } => {
+            run(
+                &blueprint,
+                &release,
+                &common,
+                report_dir.as_deref(),
+                keep,
+                json,
+                concurrency,
+                cli.quiet,
+                &state,
+                color,
+            )
+            .await
+        }
+        Command::Cleanup {
+            run_id,
+            all,
+            expired,
+            provider,
+            yes,
+        } => {
+            let target = match (run_id, all, expired) {
+                (Some(id), _, _) => Target::Run(id),
+                (None, true, _) => Target::All,
+                _ => Target::Expired,
+            };
+            cleanup_cmd(&state, provider, &target, yes).await
+        }
+        Command::Runs { limit, json } => runs(&state, limit, json),
+    }
+}
+
+fn compile(
+    path: &Path,
+    params: &BTreeMap<String, String>,
+    color: bool,
+) -> anyhow::Result<Blueprint> {
+    match blueprint::compile_file(path, params) {
+        Ok(bp) => Ok(bp),
+        Err(CompileError::Invalid(d)) => {
+            eprint!("{}", d.render(color));
+            Err(Exit(exit::USAGE).into())
+        }
+        Err(e @ CompileError::Read { .. }) => {
+            eprintln!("error: {e}");
+            Err(Exit(exit::USAGE).into())
+        }
+    }
+}
+
+fn validate(
+    paths: &[PathBuf],
+    params: &BTreeMap<String, String>,
+    color: bool,
+) -> anyhow::Result<i32> {
+    let mut bad = 0;
+    for p in paths {
+        match blueprint::compile_file(p, params) {
+            Ok(bp) => println!(
+                "{}: valid ({} resources, {} checks)",
+                p.display(),
+                bp.resources.len(),
+                bp.checks.len()
+            ),
+            Err(CompileError::Invalid(d)) => {
+                bad += 1;
+                eprint!("{}", d.render(color));
+            }
+            Err(e) => {
+                bad += 1;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    Ok(if bad > 0 { exit::USAGE } else { exit::PASSED })
+}
+
+fn provider_for(name: ProviderName, state: &StateDir, bp: Option<&Blueprint>) -> Arc<dyn Provider> {
+    match name {
+        ProviderName::Local => Arc::new(LocalProvider::new(
+            state.clone(),
+            bp.map(|b| b.local.clone()),
+        )),
+    }
+}
+
+async fn plan(
+    path: &Path,
+    common: &Common,
+    format: PlanFormat,
+    state: &StateDir,
+    color: bool,
+) -> anyhow::Result<i32> {
+    let params = common.params.iter().cloned().collect();
+    let bp = compile(path, &params, color)?;
+    let provider = provider_for(common.provider, state, Some(&bp));
+    let pick = parse_backup(&common.backup);
+    let now = std::env::var("DRYRUN_NOW")
+        .ok()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+        .map_or_else(Utc::now, |t| t.with_timezone(&Utc));
+    let mut backups = Vec::new();
+    let mut errors = Vec::new();
+    for r in &bp.resources {
+        if let ResourceSpec::Database(db) = &r.spec {
+            let p = match (&pick, &db.backup) {
+                (BackupPick::Latest, Some(pin)) => BackupPick::Id(pin.clone()),
+                (p, _) => p.clone(),
+            };
+            match provider.find_backup(db, &p).await {
+                Ok(b) => backups.push(PlannedBackup {
+                    resource: r.address(),
+                    id: b.id,
+                    taken_at: b.taken_at,
+                    age_seconds: (now - b.taken_at).num_seconds(),
+                }),
+                Err(e) => errors.push(format!("{}: {e}", r.address())),
+            }
+        }
+    }
+    let has_errors = !errors.is_empty();
+    let plan = Plan::new(&bp, provider.name(), backups, errors);
+    print!(
+        "{}",
+        match format {
+            PlanFormat::Text => plan.to_text(),
+            PlanFormat::Json => plan.to_json(),
+            PlanFormat::Dot => plan.to_dot(),
+        }
+    );
+    Ok(if has_errors {
+        exit::INFRA
+    } else {
+        exit::PASSED
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    path: &Path,
+    release_ref: &str,
+    common: &Common,
+    report_dir: Option<&Path>,
+    keep: Option<Duration>,
+    json: bool,
+    concurrency: usize,
+    quiet: bool,
+    state: &StateDir,
+    color: bool,
+) -> anyhow::Result<i32> {
+    let t = Instant::now();
+    let params = common.params.iter().cloned().collect();
+    let bp = compile(path, &params, color)?;
+    let release = match Release::load(release_ref) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(Exit(exit::USAGE).into());
+        }
+    };
+    let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
+    std::fs::create_dir_all(state.root())
+        .with_context(|| format!("create state directory {}", state.root().display()))?;
+    let provider = provider_for(common.provider, state, Some(&bp));
+
+    let shutdown = Shutdown::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let mode = if json {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::detect(quiet)
+    };
+    let printer = tokio::spawn(async move {
+        let mut p = Progress::new(mode);
+        while let Some(ev) = rx.recv().await {
+            p.handle(&ev);
+        }
+        p.finish();
+    });
+    let signals = tokio::spawn(watch_signals(shutdown.clone(), tx.clone()));
+
+    let opts = RunOptions {
+        release,
+        backup: parse_backup(&common.backup),
+        keep,
+        trigger: Trigger::Cli,
+        concurrency,
+        run_id: None,
+        compile_ms,
+    };
+    let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
+    signals.abort();
+    let _ = printer.await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e @ engine::EngineError::MissingSecret { .. }) => {
+            eprintln!("error: {e}");
+            return Ok(exit::USAGE);
+        }
+        Err(e) => return Err(e).context("the run could not start"),
+    };
+    if let Some(dir) = report_dir {
+        report::json::write(&report, dir).context("write report.json")?;
+        report::junit::write(&report, dir).context("write junit.xml")?;
+        report::markdown::write(&report, dir).context("write report.md")?;
+    }
+    if json {
+        print!("{}", report::json::to_json(&report));
+    } else {
+        print!("{}", report::terminal::summary(&report, color));
+        if let Some(dir) = report_dir {
+            println!("reports: {}", dir.display());
+        }
+    }
+    Ok(report.exit_code)
+}
+
+async fn watch_signals(shutdown: Shutdown, tx: tokio::sync::mpsc::UnboundedSender<Event>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        count += 1;
+        if count == 1 {
+            if let Ok(mut r) = shutdown.reason.lock() {
+                *r = Some(name.to_string());
+            }
+            let _ = tx.send(Event::Interrupted {
+                signal: name,
+                second: false,
+            });
+            shutdown.soft.cancel();
+        } else {
+            let _ = tx.send(Event::Interrupted {
+                signal: name,
+                second: true,
+            });
+            shutdown.hard.cancel();
+            return;
+        }
+    }
+}
+
+async fn cleanup_cmd(
+    state: &StateDir,
+    provider: ProviderName,
+    target: &Target,
+    yes: bool,
+) -> anyhow::Result<i32> {
+    let provider = provider_for(provider, state, None);
+    let plan = cleanup::survey(state, provider.as_ref(), target).await?;
+    let todo: Vec<_> = plan.iter().filter(|r| r.skipped.is_none()).collect();
+    for r in &plan {
+        if let Some(why) = &r.skipped {
+            if matches!(target, Target::Run(_)) {
+                println!("{}: skipped, {why}", r.state.run_id);
+            }
+        }
+    }
+    if todo.is_empty() {
+        println!("nothing to clean up");
+        return Ok(exit::PASSED);
+    }
+    if !yes {
+        println!("would destroy (run again with --yes to do it):");
+        for r in &todo {
+            println!(
+                "  run {} ({}, started {})",
+                r.state.run_id,
+                r.state.blueprint,
+                r.state
+                    .started_at
+                    .map_or_else(|| "?".into(), |t| t.to_rfc3339())
+            );
+            for x in r.resources.iter().chain(r.orphans.iter()) {
+                println!("    {x}");
+            }
+            if r.resources.is_empty() && r.orphans.is_empty() {
+                println!("    (nothing remains; the run will be marked closed)");
+            }
+        }
+        return Ok(exit::PASSED);
+    }
+    let done = cleanup::execute(state, provider.as_ref(), &plan).await?;
+    let mut left = 0;
+    for c in &done {
+        println!(
+            "run {}: {}",
+            c.run_id,
+            if c.closed {
+                "cleaned up"
+            } else {
+                "NOT fully cleaned"
+            }
+        );
+        for r in &c.removed {
+            println!("  destroyed {r}");
+        }
+        for (what, why) in &c.failed {
+            left += 1;
+            println!("  left behind {what}: {why}");
+        }
+    }
+    println!(
+        "left behind: {}",
+        if left == 0 {
+            "none".to_string()
+        } else {
+            left.to_string()
+        }
+    );
+    Ok(if left == 0 {
+        exit::PASSED
+    } else {
+        exit::LEFT_BEHIND
+    })
+}
+
+fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
+    let runs = journal::list_runs(state).context("read run history")?;
+    if runs.is_empty() {
+        if !json {
+            println!("no runs in {}", state.root().display());
+        }
+        return Ok(exit::PASSED);
+    }
+    if !json {
+        println!(
+            "{:<36} {:<8} {:<20} {:<9} {}",
+            "RUN", "STATUS", "STARTED", "DURATION", "RELEASE"
+        );
+    }
+    for r in runs.iter().take(limit) {
+        let rep_path = state.run_dir(&r.run_id).join("report.json");
+        let rep: Option<report::RunReport> = std::fs::read_to_string(&rep_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if json {
+            match &rep {
+                Some(rep) => println!("{}", serde_json::to_string(rep)?),
+                None => println!(
+                    "{}",
+                    serde_json::json!({"run_id": r.run_id, "blueprint": r.blueprint, "status": r.status.clone().unwrap_or_else(|| "interrupted".into())})
+                ),
+            }
+            continue;
+        }
+        let status = if !r.closed && r.status.is_none() {
+            if journal::try_lock(&state.run_dir(&r.run_id))
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                "running".to_string()
+            } else {
+                "crashed".to_string()
+            }
+        } else {
+            r.status.clone().unwrap_or_else(|| "?".into())
+        };
+        let status = if r.kept_until.is_some() && !r.closed {
+            format!("{status}*")
+        } else {
+            status
+        };
+        println!(
+            "{:<36} {:<8} {:<20} {:<9} {}",
+            r.run_id,
+            status,
+            r.started_at
+                .map_or_else(|| "?".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            rep.as_ref()
+                .map_or_else(|| "-".into(), |x| report::human_ms(x.duration_ms)),
+            rep.as_ref()
+                .and_then(|x| x.release.version.clone())
+                .unwrap_or_else(|| r.release.clone()),
+        );
+    }
+    if !json && runs.iter().any(|r| !r.closed && r.status.is_none()) {
+        println!("\ncrashed runs may have left resources: `dryrun cleanup --all` lists them");
+    }
+    let _ = bail_never();
+    Ok(exit::PASSED)
+}
+
+fn bail_never() -> anyhow::Result<()> {
+    if false {
+        bail!("unreachable");
+    }
+    Ok(())
+}

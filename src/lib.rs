@@ -1,0 +1,30 @@
+//! dryrun rehearses a release on an exact, throw-away copy of production.
+//!
+//! # Layout
+//! The modules follow one run, in order (docs/ARCHITECTURE.md walks through them):
+//!
+//! | stage | module | what it does |
+//! |---|---|---|
+//! | compile | [`blueprint`] | YAML + handlebars → typed, validated [`blueprint::Blueprint`], all diagnostics at once |
+//! | plan | [`graph`] | resources → dependency graph, topological order, text/json/dot plan |
+//! | run | [`engine`] | walks the graph concurrently, journals every create first, tears down always |
+//! | crash safety | [`journal`] | the write-ahead journal per run; `dryrun cleanup` replays it |
+//! | backends | [`provider`] | the one [`provider::Provider`] trait; [`provider::local`] is the embedded default |
+//! | release | [`release`] | loads the candidate release and its manifest |
+//! | checks | [`checks`] | http / command / sql checks with timeouts and retries |
+//! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
+//! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
+//!
+//! [`secret`] keeps secrets out of every view.
+
+pub mod blueprint;
+pub mod checks;
+pub mod cli;
+pub mod engine;
+pub mod graph;
+pub mod journal;
+pub mod provider;
+pub mod release;
+pub mod report;
+pub mod secret;
+pub mod state;

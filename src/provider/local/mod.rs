@@ -1,0 +1,661 @@
+//! The local provider: the embedded default, no cloud needed.
+//!
+//! | kind | what a copy is | restore | teardown |
+//! |---|---|---|---|
+//! | `database` sqlite | a file in the run's work directory | copy of the backup file, SHA-256 and `PRAGMA integrity_check` verified | remove the directory |
+//! | `database` postgres | an ephemeral cluster on a free 127.0.0.1 port ([`postgres`]) | `pg_restore` of a custom-format dump | `pg_ctl stop -m immediate`, end tagged processes, remove the directory |
+//! | `bucket` | a directory | copy of the production bucket directory | remove the directory |
+//! | `service` | the release unpacked and started as a process group on a free loopback port | — | SIGTERM, SIGKILL after a grace period, remove the directory |
+//!
+//! Everything lives under `STATE/work/RUN_ID/NAME`; every process carries the run id in its
+//! environment ([`process`]). Production (the backup store, the production bucket directory) is
+//! only read.
+
+pub mod backup;
+pub mod postgres;
+pub mod process;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::blueprint::{Engine, LocalSettings};
+use crate::provider::{
+    BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
+    Provider, ProviderError, RecordSink, ResourceRecord, ResourceRequest, RunInfo,
+};
+use crate::release::copy_dir;
+use crate::secret::Secret;
+use crate::state::StateDir;
+
+/// Grace period between SIGTERM and SIGKILL for services.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The local provider.
+pub struct LocalProvider {
+    state: StateDir,
+    settings: Option<LocalSettings>,
+    bin_dir: PathBuf,
+    passwords: Mutex<HashMap<String, Secret>>,
+}
+
+impl std::fmt::Debug for LocalProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProvider")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalProvider {
+    /// A provider over `state`. `settings` (backup store, bucket directory) come from the
+    /// blueprint; cleanup, which needs only the journal, passes `None`.
+    #[must_use]
+    pub fn new(state: StateDir, settings: Option<LocalSettings>) -> Self {
+        let bin_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."));
+        LocalProvider {
+            state,
+            settings,
+            bin_dir,
+            passwords: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Directory exported to install steps and services as `DRYRUN_BIN_DIR` (where the `dryrun`
+    /// binary and companion tools built with it live).
+    #[must_use]
+    pub fn with_bin_dir(mut self, dir: PathBuf) -> Self {
+        self.bin_dir = dir;
+        self
+    }
+
+    fn settings(&self) -> Result<&LocalSettings, ProviderError> {
+        self.settings.as_ref().ok_or_else(|| {
+            ProviderError::Other("the local provider has no blueprint settings here".into())
+        })
+    }
+
+    fn key(run_id: &str, address: &str) -> String {
+        format!("{run_id}/{address}")
+    }
+}
+
+fn out(value: impl Into<String>) -> Output {
+    Output {
+        value: value.into(),
+        secret: false,
+    }
+}
+
+fn secret_out(value: impl Into<String>) -> Output {
+    Output {
+        value: value.into(),
+        secret: true,
+    }
+}
+
+fn rec_dir(record: &ResourceRecord) -> PathBuf {
+    PathBuf::from(
+        record
+            .data
+            .get("dir")
+            .cloned()
+            .unwrap_or_else(|| record.id.clone()),
+    )
+}
+
+async fn remove_dir(dir: &Path) -> Result<bool, ProviderError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ProviderError::Io {
+            context: format!("remove {}", dir.display()),
+            source: e,
+        }),
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn find_backup(
+        &self,
+        db: &crate::blueprint::DatabaseSpec,
+        pick: &BackupPick,
+    ) -> Result<BackupInfo, ProviderError> {
+        let store = self.settings()?.backups.clone();
+        let source = db.source.clone();
+        let engine = db.engine.as_str();
+        backup::pick(&store, &source, engine, pick)
+    }
+
+    fn plan_record(&self, run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord {
+        let (kind, mut data) = match req {
+            ResourceRequest::Database(d) => (
+                "database",
+                BTreeMap::from([("engine".to_string(), d.engine.as_str().to_string())]),
+            ),
+            ResourceRequest::Bucket(_) => ("bucket", BTreeMap::new()),
+            ResourceRequest::Service(_) => ("service", BTreeMap::new()),
+        };
+        let dir = self.state.work_dir(&run.run_id).join(name);
+        data.insert("dir".into(), dir.display().to_string());
+        data.insert("run_id".into(), run.run_id.clone());
+        ResourceRecord {
+            address: format!("{kind}.{name}"),
+            kind: kind.into(),
+            id: dir.display().to_string(),
+            data,
+        }
+    }
+
+    async fn create(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+    ) -> Result<Created, ProviderError> {
+        let dir = rec_dir(record);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(ProviderError::io(format!("create {}", dir.display())))?;
+        let mut record = record.clone();
+        let mut outputs = Outputs::new();
+        match req {
+            ResourceRequest::Database(db) => {
+                outputs.insert("engine".into(), out(db.engine.as_str()));
+                match db.engine {
+                    Engine::Sqlite => {
+                        let path = dir.join(format!("{}.sqlite", db.database));
+                        outputs.insert("path".into(), out(path.display().to_string()));
+                        outputs.insert("url".into(), out(format!("sqlite://{}", path.display())));
+                        outputs.insert("name".into(), out(db.database.clone()));
+                        for k in ["host", "port", "user", "password"] {
+                            outputs.insert(k.into(), out(""));
+                        }
+                    }
+                    Engine::Postgres => {
+                        let port =
+                            process::free_port().map_err(ProviderError::io("find a free port"))?;
+                        let password = Secret::generate(24);
+                        run.redactor.register(&password);
+                        let cluster = postgres::Cluster {
+                            dir: dir.clone(),
+                            port,
+                        };
+                        record.data.insert("port".into(), port.to_string());
+                        record
+                            .data
+                            .insert("pgdata".into(), cluster.data().display().to_string());
+                        cluster
+                            .init_and_start(&password, &run.run_id, &record.address)
+                            .await?;
+                        let url = format!(
+                            "postgres://{}:{}@127.0.0.1:{port}/{}",
+                            postgres::SUPERUSER,
+                            password.expose(),
+                            db.database
+                        );
+                        outputs.insert("url".into(), secret_out(url));
+                        outputs.insert("host".into(), out("127.0.0.1"));
+                        outputs.insert("port".into(), out(port.to_string()));
+                        outputs.insert("name".into(), out(db.database.clone()));
+                        outputs.insert("user".into(), out(postgres::SUPERUSER));
+                        outputs.insert("password".into(), secret_out(password.expose()));
+                        outputs.insert("path".into(), out(""));
+                        self.passwords
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(Self::key(&run.run_id, &record.address), password);
+                    }
+                }
+            }
+            ResourceRequest::Bucket(b) => {
+                let data = dir.join("data");
+                outputs.insert("path".into(), out(data.display().to_string()));
+                outputs.insert(
+                    "name".into(),
+                    out(format!(
+                        "{}-{}",
+                        run.run_id,
+                        record.address.trim_start_matches("bucket.")
+                    )),
+                );
+                outputs.insert("url".into(), out(format!("file://{}", data.display())));
+                let _ = b;
+            }
+            ResourceRequest::Service(_) => {
+                let port = process::free_port().map_err(ProviderError::io("find a free port"))?;
+                record.data.insert("port".into(), port.to_string());
+                outputs.insert("host".into(), out("127.0.0.1"));
+                outputs.insert("port".into(), out(port.to_string()));
+                outputs.insert("url".into(), out(format!("http://127.0.0.1:{port}")));
+                outputs.insert("dir".into(), out(dir.join("release").display().to_string()));
+            }
+        }
+        Ok(Created { record, outputs })
+    }
+
+    async fn restore(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+    ) -> Result<Outputs, ProviderError> {
+        let dir = rec_dir(record);
+        let mut outputs = Outputs::new();
+        match req {
+            ResourceRequest::Database(db) => {
+                let backup = backup.ok_or_else(|| {
+                    ProviderError::NoBackup(format!("no backup chosen for {}", record.address))
+                })?;
+                outputs.insert("backup_id".into(), out(backup.id.clone()));
+                match db.engine {
+                    Engine::Sqlite => {
+                        let path = dir.join(format!("{}.sqlite", db.database));
+                        let b = backup.clone();
+                        let p = path.clone();
+                        let work =
+                            tokio::task::spawn_blocking(move || -> Result<(), ProviderError> {
+                                backup::copy_verified(&b, &p)?;
+                                let conn = rusqlite::Connection::open(&p).map_err(|e| {
+                                    ProviderError::BadBackup(format!(
+                                        "backup {} does not open as SQLite: {e}",
+                                        b.id
+                                    ))
+                                })?;
+                                let check: String = conn
+                                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                                    .map_err(|e| {
+                                        ProviderError::BadBackup(format!(
+                                            "backup {}: integrity check failed to run: {e}",
+                                            b.id
+                                        ))
+                                    })?;
+                                if check != "ok" {
+                                    return Err(ProviderError::BadBackup(format!(
+                                        "backup {} fails PRAGMA integrity_check: {check}",
+                                        b.id
+                                    )));
+                                }
+                                Ok(())
+                            });
+                        tokio::select! {
+                            r = work => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))??,
+                            () = cancel.cancelled() => return Err(ProviderError::Cancelled),
+                        }
+                    }
+                    Engine::Postgres => {
+                        let password = self.passwords.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&Self::key(&run.run_id, &record.address)).cloned()
+                            .ok_or_else(|| ProviderError::Other(format!("{}: cluster password unknown (create did not run in this process)", record.address)))?;
+                        let port: u16 = record
+                            .data
+                            .get("port")
+                            .and_then(|p| p.parse().ok())
+                            .unwrap_or(0);
+                        let cluster = postgres::Cluster {
+                            dir: dir.clone(),
+                            port,
+                        };
+                        // Copy first so the dump is checksum-verified before PostgreSQL reads it.
+                        let local_dump = dir.join("restore.dump");
+                        let b = backup.clone();
+                        let d = local_dump.clone();
+                        tokio::task::spawn_blocking(move || backup::copy_verified(&b, &d))
+                            .await
+                            .map_err(|e| ProviderError::Other(format!("restore task: {e}")))??;
+                        if let Some(u) = postgres::run_as()? {
+                            let _ = nix::unistd::chown(
+                                &local_dump,
+                                Some(u.uid.into()),
+                                Some(u.gid.into()),
+                            );
+                        }
+                        let r = tokio::select! {
+                            r = cluster.restore(&db.database, &password, &local_dump, &run.run_id, &record.address) => r,
+                            () = cancel.cancelled() => Err(ProviderError::Cancelled),
+                        };
+                        let _ = tokio::fs::remove_file(&local_dump).await;
+                        r?;
+                    }
+                }
+            }
+            ResourceRequest::Bucket(b) => {
+                let settings = self.settings()?;
+                let mut src = settings.buckets.join(&b.source);
+                if let Some(p) = &b.prefix {
+                    src = src.join(p);
+                }
+                if !src.is_dir() {
+                    return Err(ProviderError::NoBackup(format!(
+                        "production bucket `{}` not found at {}",
+                        b.source,
+                        src.display()
+                    )));
+                }
+                let dst = dir.join("data");
+                let work = tokio::task::spawn_blocking(move || copy_dir(&src, &dst));
+                tokio::select! {
+                    r = work => r.map_err(|e| ProviderError::Other(format!("copy task: {e}")))?.map_err(ProviderError::io(format!("copy bucket {}", b.source)))?,
+                    () = cancel.cancelled() => return Err(ProviderError::Cancelled),
+                }
+            }
+            ResourceRequest::Service(_) => {}
+        }
+        Ok(outputs)
+    }
+
+    async fn install(
+        &self,
+        run: &RunInfo,
+        req: InstallRequest<'_>,
+        sink: &dyn RecordSink,
+    ) -> Result<Installed, ProviderError> {
+        let record = req.record.clone();
+        let dir = rec_dir(&record);
+        let rel_dir = dir.join("release");
+        let release = req.release.clone();
+        let rd = rel_dir.clone();
+        tokio::task::spawn_blocking(move || release.unpack_into(&rd))
+            .await
+            .map_err(|e| ProviderError::Other(format!("unpack task: {e}")))?
+            .map_err(|e| ProviderError::Other(e.to_string()))?;
+        let port: u16 = record
+            .data
+            .get("port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let mut env = req.env.clone();
+        env.insert("PORT".into(), port.to_string());
+        env.insert("DRYRUN_BIN_DIR".into(), self.bin_dir.display().to_string());
+        env.insert("DRYRUN_RELEASE_DIR".into(), rel_dir.display().to_string());
+        env.insert(
+            "DRYRUN_RELEASE_VERSION".into(),
+            req.release.manifest.version.clone(),
+        );
+        let name = record.address.trim_start_matches("service.").to_string();
+        tokio::fs::create_dir_all(&run.log_dir)
+            .await
+            .map_err(ProviderError::io("create log directory"))?;
+
+        let mut steps = Vec::new();
+        for step in &req.release.manifest.install {
+            let started = Instant::now();
+            let log_path = run
+                .log_dir
+                .join(format!("{name}.install.{}.log", sanitize(&step.name)));
+            let log = std::fs::File::create(&log_path)
+                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
+            let log2 = log
+                .try_clone()
+                .map_err(ProviderError::io("clone log handle"))?;
+            let mut cmd = process::shell(&step.run, &rel_dir, &env, &run.run_id, &record.address);
+            cmd.stdout(log).stderr(log2);
+            let mut child = cmd.spawn().map_err(ProviderError::io(format!(
+                "start install step `{}`",
+                step.name
+            )))?;
+            let status = tokio::select! {
+                s = child.wait() => s.map_err(ProviderError::io(format!("wait for install step `{}`", step.name)))?,
+                () = tokio::time::sleep(step.timeout) => {
+                    process::end_tagged(&run.run_id, Some(&record.address), GRACE).await;
+                    return Err(ProviderError::Timeout { what: format!("install step `{}` of {}", step.name, record.address), waited: step.timeout, last_state: "still running; ended it".into() });
+                }
+                () = req.cancel.cancelled() => {
+                    process::end_tagged(&run.run_id, Some(&record.address), GRACE).await;
+                    return Err(ProviderError::Cancelled);
+                }
+            };
+            let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if !status.success() {
+                return Err(ProviderError::InstallStep {
+                    step: step.name.clone(),
+                    status: status
+                        .code()
+                        .map_or_else(|| "killed by a signal".into(), |c| format!("exit code {c}")),
+                    output: run.redactor.redact(&process::tail(&output, 4000)),
+                });
+            }
+            steps.push((step.name.clone(), started.elapsed()));
+        }
+
+        let mut record = record;
+        let mut outputs = Outputs::new();
+        outputs.insert("url".into(), out(format!("http://127.0.0.1:{port}")));
+        let start = req
+            .start
+            .clone()
+            .or_else(|| req.release.manifest.start.clone());
+        if let Some(start) = start {
+            let log_path = run.log_dir.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path)
+                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
+            let log2 = log
+                .try_clone()
+                .map_err(ProviderError::io("clone log handle"))?;
+            let mut cmd = process::shell(&start, &rel_dir, &env, &run.run_id, &record.address);
+            cmd.stdout(log).stderr(log2);
+            let mut child = cmd
+                .spawn()
+                .map_err(ProviderError::io(format!("start {}", record.address)))?;
+            let pid = child.id().unwrap_or(0);
+            record.data.insert("pid".into(), pid.to_string());
+            record
+                .data
+                .insert("log".into(), log_path.display().to_string());
+            sink.update(&record)
+                .map_err(ProviderError::io("journal the service pid"))?;
+
+            let timeout = req
+                .release
+                .manifest
+                .health
+                .as_ref()
+                .map_or(req.ready_timeout, |h| h.timeout.min(req.ready_timeout));
+            let path = req.release.manifest.health.as_ref().map(|h| h.http.clone());
+            let deadline = Instant::now() + timeout;
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .no_proxy()
+                .build()
+                .map_err(|e| ProviderError::Other(format!("http client: {e}")))?;
+            let mut last = "not started".to_string();
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    return Err(ProviderError::Unhealthy {
+                        address: record.address.clone(),
+                        reason: format!(
+                            "the process exited ({status}) before it was healthy; log tail:\n{}",
+                            run.redactor.redact(&process::tail(&log, 3000))
+                        ),
+                    });
+                }
+                let ok = match &path {
+                    Some(p) => match client
+                        .get(format!("http://127.0.0.1:{port}{p}"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => true,
+                        Ok(r) => {
+                            last = format!("GET {p} answered {}", r.status());
+                            false
+                        }
+                        Err(e) => {
+                            last = format!(
+                                "GET {p}: {}",
+                                if e.is_connect() {
+                                    "connection refused".to_string()
+                                } else {
+                                    e.to_string()
+                                }
+                            );
+                            false
+                        }
+                    },
+                    None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok(),
+                };
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    return Err(ProviderError::Unhealthy {
+                        address: record.address.clone(),
+                        reason: format!(
+                            "no healthy answer within {}: last {last}; log tail:\n{}",
+                            humantime::format_duration(timeout),
+                            run.redactor.redact(&process::tail(&log, 3000))
+                        ),
+                    });
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = req.cancel.cancelled() => return Err(ProviderError::Cancelled),
+                }
+            }
+            // The child handle is dropped here; tokio reaps it in the background when it exits.
+        }
+        Ok(Installed {
+            record,
+            outputs,
+            steps,
+        })
+    }
+
+    async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError> {
+        let run_id = record.data.get("run_id").cloned().unwrap_or_default();
+        let dir = rec_dir(record);
+        if !dir.starts_with(self.state.work_root()) {
+            return Err(ProviderError::Guard(format!(
+                "{} ({}): outside this state directory's work area",
+                record.address,
+                dir.display()
+            )));
+        }
+        let mut had_process = false;
+        if let Some(pgdata) = record.data.get("pgdata") {
+            let p = PathBuf::from(pgdata);
+            if p.join("postmaster.pid").exists() {
+                had_process = true;
+            }
+            postgres::Cluster::stop(&p).await;
+        }
+        if !run_id.is_empty() {
+            if !process::find_tagged(&run_id, Some(&record.address)).is_empty() {
+                had_process = true;
+            }
+            let left = process::end_tagged(&run_id, Some(&record.address), GRACE).await;
+            if !left.is_empty() {
+                let pids: Vec<String> = left
+                    .iter()
+                    .map(|p| format!("{} ({})", p.pid, p.comm))
+                    .collect();
+                return Err(ProviderError::Other(format!(
+                    "{}: processes survived SIGKILL: {}",
+                    record.address,
+                    pids.join(", ")
+                )));
+            }
+        }
+        self.passwords
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&Self::key(&run_id, &record.address));
+        let removed = remove_dir(&dir).await?;
+        Ok(if removed || had_process {
+            Deleted::Destroyed
+        } else {
+            Deleted::AlreadyGone
+        })
+    }
+
+    async fn sweep(&self, run_id: &str, remove: bool) -> Result<Vec<Orphan>, ProviderError> {
+        let mut found = Vec::new();
+        for p in process::find_tagged(run_id, None) {
+            found.push(Orphan {
+                id: format!("process {} ({}) of {}", p.pid, p.comm, p.resource),
+                removed: false,
+                reason: None,
+            });
+        }
+        let work = self.state.work_dir(run_id);
+        // Clusters whose journal entry was lost still have their pid file under the work dir.
+        if let Ok(rd) = std::fs::read_dir(&work) {
+            for ent in rd.flatten() {
+                let data = ent.path().join("data");
+                if data.join("postmaster.pid").exists() {
+                    found.push(Orphan {
+                        id: format!("postgres cluster {}", data.display()),
+                        removed: false,
+                        reason: None,
+                    });
+                    if remove {
+                        postgres::Cluster::stop(&data).await;
+                    }
+                }
+            }
+        }
+        if work.exists() {
+            found.push(Orphan {
+                id: format!("directory {}", work.display()),
+                removed: false,
+                reason: None,
+            });
+        }
+        if !remove {
+            return Ok(found);
+        }
+        let survivors = process::end_tagged(run_id, None, GRACE).await;
+        let dir_err = remove_dir(&work).await.err();
+        for o in &mut found {
+            if o.id.starts_with("process") {
+                let pid: i32 =
+                    o.id.split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                if survivors.iter().any(|s| s.pid == pid) {
+                    o.reason = Some("survived SIGKILL".into());
+                } else {
+                    o.removed = true;
+                }
+            } else if o.id.starts_with("directory") {
+                match &dir_err {
+                    Some(e) => o.reason = Some(e.to_string()),
+                    None => o.removed = true,
+                }
+            } else {
+                o.removed = true;
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

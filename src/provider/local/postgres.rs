@@ -1,0 +1,315 @@
+//! Ephemeral PostgreSQL clusters for `engine: postgres` on the local provider.
+//!
+//! `initdb` (scram-sha-256, a fresh generated password), `pg_ctl start` on a free 127.0.0.1
+//! port with Unix sockets off, `pg_restore` of a custom-format dump, `pg_ctl stop -m immediate`
+//! on teardown. The binaries are found on PATH, then in `DRYRUN_PG_BIN`, then in Debian's
+//! `/usr/lib/postgresql/VERSION/bin` (newest version).
+//!
+//! PostgreSQL refuses to run as root. When dryrun runs as root it runs the server as the user
+//! named by `DRYRUN_PG_USER` (default `postgres`), hands that user the cluster directory, and
+//! checks first that the user can reach it.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::provider::ProviderError;
+use crate::secret::Secret;
+
+use super::process;
+
+/// Superuser created in every copy.
+pub const SUPERUSER: &str = "dryrun";
+
+/// Where a PostgreSQL binary is.
+///
+/// # Errors
+/// [`ProviderError::MissingBinary`] with an install hint.
+pub fn binary(name: &str) -> Result<PathBuf, ProviderError> {
+    if let Some(dir) = std::env::var_os("DRYRUN_PG_BIN") {
+        let p = Path::new(&dir).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let p = e.path().join("bin").join(name);
+            p.is_file().then_some((v, p))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p).ok_or_else(|| ProviderError::MissingBinary {
+        binary: name.to_string(),
+        hint: "engine `postgres` needs the PostgreSQL server binaries (Debian/Ubuntu: `apt-get install postgresql`); or set DRYRUN_PG_BIN to their directory".into(),
+    })
+}
+
+/// The unprivileged user to run the server as, when we are root.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    /// User name.
+    pub name: String,
+    /// Uid.
+    pub uid: u32,
+    /// Gid.
+    pub gid: u32,
+}
+
+/// `None` when not root; otherwise the user the server must run as.
+///
+/// # Errors
+/// When running as root and the user does not exist.
+pub fn run_as() -> Result<Option<RunAs>, ProviderError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let name = std::env::var("DRYRUN_PG_USER").unwrap_or_else(|_| "postgres".into());
+    match nix::unistd::User::from_name(&name) {
+        Ok(Some(u)) => Ok(Some(RunAs {
+            name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        })),
+        _ => Err(ProviderError::Other(format!(
+            "PostgreSQL refuses to run as root and user `{name}` does not exist; create it, set DRYRUN_PG_USER to an unprivileged user, or run dryrun as an ordinary user"
+        ))),
+    }
+}
+
+/// Checks that `user` can walk down to `dir` (every ancestor searchable by it).
+///
+/// # Errors
+/// Names the ancestor that blocks and how to fix it.
+pub fn check_reachable(dir: &Path, user: &RunAs) -> Result<(), ProviderError> {
+    let mut p = PathBuf::new();
+    for comp in dir.components() {
+        p.push(comp);
+        let Ok(md) = std::fs::metadata(&p) else { break };
+        let mode = md.permissions().mode();
+        let ok = if md.uid() == user.uid {
+            mode & 0o100 != 0
+        } else if md.gid() == user.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(ProviderError::Other(format!(
+                "PostgreSQL refuses to run as root, so dryrun runs it as `{}`, who cannot enter {} (mode {:o}); choose a --state-dir that user can reach (e.g. under /var/tmp) or run dryrun as an ordinary user",
+                user.name,
+                p.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn command(bin: &Path, user: Option<&RunAs>) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(bin);
+    if let Some(u) = user {
+        c.uid(u.uid).gid(u.gid);
+    }
+    c
+}
+
+async fn run_checked(
+    mut c: tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+) -> Result<String, ProviderError> {
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c
+        .spawn()
+        .map_err(ProviderError::io(format!("start {what}")))?;
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| ProviderError::Timeout {
+            what: what.to_string(),
+            waited: timeout,
+            last_state: "running".into(),
+        })?
+        .map_err(ProviderError::io(format!("wait for {what}")))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(ProviderError::Other(format!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            process::tail(&text, 4000)
+        )))
+    }
+}
+
+/// A cluster's location and settings.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Resource directory (holds `data/` and `postgres.log`).
+    pub dir: PathBuf,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Cluster {
+    /// Data directory.
+    #[must_use]
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Creates and starts the cluster with a fresh superuser password; tags the server with the
+    /// run id so that `sweep` can find it.
+    ///
+    /// # Errors
+    /// Missing binaries, initdb or start failures (with PostgreSQL's own log tail).
+    pub async fn init_and_start(
+        &self,
+        password: &Secret,
+        run_id: &str,
+        address: &str,
+    ) -> Result<(), ProviderError> {
+        let user = run_as()?;
+        let initdb = binary("initdb")?;
+        let pg_ctl = binary("pg_ctl")?;
+        if let Some(u) = &user {
+            check_reachable(&self.dir, u)?;
+            nix::unistd::chown(&self.dir, Some(u.uid.into()), Some(u.gid.into())).map_err(|e| {
+                ProviderError::Other(format!("chown {} to {}: {e}", self.dir.display(), u.name))
+            })?;
+        }
+        let pwfile = self.dir.join(".pw");
+        std::fs::write(&pwfile, password.expose())
+            .map_err(ProviderError::io("write password file"))?;
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600))
+            .map_err(ProviderError::io("chmod password file"))?;
+        if let Some(u) = &user {
+            let _ = nix::unistd::chown(&pwfile, Some(u.uid.into()), Some(u.gid.into()));
+        }
+        let mut c = command(&initdb, user.as_ref());
+        c.arg("-D")
+            .arg(self.data())
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        let res = run_checked(c, "initdb", Duration::from_secs(120)).await;
+        let _ = std::fs::remove_file(&pwfile);
+        res?;
+        let mut c = command(&pg_ctl, user.as_ref());
+        c.arg("-D").arg(self.data()).arg("-l").arg(self.dir.join("postgres.log"))
+            .arg("-o").arg(format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c synchronous_commit=off", self.port))
+            .args(["-w", "-t", "60", "start"]);
+        let mut env = BTreeMap::new();
+        env.insert("LC_ALL".to_string(), "C".to_string());
+        process::tagged(&mut c, &env, run_id, address);
+        if let Err(e) = run_checked(c, "pg_ctl start", Duration::from_secs(90)).await {
+            let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+            return Err(ProviderError::Other(format!(
+                "{e}\npostgres.log:\n{}",
+                process::tail(&log, 3000)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates the database `name` and restores a custom-format dump into it.
+    ///
+    /// # Errors
+    /// pg_restore's own error output.
+    pub async fn restore(
+        &self,
+        name: &str,
+        password: &Secret,
+        dump: &Path,
+        run_id: &str,
+        address: &str,
+    ) -> Result<(), ProviderError> {
+        let psql_url = format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
+            self.port
+        );
+        let (client, conn) = tokio_postgres::connect(
+            &format!("{psql_url} password={}", password.expose()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .map_err(|e| {
+            ProviderError::Other(format!(
+                "connect to the copy on 127.0.0.1:{}: {e}",
+                self.port
+            ))
+        })?;
+        let h = tokio::spawn(conn);
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+            .map_err(|e| ProviderError::Other(format!("create database {name}: {e}")))?;
+        drop(client);
+        let _ = h.await;
+        let pg_restore = binary("pg_restore")?;
+        let mut c = tokio::process::Command::new(pg_restore);
+        c.args([
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            SUPERUSER,
+        ])
+        .arg("-p")
+        .arg(self.port.to_string())
+        .arg("-d")
+        .arg(name)
+        .arg(dump);
+        let mut env = BTreeMap::new();
+        env.insert("PGPASSWORD".to_string(), password.expose().to_string());
+        env.insert("PGCONNECT_TIMEOUT".to_string(), "10".to_string());
+        process::tagged(&mut c, &env, run_id, address);
+        run_checked(c, "pg_restore", Duration::from_secs(3600))
+            .await
+            .map(|_| ())
+    }
+
+    /// Stops the cluster now (`-m immediate`; the copy is thrown away anyway).
+    /// Idempotent: a cluster that is not running is fine.
+    pub async fn stop(data: &Path) {
+        if !data.join("postmaster.pid").exists() {
+            return;
+        }
+        let Ok(pg_ctl) = binary("pg_ctl") else { return };
+        let user = run_as().ok().flatten();
+        let mut c = command(&pg_ctl, user.as_ref());
+        c.arg("-D")
+            .arg(data)
+            .args(["-m", "immediate", "-w", "-t", "20", "stop"]);
+        let _ = run_checked(c, "pg_ctl stop", Duration::from_secs(30)).await;
+    }
+}

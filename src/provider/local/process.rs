@@ -1,0 +1,198 @@
+//! Processes the local provider starts: tagged, grouped, and found again by their tag.
+//!
+//! Every child gets `DRYRUN_RUN_ID` and `DRYRUN_RESOURCE` in its environment and its own
+//! process group. The environment is the local provider's "tag": after a SIGKILL of dryrun,
+//! `cleanup` scans /proc for processes that carry the run's id and ends exactly those, so a
+//! recycled pid of someone else's process is never signalled.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// Environment variable carrying the run id (the local tag).
+pub const RUN_ENV: &str = "DRYRUN_RUN_ID";
+/// Environment variable carrying the resource address.
+pub const RESOURCE_ENV: &str = "DRYRUN_RESOURCE";
+
+/// A `sh -c` command in its own process group, tagged with the run and resource.
+#[must_use]
+pub fn shell(
+    cmdline: &str,
+    cwd: &Path,
+    env: &BTreeMap<String, String>,
+    run_id: &str,
+    address: &str,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c").arg(cmdline).current_dir(cwd);
+    tagged(&mut c, env, run_id, address);
+    c
+}
+
+/// Adds the tag and `env` to a command and puts it in its own process group.
+pub fn tagged(
+    c: &mut tokio::process::Command,
+    env: &BTreeMap<String, String>,
+    run_id: &str,
+    address: &str,
+) {
+    c.envs(env)
+        .env(RUN_ENV, run_id)
+        .env(RESOURCE_ENV, address)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(false);
+}
+
+/// A process found in /proc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tagged {
+    /// Pid.
+    pub pid: i32,
+    /// Process group.
+    pub pgid: i32,
+    /// Resource address from its environment.
+    pub resource: String,
+    /// Command name.
+    pub comm: String,
+}
+
+/// Live (non-zombie) processes tagged with `run_id` (and `address`, if given).
+#[must_use]
+pub fn find_tagged(run_id: &str, address: Option<&str>) -> Vec<Tagged> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let want = format!("{RUN_ENV}={run_id}");
+    let mut out = Vec::new();
+    for ent in rd.flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(ent.path().join("environ")) else {
+            continue;
+        };
+        let mut has_run = false;
+        let mut resource = String::new();
+        for var in environ.split(|b| *b == 0) {
+            if var == want.as_bytes() {
+                has_run = true;
+            } else if let Some(r) = var.strip_prefix(format!("{RESOURCE_ENV}=").as_bytes()) {
+                resource = String::from_utf8_lossy(r).into_owned();
+            }
+        }
+        if !has_run || address.is_some_and(|a| a != resource) {
+            continue;
+        }
+        let Some((state, pgid, comm)) = stat(pid) else {
+            continue;
+        };
+        if state == 'Z' || state == 'X' {
+            continue;
+        }
+        out.push(Tagged {
+            pid,
+            pgid,
+            resource,
+            comm,
+        });
+    }
+    out
+}
+
+/// State, process group and command name from /proc/PID/stat.
+fn stat(pid: i32) -> Option<(char, i32, String)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s[open + 1..close].to_string();
+    let mut rest = s[close + 2..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let _ppid = rest.next()?;
+    let pgid = rest.next()?.parse().ok()?;
+    Some((state, pgid, comm))
+}
+
+/// Whether `pid` is alive (not a zombie).
+#[must_use]
+pub fn alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|(s, _, _)| s != 'Z' && s != 'X')
+}
+
+/// Ends every process tagged with `run_id` (and `address`): SIGTERM to each and to its group
+/// when the group leader is tagged too, then SIGKILL to what is left after `grace`. Returns
+/// the processes that were still alive after SIGKILL (normally none).
+pub async fn end_tagged(run_id: &str, address: Option<&str>, grace: Duration) -> Vec<Tagged> {
+    let procs = find_tagged(run_id, address);
+    if procs.is_empty() {
+        return procs;
+    }
+    signal_all(&procs, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = find_tagged(run_id, address);
+        if left.is_empty() {
+            return left;
+        }
+        if Instant::now() >= deadline {
+            signal_all(&left, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = find_tagged(run_id, address);
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal_all(procs: &[Tagged], sig: Signal) {
+    let tagged_pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
+    for p in procs {
+        // Signal the whole group only if its leader is one of ours.
+        if tagged_pids.contains(&p.pgid) {
+            let _ = killpg(Pid::from_raw(p.pgid), sig);
+        }
+        let _ = kill(Pid::from_raw(p.pid), sig);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it soon after).
+///
+/// # Errors
+/// If no port can be bound.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The last `max` bytes of a text, cut at a line start, with a marker when cut.
+#[must_use]
+pub fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.trim_end().to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &text[start..];
+    let cut = cut.find('\n').map_or(cut, |i| &cut[i + 1..]);
+    format!(
+        "[… {} bytes cut …]\n{}",
+        text.len() - cut.len(),
+        cut.trim_end()
+    )
+}

@@ -1,0 +1,316 @@
+//! The provider trait: the only door between the engine and a backend.
+//!
+//! Verbs are small and each has its own request type: find a backup, create a resource, restore
+//! data into it, install the release on it, delete it, and sweep for anything a run left without
+//! a journal entry. The engine holds an `Arc<dyn Provider>` and knows no backend types; the
+//! local provider ([`local`]) and the AWS provider implement the same trait.
+//!
+//! # Guarantees a provider gives
+//! - `delete` is idempotent and works from a [`ResourceRecord`] journaled *before* `create`
+//!   ran, so a crash at any moment leaves something `delete` can finish.
+//! - Everything created carries the run id (a tag, an environment variable, a path) so that
+//!   `sweep` finds what the journal missed.
+//! - A provider never mutates anything it did not create.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::blueprint::{BucketSpec, DatabaseSpec, ServiceSpec};
+use crate::release::Release;
+use crate::secret::Redactor;
+
+/// Which backup to restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupPick {
+    /// The newest complete backup.
+    Latest,
+    /// A backup by id.
+    Id(String),
+    /// The newest complete backup taken at or before this time.
+    Before(DateTime<Utc>),
+}
+
+/// A production backup a database can be restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// Identity (snapshot id, directory name).
+    pub id: String,
+    /// Production source.
+    pub source: String,
+    /// When production was captured.
+    pub taken_at: DateTime<Utc>,
+    /// Size in bytes, when known.
+    pub size_bytes: Option<u64>,
+    /// Where it lives (local: file path; AWS: snapshot ARN).
+    pub location: String,
+}
+
+/// Facts about the run every request carries.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    /// Run id: the tag on everything created.
+    pub run_id: String,
+    /// Blueprint name.
+    pub blueprint: String,
+    /// When resources of this run may be reaped.
+    pub expires_at: DateTime<Utc>,
+    /// Where the run keeps its logs (history, not a resource).
+    pub log_dir: PathBuf,
+    /// Redacts secrets from anything a provider returns for display.
+    pub redactor: Redactor,
+}
+
+/// What the journal records about a resource: enough for `delete` and `sweep` to find it
+/// again from another process. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    /// `kind.name`.
+    pub address: String,
+    /// `database`, `bucket`, `service`.
+    pub kind: String,
+    /// Provider identity (a directory, an instance id).
+    pub id: String,
+    /// Provider-specific details (pids, ports, engine), plain data.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+/// An output of a created resource, offered to templates as `resources.NAME.OUTPUT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// The value.
+    pub value: String,
+    /// Secret outputs (passwords, URLs with passwords) are registered with the redactor.
+    pub secret: bool,
+}
+
+/// Outputs by name.
+pub type Outputs = BTreeMap<String, Output>;
+
+/// What `create` is asked to make.
+#[derive(Debug, Clone)]
+pub enum ResourceRequest {
+    /// A database.
+    Database(DatabaseSpec),
+    /// A bucket.
+    Bucket(BucketSpec),
+    /// A service.
+    Service(ServiceSpec),
+}
+
+/// Result of `create`.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// The record to journal (replaces the planned one).
+    pub record: ResourceRecord,
+    /// Outputs known right after creation.
+    pub outputs: Outputs,
+}
+
+/// Persists record updates (a pid learned after spawn) to the journal before going on.
+pub trait RecordSink: Send + Sync {
+    /// Journal an updated record. Errors are the journal's; the provider stops on one.
+    ///
+    /// # Errors
+    /// When the journal cannot be written.
+    fn update(&self, record: &ResourceRecord) -> Result<(), std::io::Error>;
+}
+
+/// What `install` is given.
+#[derive(Debug)]
+pub struct InstallRequest<'a> {
+    /// The service's record (from `create`).
+    pub record: &'a ResourceRecord,
+    /// The service spec.
+    pub spec: &'a ServiceSpec,
+    /// The candidate release.
+    pub release: &'a Release,
+    /// Rendered environment (may contain secrets; never logged).
+    pub env: BTreeMap<String, String>,
+    /// Rendered start command override.
+    pub start: Option<String>,
+    /// How long to wait for health.
+    pub ready_timeout: Duration,
+    /// Stops waiting when cancelled.
+    pub cancel: CancellationToken,
+}
+
+/// Result of `install`.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// Updated record (pids, ports).
+    pub record: ResourceRecord,
+    /// Outputs (url, port).
+    pub outputs: Outputs,
+    /// Install steps and how long each took, for the report.
+    pub steps: Vec<(String, Duration)>,
+}
+
+/// Result of `delete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// It existed and is gone now.
+    Destroyed,
+    /// It was already gone (or never created).
+    AlreadyGone,
+}
+
+/// Something `sweep` found that carries a run's tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    /// What it is (`process 1234`, `directory …`).
+    pub id: String,
+    /// Whether `sweep` removed it.
+    pub removed: bool,
+    /// Why it could not be removed, if so.
+    pub reason: Option<String>,
+}
+
+/// Who is to blame for a failure: decides exit code 1 versus 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The release would break: a migration, an install step, a health check.
+    Release,
+    /// The environment failed: provisioning, restore, missing tools, timeouts of the backend.
+    Environment,
+}
+
+/// Provider errors. Messages are lower-case, name the resource and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// A release install step failed (exit status non-zero); `output` is its captured tail.
+    #[error("install step `{step}` failed ({status})\n{output}")]
+    InstallStep {
+        /// Step name from the manifest.
+        step: String,
+        /// Exit status description.
+        status: String,
+        /// The step's output, truncated; the database's own error is in here.
+        output: String,
+    },
+    /// The service started but never became healthy, or exited.
+    #[error("{address} did not become healthy: {reason}")]
+    Unhealthy {
+        /// Resource address.
+        address: String,
+        /// What was last seen, plus the log tail.
+        reason: String,
+    },
+    /// A wait hit its deadline.
+    #[error("{what} did not finish within {}: last state {last_state}", humantime::format_duration(*waited))]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        waited: Duration,
+        /// Last state seen.
+        last_state: String,
+    },
+    /// No backup matches.
+    #[error("{0}")]
+    NoBackup(String),
+    /// A backup exists but is damaged.
+    #[error("{0}")]
+    BadBackup(String),
+    /// A tool the provider needs is not installed.
+    #[error("`{binary}` not found: {hint}")]
+    MissingBinary {
+        /// The program.
+        binary: String,
+        /// How to install it.
+        hint: String,
+    },
+    /// The production guard refused a mutation.
+    #[error("refusing to modify {0}: it was not created by this run")]
+    Guard(String),
+    /// The run was cancelled while this was under way.
+    #[error("cancelled")]
+    Cancelled,
+    /// Any other environment failure, with context.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Any other environment failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ProviderError {
+    /// Whether the release or the environment is to blame.
+    #[must_use]
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProviderError::InstallStep { .. } | ProviderError::Unhealthy { .. } => Blame::Release,
+            _ => Blame::Environment,
+        }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ProviderError {
+        let context = context.into();
+        move |source| ProviderError::Io { context, source }
+    }
+}
+
+/// A backend that can build and destroy copies.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// `local` or `aws`.
+    fn name(&self) -> &'static str;
+
+    /// Finds the backup `db` would be restored from. Reads production, changes nothing.
+    async fn find_backup(
+        &self,
+        db: &DatabaseSpec,
+        pick: &BackupPick,
+    ) -> Result<BackupInfo, ProviderError>;
+
+    /// The record `create` will produce, known before it runs (journaled first).
+    fn plan_record(&self, run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord;
+
+    /// Creates the (empty) resource.
+    async fn create(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+    ) -> Result<Created, ProviderError>;
+
+    /// Restores a database from a backup, or copies a bucket from production.
+    async fn restore(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+    ) -> Result<Outputs, ProviderError>;
+
+    /// Installs and starts the release on a service; waits until healthy.
+    async fn install(
+        &self,
+        run: &RunInfo,
+        req: InstallRequest<'_>,
+        sink: &dyn RecordSink,
+    ) -> Result<Installed, ProviderError>;
+
+    /// Deletes a resource. Idempotent; works from a planned record of a create that never ran.
+    async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError>;
+
+    /// Finds everything tagged with `run_id`; with `remove`, removes it. Used after teardown
+    /// and by `dryrun cleanup` so that a lost journal entry is not a leak.
+    async fn sweep(&self, run_id: &str, remove: bool) -> Result<Vec<Orphan>, ProviderError>;
+}
