@@ -283,6 +283,7 @@ impl Compiler<'_> {
                 let at = e.start_mark().or_else(|| node.span().start().copied());
                 match &*e {
                     marked_yaml::Error::UnknownFieldError(field, expected, _) => {
+                        let at = find_key(node, field).or(at);
                         let help = did_you_mean(field, expected.iter().copied())
                             .map(|s| format!("did you mean `{s}`?"))
                             .or_else(|| {
@@ -501,6 +502,7 @@ impl Compiler<'_> {
         // resources
         let mut resources: Vec<Resource> = Vec::new();
         let mut res_marks: HashMap<String, Option<Marker>> = HashMap::new();
+        let mut all_names: Vec<String> = Vec::new();
         let mut dep_uses: Vec<(String, Spanned<String>)> = Vec::new();
         let mut tpl_uses: Vec<TplUse> = Vec::new();
         match top.get_node("resources") {
@@ -523,6 +525,7 @@ impl Compiler<'_> {
                     for (k, v) in rmap.iter().take(MAX_RESOURCES) {
                         let rname = k.as_str().to_string();
                         res_marks.insert(rname.clone(), k.span().start().copied());
+                        all_names.push(rname.clone());
                         if !valid_name(&rname) {
                             self.diag_at(k.span().start(), format!("resource name `{rname}` is not a valid name"), "invalid name",
                                 Some("use lower-case letters, digits, `-` and `_`, starting with a letter".into()));
@@ -615,7 +618,6 @@ impl Compiler<'_> {
 
         // cross references
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
-        let all_names: Vec<String> = res_marks.keys().cloned().collect();
         for (owner, dep) in &dep_uses {
             if !all_names.iter().any(|n| n == dep.as_str()) {
                 self.unknown_resource(dep.as_str(), dep.span().start(), &all_names);
@@ -1181,6 +1183,25 @@ fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
             d.key.span().start().copied(),
             format!("duplicate key `{}`", d.key.as_str()),
         ),
+    }
+}
+
+/// Where the key `name` is written inside `node` (depth first), for precise carets.
+fn find_key(node: &Node, name: &str) -> Option<Marker> {
+    match node {
+        Node::Mapping(m) => {
+            for (k, v) in m.iter() {
+                if k.as_str() == name {
+                    return k.span().start().copied();
+                }
+                if let Some(found) = find_key(v, name) {
+                    return Some(found);
+                }
+            }
+            None
+        }
+        Node::Sequence(seq) => seq.iter().find_map(|v| find_key(v, name)),
+        Node::Scalar(_) => None,
     }
 }
 

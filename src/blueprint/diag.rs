@@ -148,10 +148,9 @@ impl Diagnostics {
         }
         let n = self.items.len();
         out.push_str(&format!(
-            "{}: {n} error{} in {}\n",
+            "{}: {n} error{}\n",
             self.file,
-            if n == 1 { "" } else { "s" },
-            self.file
+            if n == 1 { "" } else { "s" }
         ));
         out
     }

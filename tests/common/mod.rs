@@ -1,0 +1,114 @@
+//! Shared helpers for the integration tests: run the real `dryrun` binary against a fresh
+//! state directory and check that nothing of a run is left.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `dryrun` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dryrun"))
+}
+
+/// A state directory that an unprivileged PostgreSQL user can traverse (tests run as root in CI).
+pub fn state_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dryrun-test-")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// A `dryrun` command with the state directory set, run from the repository root.
+pub fn dryrun(state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.current_dir(root())
+        .env("DRYRUN_STATE_DIR", state)
+        .env("NO_COLOR", "1")
+        .env_remove("DEMO_API_TOKEN");
+    c
+}
+
+/// Runs and returns the output; prints it when the test fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run dryrun");
+    eprintln!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The demo app must be built next to dryrun (scripts/test builds the workspace first).
+pub fn require_demo_shop() {
+    let p = bin().parent().unwrap().join("demo-shop");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace`; scripts/test does)",
+        p.display()
+    );
+}
+
+/// Whether PostgreSQL server binaries are installed. In CI they must be (scripts/test installs
+/// them), so a missing install fails there instead of skipping.
+pub fn have_postgres() -> bool {
+    let found = dryrun::provider::local::postgres::binary("initdb").is_ok()
+        && dryrun::provider::local::postgres::binary("pg_restore").is_ok();
+    if !found && std::env::var_os("CI").is_some() {
+        panic!("PostgreSQL binaries are missing in CI: scripts/test must install them");
+    }
+    if !found {
+        eprintln!(
+            "skipping: PostgreSQL server binaries not installed (apt-get install postgresql)"
+        );
+    }
+    found
+}
+
+/// Run ids in a state directory.
+pub fn run_ids(state: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state.join("runs"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Asserts that no process or directory of the run remains.
+pub fn assert_nothing_left(state: &Path, run_id: &str) {
+    let procs = dryrun::provider::local::process::find_tagged(run_id, None);
+    assert!(procs.is_empty(), "processes of {run_id} remain: {procs:?}");
+    let work = state.join("work").join(run_id);
+    assert!(!work.exists(), "work directory {} remains", work.display());
+}
+
+/// The report.json of a run from its history directory.
+pub fn report(state: &Path, run_id: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(state.join("runs").join(run_id).join("report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Ends leftovers of a failed test so that one failure does not leak processes.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .env("DRYRUN_STATE_DIR", &self.0)
+            .args(["cleanup", "--all", "--yes"])
+            .output();
+    }
+}
