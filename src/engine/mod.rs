@@ -1078,3 +1078,6 @@ pub(crate) async fn teardown(
     }
     (destroyed, left)
 }
+
+#[cfg(test)]
+mod tests;

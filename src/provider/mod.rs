@@ -12,6 +12,8 @@
 //!   `sweep` finds what the journal missed.
 //! - A provider never mutates anything it did not create.
 
+#[cfg(test)]
+pub mod fake;
 pub mod local;
 
 use std::collections::BTreeMap;

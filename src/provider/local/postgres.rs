@@ -206,6 +206,7 @@ impl Cluster {
             let _ = nix::unistd::chown(&pwfile, Some(u.uid.into()), Some(u.gid.into()));
         }
         let mut c = command(&initdb, user.as_ref());
+        process::tagged(&mut c, &BTreeMap::new(), run_id, address);
         c.arg("-D")
             .arg(self.data())
             .args([
