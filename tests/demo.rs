@@ -277,3 +277,44 @@ fn postgres_demo_restores_a_dump_and_rehearses_migrations() {
         assert_nothing_left(state.path(), &id);
     }
 }
+
+#[test]
+fn kept_copy_stays_until_expiry_then_cleanup_expired_reaps_it() {
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    let reports = state.path().join("out");
+    let (code, stdout, _) = run_demo(
+        state.path(),
+        "blueprints/demo/shop.yaml",
+        "blueprints/demo/releases/v2",
+        &["--keep", "2s", "-q"],
+        &reports,
+    );
+    assert_eq!(code, 0, "{stdout}");
+    let id = run_ids(state.path()).remove(0);
+    let r = report(state.path(), &id);
+    assert!(r["kept_until"].is_string());
+    // The copy is still there and serving.
+    assert!(state.path().join("work").join(&id).is_dir());
+    assert!(
+        !dryrun::provider::local::process::find_tagged(&id, None).is_empty(),
+        "the kept service should still run"
+    );
+    // Not expired yet: nothing to do.
+    let out = run(dryrun(state.path()).args(["cleanup", "--expired", "--yes"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let out = run(dryrun(state.path()).args(["cleanup", "--expired"]));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listing.contains("would destroy") && listing.contains("service.app"),
+        "{listing}"
+    );
+    assert!(
+        state.path().join("work").join(&id).is_dir(),
+        "listing must not delete"
+    );
+    let out = run(dryrun(state.path()).args(["cleanup", "--expired", "--yes"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_left(state.path(), &id);
+}

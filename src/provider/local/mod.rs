@@ -525,7 +525,7 @@ impl Provider for LocalProvider {
                     });
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
                     () = req.cancel.cancelled() => return Err(ProviderError::Cancelled),
                 }
             }

@@ -146,7 +146,7 @@ pub async fn end_tagged(run_id: &str, address: Option<&str>, grace: Duration) ->
             signal_all(&left, Signal::SIGKILL);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -154,7 +154,7 @@ pub async fn end_tagged(run_id: &str, address: Option<&str>, grace: Duration) ->
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
