@@ -169,7 +169,7 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
                     }
                 }
             }
-            Ok(verdict(problems, &format!("{method} {url}"), Some(text)))
+            Ok(verdict(&problems, &format!("{method} {url}"), Some(text)))
         }
         CheckSpec::Command {
             run,
@@ -216,7 +216,7 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
                     ));
                 }
             }
-            Ok(verdict(problems, "command", Some(text)))
+            Ok(verdict(&problems, "command", Some(text)))
         }
         CheckSpec::Sql {
             database,
@@ -248,10 +248,10 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
                 other => return Err(format!("sql checks do not support engine `{other}`")),
             };
             let mut problems = Vec::new();
-            if let Some(want) = rows {
-                if result.len() as u64 != *want {
-                    problems.push(format!("expected {want} rows, got {}", result.len()));
-                }
+            if let Some(want) = rows
+                && result.len() as u64 != *want
+            {
+                problems.push(format!("expected {want} rows, got {}", result.len()));
             }
             if let Some(want) = value {
                 let want = &crate::blueprint::template::render(want, env.ctx)?;
@@ -260,18 +260,18 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
                         "expected value {want:?}, the query returned no rows"
                     )),
                     Some(got) if got != want => {
-                        problems.push(format!("expected value {want:?}, got {got:?}"))
+                        problems.push(format!("expected value {want:?}, got {got:?}"));
                     }
                     Some(_) => {}
                 }
             }
             let preview: Vec<String> = result.iter().take(5).map(|r| r.join(" | ")).collect();
-            Ok(verdict(problems, "query", Some(preview.join("\n"))))
+            Ok(verdict(&problems, "query", Some(preview.join("\n"))))
         }
     }
 }
 
-fn verdict(problems: Vec<String>, what: &str, output: Option<String>) -> Verdict {
+fn verdict(problems: &[String], what: &str, output: Option<String>) -> Verdict {
     if problems.is_empty() {
         Verdict {
             passed: true,

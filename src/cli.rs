@@ -512,13 +512,18 @@ async fn watch_signals(shutdown: Shutdown, tx: tokio::sync::mpsc::UnboundedSende
                 second: false,
             });
             shutdown.soft.cancel();
-        } else {
+        } else if count == 2 {
             let _ = tx.send(Event::Interrupted {
                 signal: name,
                 second: true,
             });
             shutdown.hard.cancel();
-            return;
+        } else {
+            // Third signal: the journal is already on disk (every entry is flushed as written).
+            eprintln!(
+                "dryrun: {name} again; exiting now. `dryrun cleanup --all` lists what remains."
+            );
+            std::process::exit(130);
         }
     }
 }
@@ -533,10 +538,10 @@ async fn cleanup_cmd(
     let plan = cleanup::survey(state, provider.as_ref(), target).await?;
     let todo: Vec<_> = plan.iter().filter(|r| r.skipped.is_none()).collect();
     for r in &plan {
-        if let Some(why) = &r.skipped {
-            if matches!(target, Target::Run(_)) {
-                println!("{}: skipped, {why}", r.state.run_id);
-            }
+        if let Some(why) = &r.skipped
+            && matches!(target, Target::Run(_))
+        {
+            println!("{}: skipped, {why}", r.state.run_id);
         }
     }
     if todo.is_empty() {
@@ -608,8 +613,8 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
     }
     if !json {
         println!(
-            "{:<36} {:<8} {:<20} {:<9} {}",
-            "RUN", "STATUS", "STARTED", "DURATION", "RELEASE"
+            "{:<36} {:<8} {:<20} {:<9} RELEASE",
+            "RUN", "STATUS", "STARTED", "DURATION"
         );
     }
     for r in runs.iter().take(limit) {

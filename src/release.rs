@@ -230,16 +230,23 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
         col,
         message,
     };
-    let raw: RawManifest = marked_yaml::from_yaml(0, text).map_err(|e| match e {
-        marked_yaml::FromYamlError::ParseYaml(le) => bad(1, 1, format!("not valid YAML: {le}")),
-        marked_yaml::FromYamlError::FromNode(ne) => {
-            let m = ne.start_mark();
-            bad(
-                m.map_or(1, |m| m.line()),
-                m.map_or(1, |m| m.column()),
-                ne.to_string(),
-            )
-        }
+    let node =
+        marked_yaml::parse_yaml(0, text).map_err(|e| bad(1, 1, format!("not valid YAML: {e}")))?;
+    let raw: RawManifest = marked_yaml::from_node(&node).map_err(|e| {
+        let mut m = e.start_mark();
+        let msg = match &*e {
+            marked_yaml::Error::UnknownFieldError(field, expected, _) => {
+                m = crate::blueprint::diag::find_key(&node, field).or(m);
+                let hint = crate::blueprint::diag::did_you_mean(field, expected.iter().copied())
+                    .map_or_else(
+                        || format!("allowed: {}", expected.join(", ")),
+                        |s| format!("did you mean `{s}`?"),
+                    );
+                format!("unknown key `{field}`; {hint}")
+            }
+            other => format!("{other}"),
+        };
+        bad(m.map_or(1, |m| m.line()), m.map_or(1, |m| m.column()), msg)
     })?;
     let dur = |s: Option<&str>, d: Duration| -> Result<Duration, ReleaseError> {
         s.map_or(Ok(d), |s| {

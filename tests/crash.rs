@@ -12,7 +12,9 @@ use common::*;
 fn journal_lines(state: &Path) -> usize {
     run_ids(state)
         .first()
-        .and_then(|id| std::fs::read_to_string(state.join("runs").join(id).join("journal.jsonl")).ok())
+        .and_then(|id| {
+            std::fs::read_to_string(state.join("runs").join(id).join("journal.jsonl")).ok()
+        })
         .map_or(0, |t| t.lines().count())
 }
 
@@ -29,7 +31,10 @@ fn spawn_run(state: &Path, blueprint: &str, release: &str) -> Child {
 
 fn cleanup_all(state: &Path) -> (i32, String) {
     let out = run(dryrun(state).args(["cleanup", "--all", "--yes"]));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// Kills a run with SIGKILL once its journal has `k` lines (or after `delay`), then checks that
@@ -53,13 +58,19 @@ fn kill_then_cleanup(blueprint: &str, release: &str, k: Option<usize>, delay: Du
     let _ = child.wait();
     let seen = journal_lines(state.path());
     let (code, out) = cleanup_all(state.path());
-    assert_eq!(code, 0, "cleanup after kill at journal line {seen} failed:\n{out}");
+    assert_eq!(
+        code, 0,
+        "cleanup after kill at journal line {seen} failed:\n{out}"
+    );
     for id in run_ids(state.path()) {
         assert_nothing_left(state.path(), &id);
     }
     let (code, out) = cleanup_all(state.path());
     assert_eq!(code, 0);
-    assert!(out.contains("nothing to clean up"), "second cleanup should have nothing to do:\n{out}");
+    assert!(
+        out.contains("nothing to clean up"),
+        "second cleanup should have nothing to do:\n{out}"
+    );
     seen
 }
 
@@ -68,13 +79,24 @@ fn cleanup_after_kill_at_every_journal_step_leaves_nothing() {
     require_demo_shop();
     // A complete run first, to learn how many journal entries a run writes.
     let state = state_dir();
-    let out = run(dryrun(state.path()).args(["run", "blueprints/demo/shop.yaml", "--release", "blueprints/demo/releases/v2", "-q"]));
+    let out = run(dryrun(state.path()).args([
+        "run",
+        "blueprints/demo/shop.yaml",
+        "--release",
+        "blueprints/demo/releases/v2",
+        "-q",
+    ]));
     assert_eq!(out.status.code(), Some(0));
     let total = journal_lines(state.path());
     assert!(total >= 10, "journal too short: {total}");
     let mut covered = Vec::new();
     for k in 1..=total {
-        covered.push(kill_then_cleanup("blueprints/demo/shop.yaml", "blueprints/demo/releases/v2", Some(k), Duration::ZERO));
+        covered.push(kill_then_cleanup(
+            "blueprints/demo/shop.yaml",
+            "blueprints/demo/releases/v2",
+            Some(k),
+            Duration::ZERO,
+        ));
     }
     covered.sort_unstable();
     covered.dedup();
@@ -85,7 +107,12 @@ fn cleanup_after_kill_at_every_journal_step_leaves_nothing() {
 fn cleanup_after_kill_at_random_moments_leaves_nothing() {
     require_demo_shop();
     for ms in [0, 3, 10, 25, 50, 90, 140, 200] {
-        kill_then_cleanup("blueprints/demo/shop.yaml", "blueprints/demo/releases/v2", None, Duration::from_millis(ms));
+        kill_then_cleanup(
+            "blueprints/demo/shop.yaml",
+            "blueprints/demo/releases/v2",
+            None,
+            Duration::from_millis(ms),
+        );
     }
 }
 
@@ -96,7 +123,12 @@ fn cleanup_after_kill_with_a_running_postgres_cluster_leaves_nothing() {
     }
     // Lines: 1 Started, 2 Creating db (cluster being made), 3 Created db (cluster running), ...
     for k in [2, 3, 5, 6] {
-        kill_then_cleanup("blueprints/demo/shop-pg.yaml", "blueprints/demo/releases/pg-v2", Some(k), Duration::ZERO);
+        kill_then_cleanup(
+            "blueprints/demo/shop-pg.yaml",
+            "blueprints/demo/releases/pg-v2",
+            Some(k),
+            Duration::ZERO,
+        );
     }
 }
 
@@ -104,11 +136,23 @@ fn cleanup_after_kill_with_a_running_postgres_cluster_leaves_nothing() {
 fn stuck_release(dir: &Path, ignore_term: bool) -> std::path::PathBuf {
     let rel = dir.join("stuck-release");
     std::fs::create_dir_all(&rel).unwrap();
-    let start = if ignore_term { "trap '' TERM; sleep 60 & wait; sleep 60" } else { "exec sleep 60" };
+    let start = if ignore_term {
+        "trap '' TERM; sleep 60 & wait; sleep 60"
+    } else {
+        "exec sleep 60"
+    };
     let mut f = std::fs::File::create(rel.join("dryrun-release.yaml")).unwrap();
-    writeln!(f, "version: \"9.9.9\"\nstart: \"{start}\"\nhealth:\n  http: /healthz\n  timeout: 60s").unwrap();
+    writeln!(
+        f,
+        "version: \"9.9.9\"\nstart: \"{start}\"\nhealth:\n  http: /healthz\n  timeout: 60s"
+    )
+    .unwrap();
     let bp = dir.join("stuck.yaml");
-    std::fs::write(&bp, "name: stuck\nresources:\n  app:\n    type: service\n    ready_timeout: 60s\n").unwrap();
+    std::fs::write(
+        &bp,
+        "name: stuck\nresources:\n  app:\n    type: service\n    ready_timeout: 60s\n",
+    )
+    .unwrap();
     rel
 }
 
@@ -117,12 +161,16 @@ fn wait_for_service_pid(state: &Path) {
     loop {
         let id = run_ids(state).first().cloned();
         if let Some(id) = id {
-            let j = std::fs::read_to_string(state.join("runs").join(&id).join("journal.jsonl")).unwrap_or_default();
+            let j = std::fs::read_to_string(state.join("runs").join(&id).join("journal.jsonl"))
+                .unwrap_or_default();
             if j.contains("\"pid\":\"") {
                 return;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "the service never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the service never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -139,7 +187,13 @@ fn first_sigint_stops_the_run_and_tears_down() {
     let bp = state.path().join("stuck.yaml");
     let mut child = Command::new(bin())
         .env("DRYRUN_STATE_DIR", state.path())
-        .args(["run", bp.to_str().unwrap(), "--release", rel.to_str().unwrap(), "--json"])
+        .args([
+            "run",
+            bp.to_str().unwrap(),
+            "--release",
+            rel.to_str().unwrap(),
+            "--json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -148,13 +202,23 @@ fn first_sigint_stops_the_run_and_tears_down() {
     let t = Instant::now();
     signal(&child, nix::sys::signal::Signal::SIGINT);
     let status = child.wait().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(15), "teardown after SIGINT took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "teardown after SIGINT took {:?}",
+        t.elapsed()
+    );
     assert_eq!(status.code(), Some(3));
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(r["status"], "error");
-    assert!(r["failure"].as_str().unwrap().contains("interrupted by SIGINT"), "{stdout}");
+    assert!(
+        r["failure"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted by SIGINT"),
+        "{stdout}"
+    );
     assert_eq!(r["left_behind"].as_array().unwrap().len(), 0);
     assert_nothing_left(state.path(), r["run_id"].as_str().unwrap());
 }
@@ -167,7 +231,13 @@ fn second_sigint_abandons_teardown_reports_left_behind_and_cleanup_finishes() {
     let bp = state.path().join("stuck.yaml");
     let mut child = Command::new(bin())
         .env("DRYRUN_STATE_DIR", state.path())
-        .args(["run", bp.to_str().unwrap(), "--release", rel.to_str().unwrap(), "--json"])
+        .args([
+            "run",
+            bp.to_str().unwrap(),
+            "--release",
+            rel.to_str().unwrap(),
+            "--json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -13,7 +13,7 @@ use marked_yaml::{Marker, Node, Spanned};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::diag::{Diagnostic, Diagnostics, SourceMap, did_you_mean};
+use super::diag::{Diagnostic, Diagnostics, SourceMap, did_you_mean, find_key};
 use super::template;
 use super::{
     Blueprint, BucketSpec, Check, CheckSpec, DatabaseSpec, Engine, LocalSettings, Resource,
@@ -87,10 +87,10 @@ pub fn compile(
         diags: Vec::new(),
     };
     let bp = c.run(path, text, params);
-    if c.diags.is_empty() {
-        if let Some(bp) = bp {
-            return Ok(bp);
-        }
+    if c.diags.is_empty()
+        && let Some(bp) = bp
+    {
+        return Ok(bp);
     }
     let mut items = c.diags;
     items.sort_by_key(|d| (d.line, d.col));
@@ -410,29 +410,29 @@ impl Compiler<'_> {
         // params
         let mut params = BTreeMap::new();
         let mut declared_params: Vec<String> = Vec::new();
-        if let Some(pnode) = top.get_node("params") {
-            if let Some(pmap) = self.mapping(pnode, "params") {
-                for (k, v) in pmap.iter() {
-                    let pname = k.as_str().to_string();
-                    declared_params.push(pname.clone());
-                    let Some(p) = self.de::<RawParam>(v, &format!("param `{pname}`")) else {
-                        continue;
-                    };
-                    let _ = p.description;
-                    if let Some(val) = cli_params.get(&pname) {
-                        params.insert(pname, val.clone());
-                    } else if let Some(d) = p.default {
-                        params.insert(pname, d);
-                    } else if p.required {
-                        self.diag_at(
-                            k.span().start(),
-                            format!("param `{pname}` is required and was not given"),
-                            "declared here",
-                            Some(format!("pass --param {pname}=VALUE")),
-                        );
-                    } else {
-                        params.insert(pname, String::new());
-                    }
+        if let Some(pnode) = top.get_node("params")
+            && let Some(pmap) = self.mapping(pnode, "params")
+        {
+            for (k, v) in pmap.iter() {
+                let pname = k.as_str().to_string();
+                declared_params.push(pname.clone());
+                let Some(p) = self.de::<RawParam>(v, &format!("param `{pname}`")) else {
+                    continue;
+                };
+                let _ = p.description;
+                if let Some(val) = cli_params.get(&pname) {
+                    params.insert(pname, val.clone());
+                } else if let Some(d) = p.default {
+                    params.insert(pname, d);
+                } else if p.required {
+                    self.diag_at(
+                        k.span().start(),
+                        format!("param `{pname}` is required and was not given"),
+                        "declared here",
+                        Some(format!("pass --param {pname}=VALUE")),
+                    );
+                } else {
+                    params.insert(pname, String::new());
                 }
             }
         }
@@ -465,22 +465,21 @@ impl Compiler<'_> {
 
         // secrets
         let mut secrets = BTreeMap::new();
-        if let Some(snode) = top.get_node("secrets") {
-            if let Some(smap) = self.mapping(snode, "secrets") {
-                for (k, v) in smap.iter() {
-                    let Some(s) = self.de::<RawSecret>(v, &format!("secret `{}`", k.as_str()))
-                    else {
-                        continue;
-                    };
-                    secrets.insert(
-                        k.as_str().to_string(),
-                        SecretSource {
-                            env: s.env.as_str().to_string(),
-                            has_default: s.default.is_some(),
-                            default: s.default,
-                        },
-                    );
-                }
+        if let Some(snode) = top.get_node("secrets")
+            && let Some(smap) = self.mapping(snode, "secrets")
+        {
+            for (k, v) in smap.iter() {
+                let Some(s) = self.de::<RawSecret>(v, &format!("secret `{}`", k.as_str())) else {
+                    continue;
+                };
+                secrets.insert(
+                    k.as_str().to_string(),
+                    SecretSource {
+                        env: s.env.as_str().to_string(),
+                        has_default: s.default.is_some(),
+                        default: s.default,
+                    },
+                );
             }
         }
 
@@ -1183,25 +1182,6 @@ fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
             d.key.span().start().copied(),
             format!("duplicate key `{}`", d.key.as_str()),
         ),
-    }
-}
-
-/// Where the key `name` is written inside `node` (depth first), for precise carets.
-fn find_key(node: &Node, name: &str) -> Option<Marker> {
-    match node {
-        Node::Mapping(m) => {
-            for (k, v) in m.iter() {
-                if k.as_str() == name {
-                    return k.span().start().copied();
-                }
-                if let Some(found) = find_key(v, name) {
-                    return Some(found);
-                }
-            }
-            None
-        }
-        Node::Sequence(seq) => seq.iter().find_map(|v| find_key(v, name)),
-        Node::Scalar(_) => None,
     }
 }
 

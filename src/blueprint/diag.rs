@@ -232,3 +232,22 @@ pub fn did_you_mean<'a>(
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
 }
+
+/// Where the key `name` is written inside `node` (depth first), for precise carets.
+pub fn find_key(node: &marked_yaml::Node, name: &str) -> Option<marked_yaml::Marker> {
+    match node {
+        marked_yaml::Node::Mapping(m) => {
+            for (k, v) in m.iter() {
+                if k.as_str() == name {
+                    return k.span().start().copied();
+                }
+                if let Some(found) = find_key(v, name) {
+                    return Some(found);
+                }
+            }
+            None
+        }
+        marked_yaml::Node::Sequence(seq) => seq.iter().find_map(|v| find_key(v, name)),
+        marked_yaml::Node::Scalar(_) => None,
+    }
+}

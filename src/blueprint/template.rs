@@ -55,12 +55,12 @@ pub fn references(src: &str) -> Result<Vec<RefPath>, String> {
         let expr = after[..end].trim_matches(|c| c == '{' || c == '}' || c == '~' || c == ' ');
         for token in expr.split_whitespace() {
             let token = token.trim_matches(|c| c == '(' || c == ')');
-            if let Some(root) = token.split('.').next() {
-                if ROOTS.contains(&root) {
-                    out.push(RefPath {
-                        segments: token.split('.').map(str::to_string).collect(),
-                    });
-                }
+            if let Some(root) = token.split('.').next()
+                && ROOTS.contains(&root)
+            {
+                out.push(RefPath {
+                    segments: token.split('.').map(str::to_string).collect(),
+                });
             }
         }
         rest = &after[end + 2..];

@@ -384,6 +384,8 @@ pub async fn run(
     if failures.is_empty() {
         let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
         let mut set: JoinSet<(usize, Result<(), Failure>)> = JoinSet::new();
+        let mut task_node: std::collections::HashMap<tokio::task::Id, usize> =
+            std::collections::HashMap::new();
         loop {
             if !shutdown.soft.is_cancelled() {
                 for i in graph.order() {
@@ -415,10 +417,11 @@ pub async fn run(
                         let backup = backups.get(&resource.name).cloned();
                         let sh = shared.clone();
                         let sem = sem.clone();
-                        set.spawn(async move {
+                        let handle = set.spawn(async move {
                             let _permit = sem.acquire_owned().await;
                             (i, provision(&sh, &resource, backup.as_ref()).await)
                         });
+                        task_node.insert(handle.id(), i);
                     }
                 }
             }
@@ -437,17 +440,33 @@ pub async fn run(
                     failures.push(f);
                 }
                 Err(join_err) => {
-                    // A panicking provider must not stop teardown; blame the environment.
+                    // A panicking provider must not stop teardown: the resource whose task
+                    // panicked fails (blamed on the environment); its siblings go on.
+                    let idx = task_node.get(&join_err.id()).copied();
+                    let address = idx.map_or_else(
+                        || "a resource".to_string(),
+                        |i| graph.nodes[i].address.clone(),
+                    );
+                    let msg = format!(
+                        "provisioning of {address} panicked: {}",
+                        panic_text(join_err)
+                    );
+                    if let Some(i) = idx {
+                        node_state[i] = NodeState::Failed;
+                        node_status[i] = Status::Error;
+                        node_msg[i] = Some(msg.clone());
+                        shared.emit(Event::StepFinished {
+                            address: address.clone(),
+                            step: "create",
+                            status: Status::Error,
+                            duration_ms: 0,
+                            message: Some(msg.clone()),
+                        });
+                    }
                     failures.push(Failure {
                         status: Status::Error,
-                        message: format!("a provisioning task panicked: {join_err}"),
+                        message: msg,
                     });
-                    for (i, st) in node_state.iter_mut().enumerate() {
-                        if *st == NodeState::Running {
-                            *st = NodeState::Failed;
-                            node_status[i] = Status::Error;
-                        }
-                    }
                 }
             }
         }
@@ -535,14 +554,15 @@ pub async fn run(
     if interrupted {
         status = status.merge(Status::Error);
     }
+    let signal_name = shutdown
+        .reason
+        .lock()
+        .ok()
+        .and_then(|r| r.clone())
+        .unwrap_or_else(|| "a signal".into());
     let failure_msg = if interrupted {
-        let sig = shutdown
-            .reason
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
-            .unwrap_or_else(|| "a signal".into());
-        Some(format!("interrupted by {sig}; the copy was torn down"))
+        // Completed after teardown, when it is known whether the copy is gone.
+        Some(format!("interrupted by {signal_name}"))
     } else {
         failures.first().map(|f| f.message.clone()).or_else(|| {
             check_reports
@@ -579,13 +599,17 @@ pub async fn run(
     let mut destroyed: BTreeMap<String, bool> = BTreeMap::new();
     let mut left_behind: Vec<LeftBehind> = Vec::new();
     let mut kept_until: Option<DateTime<Utc>> = None;
+    // Journal failures after resources exist must not lose the report: they are reported.
+    let mut journal_errors: Vec<String> = Vec::new();
     let td_start = Instant::now();
     let _ = events.send(Event::StageStarted { stage: "teardown" });
     let teardown_status;
     if let Some(k) = keep_for {
         let until =
             Utc::now() + chrono::Duration::from_std(k).unwrap_or(chrono::Duration::hours(1));
-        journal.append(&Entry::Kept { until })?;
+        if let Err(e) = journal.append(&Entry::Kept { until }) {
+            journal_errors.push(e.to_string());
+        }
         kept_until = Some(until);
         teardown_status = Status::Skipped;
     } else {
@@ -633,17 +657,44 @@ pub async fn run(
     });
 
     let finished_at = Utc::now();
-    journal.append(&Entry::Finished {
+    if let Err(e) = journal.append(&Entry::Finished {
         status: status.as_str().into(),
         left_behind: left_behind.len(),
         at: finished_at,
-    })?;
-    if left_behind.is_empty() && kept_until.is_none() {
-        journal.append(&Entry::Closed {
+    }) {
+        journal_errors.push(e.to_string());
+    }
+    if left_behind.is_empty()
+        && kept_until.is_none()
+        && journal_errors.is_empty()
+        && let Err(e) = journal.append(&Entry::Closed {
             at: finished_at,
             by: "run".into(),
-        })?;
+        })
+    {
+        journal_errors.push(e.to_string());
     }
+    for e in &journal_errors {
+        status = status.merge(Status::Error);
+        left_behind.push(LeftBehind {
+            address: "journal".into(),
+            id: journal.path().display().to_string(),
+            reason: format!("could not record the end of the run ({e}); `dryrun cleanup {run_id}` will check it again"),
+        });
+    }
+    let failure_msg = if interrupted {
+        let how = if left_behind.is_empty() {
+            "the copy was torn down".to_string()
+        } else {
+            format!(
+                "teardown did not finish: {} item(s) left behind, see below; `dryrun cleanup {run_id} --yes` finishes it",
+                left_behind.len()
+            )
+        };
+        failure_msg.map(|m| format!("{m}; {how}"))
+    } else {
+        failure_msg
+    };
 
     // Report.
     let spans = shared
@@ -762,6 +813,18 @@ pub async fn run(
     };
     let _ = crate::report::json::write(&report, &state.run_dir(&run_id));
     Ok(report)
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if e.is_cancelled() {
+        return "the task was cancelled".into();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Creates, restores and installs one resource.

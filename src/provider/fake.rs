@@ -36,6 +36,8 @@ pub enum Cue {
     HangCreate,
     /// `create` panics.
     PanicCreate,
+    /// `create` succeeds after this long.
+    SlowCreate(Duration),
     /// `delete` returns an error.
     FailDelete,
     /// `delete` never returns.
@@ -120,9 +122,10 @@ impl FakeProvider {
 
     fn note_journal(&self, run: &RunInfo, address: &str) {
         let path = run.log_dir.parent().unwrap().join("journal.jsonl");
-        let on_disk = journal::read(&path).unwrap_or_default().iter().any(
-            |e| matches!(e, Entry::Creating { record } if record.address == address),
-        );
+        let on_disk = journal::read(&path)
+            .unwrap_or_default()
+            .iter()
+            .any(|e| matches!(e, Entry::Creating { record } if record.address == address));
         self.journaled_before_create
             .lock()
             .unwrap()
@@ -199,17 +202,20 @@ impl Provider for FakeProvider {
         let now = self.creating_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_creating.fetch_max(now, Ordering::SeqCst);
         let _in_flight = InFlight(&self.creating_now);
-        tokio::time::sleep(self.create_delay).await;
+        let slow = match self.cues.lock().unwrap().get(address) {
+            Some(Cue::SlowCreate(d)) => *d,
+            _ => Duration::ZERO,
+        };
+        tokio::time::sleep(self.create_delay + slow).await;
         if let Some(e) = self.take_create_error(address) {
             return Err(e);
         }
         if self.cued(address, |c| matches!(c, Cue::HangCreate)) {
             std::future::pending::<()>().await;
         }
-        assert!(
-            !self.cued(address, |c| matches!(c, Cue::PanicCreate)),
-            "fake provider panics on cue creating {address}"
-        );
+        if self.cued(address, |c| matches!(c, Cue::PanicCreate)) {
+            panic!("fake provider panics on cue creating {address}");
+        }
         let id = &record.id;
         Ok(Created {
             record: record.clone(),

@@ -160,13 +160,13 @@ pub fn copy_verified(backup: &BackupInfo, dest: &Path) -> Result<u64, ProviderEr
         .sync_all()
         .map_err(ProviderError::io(format!("sync {}", dest.display())))?;
     if let Some(meta) = meta {
-        if let Some(size) = meta.size_bytes {
-            if size != total {
-                return Err(ProviderError::BadBackup(format!(
-                    "backup {} is damaged: {total} bytes, metadata says {size}; production's backups need attention",
-                    backup.id
-                )));
-            }
+        if let Some(size) = meta.size_bytes
+            && size != total
+        {
+            return Err(ProviderError::BadBackup(format!(
+                "backup {} is damaged: {total} bytes, metadata says {size}; production's backups need attention",
+                backup.id
+            )));
         }
         if let Some(want) = meta.sha256 {
             let got = hex::encode(hasher.finalize());
