@@ -448,7 +448,11 @@ impl Progress {
                 detail,
             } => {
                 let label = format!("{address} {step}{}", detail_suffix(detail.as_deref()));
-                let _ = writeln!(out, "[{}] {label} ...", self.stage.unwrap_or(step));
+                let _ = writeln!(
+                    out,
+                    "[{}] {label} ...",
+                    self.stage.unwrap_or_else(|| stage_of(step))
+                );
                 self.labels.insert(Key::Step(address.clone(), step), label);
             }
             Event::StepFinished {
@@ -462,7 +466,7 @@ impl Progress {
                     .labels
                     .remove(&Key::Step(address.clone(), step))
                     .unwrap_or_else(|| format!("{address} {step}"));
-                let prefix = self.stage.unwrap_or(step);
+                let prefix = self.stage.unwrap_or_else(|| stage_of(step));
                 let _ = writeln!(
                     out,
                     "[{prefix}] {label} ... {}",
@@ -1150,7 +1154,7 @@ interrupted by SIGINT: tearing down (send it again to stop once the journal is f
     }
 
     #[test]
-    fn plain_progress_prefixes_steps_outside_a_stage_with_the_step() {
+    fn plain_progress_prefixes_steps_outside_a_stage_with_their_loop_stage() {
         let captured = Captured::default();
         let mut progress = Progress::with_writer(ProgressMode::Plain, Box::new(captured.clone()));
         progress.handle(&Event::StepFinished {
@@ -1162,7 +1166,7 @@ interrupted by SIGINT: tearing down (send it again to stop once the journal is f
         });
         assert_eq!(
             captured.text(),
-            "[delete] service.web delete ... ERROR (5 ms)\n    kill: no such process\n"
+            "[teardown] service.web delete ... ERROR (5 ms)\n    kill: no such process\n"
         );
     }
 
@@ -1191,5 +1195,14 @@ interrupted by SIGINT: tearing down (send it again to stop once the journal is f
         assert!(progress.bars.is_empty());
         progress.finish();
         assert_eq!(captured.text(), "");
+    }
+}
+
+/// The loop stage a resource step belongs to, for plain-mode prefixes.
+fn stage_of(step: &'static str) -> &'static str {
+    match step {
+        "create" => "provision",
+        "delete" => "teardown",
+        other => other,
     }
 }
