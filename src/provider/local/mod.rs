@@ -7,7 +7,7 @@
 //! | `bucket` | a directory | copy of the production bucket directory | remove the directory |
 //! | `service` | the release unpacked and started as a process group on a free loopback port | — | SIGTERM, SIGKILL after a grace period, remove the directory |
 //!
-//! Everything lives under `STATE/work/RUN_ID/NAME`; every process carries the run id in its
+//! Everything lives in the state directory under `work`, as `work/RUN_ID/NAME`; every process carries the run id in its
 //! environment ([`process`]). Production (the backup store, the production bucket directory) is
 //! only read.
 
