@@ -62,6 +62,11 @@ pub async fn run(
             () = env.cancel.cancelled() => Err("cancelled".to_string()),
         };
         last = match attempt {
+            _ if env.cancel.is_cancelled() => (
+                Status::Skipped,
+                Some("skipped: interrupted".to_string()),
+                None,
+            ),
             Ok(v) => (
                 if v.passed {
                     Status::Passed

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -136,8 +136,8 @@ enum Command {
         /// The run to clean (see `dryrun runs`).
         #[arg(conflicts_with_all = ["all", "expired"], required_unless_present_any = ["all", "expired"])]
         run_id: Option<String>,
-        /// Every run that is not closed and not in progress.
-        #[arg(long)]
+        /// Every run that is not closed and not in progress (kept copies included).
+        #[arg(long, conflicts_with = "expired")]
         all: bool,
         /// Kept copies past their keep time and runs past their TTL.
         #[arg(long)]
@@ -231,7 +231,14 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             let code = if e.chain().any(|c| {
                 c.is::<ReleaseError>()
-                    || c.is::<engine::EngineError>() && c.to_string().starts_with("secret")
+                    || matches!(
+                        c.downcast_ref::<engine::EngineError>(),
+                        Some(engine::EngineError::MissingSecret { .. })
+                    )
+                    || matches!(
+                        c.downcast_ref::<cleanup::CleanupError>(),
+                        Some(cleanup::CleanupError::UnknownRun(..))
+                    )
             }) {
                 exit::USAGE
             } else {
@@ -246,7 +253,12 @@ fn use_color(c: Color) -> bool {
     match c {
         Color::Always => true,
         Color::Never => false,
-        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        // Diagnostics and progress go to stderr, the summary to stdout: both must be terminals.
+        Color::Auto => {
+            std::io::stdout().is_terminal()
+                && std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none()
+        }
     }
 }
 
@@ -330,10 +342,12 @@ fn validate(
     for p in paths {
         match blueprint::compile_file(p, params) {
             Ok(bp) => println!(
-                "{}: valid ({} resources, {} checks)",
+                "{}: valid ({} resource{}, {} check{})",
                 p.display(),
                 bp.resources.len(),
-                bp.checks.len()
+                if bp.resources.len() == 1 { "" } else { "s" },
+                bp.checks.len(),
+                if bp.checks.len() == 1 { "" } else { "s" }
             ),
             Err(CompileError::Invalid(d)) => {
                 bad += 1;
@@ -472,18 +486,30 @@ async fn run(
         }
         Err(e) => return Err(e).context("the run could not start"),
     };
+    let mut report_error = None;
     if let Some(dir) = report_dir {
-        report::json::write(&report, dir).context("write report.json")?;
-        report::junit::write(&report, dir).context("write junit.xml")?;
-        report::markdown::write(&report, dir).context("write report.md")?;
+        let written = report::json::write(&report, dir)
+            .and_then(|_| report::junit::write(&report, dir))
+            .and_then(|_| report::markdown::write(&report, dir));
+        if let Err(e) = written {
+            report_error = Some(e);
+        }
     }
     if json {
         print!("{}", report::json::to_json(&report));
     } else {
         print!("{}", report::terminal::summary(&report, color));
-        if let Some(dir) = report_dir {
+        if let (Some(dir), None) = (report_dir, &report_error) {
             println!("reports: {}", dir.display());
         }
+    }
+    if let Some(e) = report_error {
+        eprintln!(
+            "error: {e}; the run itself ended with exit code {} (report.json is also in {})",
+            report.exit_code,
+            state.run_dir(&report.run_id).display()
+        );
+        return Ok(report.exit_code.max(exit::INFRA));
     }
     Ok(report.exit_code)
 }
@@ -613,7 +639,7 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
     }
     if !json {
         println!(
-            "{:<36} {:<8} {:<20} {:<9} RELEASE",
+            "{:<36} {:<20} {:<20} {:<9} RELEASE",
             "RUN", "STATUS", "STARTED", "DURATION"
         );
     }
@@ -632,26 +658,20 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
             }
             continue;
         }
-        let status = if !r.closed && r.status.is_none() {
-            if journal::try_lock(&state.run_dir(&r.run_id))
-                .ok()
-                .flatten()
-                .is_none()
-            {
-                "running".to_string()
-            } else {
-                "crashed".to_string()
-            }
-        } else {
-            r.status.clone().unwrap_or_else(|| "?".into())
-        };
-        let status = if r.kept_until.is_some() && !r.closed {
-            format!("{status}*")
-        } else {
-            status
+        let locked = journal::try_lock(&state.run_dir(&r.run_id))
+            .ok()
+            .flatten()
+            .is_none();
+        let status = match (&r.status, r.closed, locked) {
+            (None, _, true) => "running".to_string(),
+            (None, false, false) => "crashed".to_string(),
+            (None, true, false) => "crashed, cleaned".to_string(),
+            (Some(s), false, _) if r.kept_until.is_none() => format!("{s}, left behind"),
+            (Some(s), false, _) => format!("{s}, kept"),
+            (Some(s), true, _) => s.clone(),
         };
         println!(
-            "{:<36} {:<8} {:<20} {:<9} {}",
+            "{:<36} {:<20} {:<20} {:<9} {}",
             r.run_id,
             status,
             r.started_at
@@ -663,16 +683,16 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
                 .unwrap_or_else(|| r.release.clone()),
         );
     }
-    if !json && runs.iter().any(|r| !r.closed && r.status.is_none()) {
-        println!("\ncrashed runs may have left resources: `dryrun cleanup --all` lists them");
+    let needs_cleanup = runs.iter().any(|r| {
+        !r.closed
+            && r.kept_until.is_none()
+            && journal::try_lock(&state.run_dir(&r.run_id))
+                .ok()
+                .flatten()
+                .is_some()
+    });
+    if !json && needs_cleanup {
+        println!("\nsome runs may have left resources: `dryrun cleanup --all` lists them");
     }
-    let _ = bail_never();
     Ok(exit::PASSED)
-}
-
-fn bail_never() -> anyhow::Result<()> {
-    if false {
-        bail!("unreachable");
-    }
-    Ok(())
 }

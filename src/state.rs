@@ -7,7 +7,7 @@
 //!   runs/RUN_ID/lock            held (flock) while the run's process lives
 //!   runs/RUN_ID/report.json     the final report (history; kept)
 //!   runs/RUN_ID/logs/           service and step logs (history; kept)
-//!   work/RUN_ID/                the local provider's resources (removed by teardown)
+//!   copies/RUN_ID/              the local provider's resources (removed by teardown)
 //! ```
 //!
 //! Chosen by `--state-dir`, else `DRYRUN_STATE_DIR`, else `$XDG_STATE_HOME/dryrun`, else
@@ -66,12 +66,12 @@ impl StateDir {
     /// Where the local provider puts a run's resources.
     #[must_use]
     pub fn work_dir(&self, run_id: &str) -> PathBuf {
-        self.root.join("work").join(run_id)
+        self.root.join("copies").join(run_id)
     }
 
     /// Parent of all work directories.
     #[must_use]
     pub fn work_root(&self) -> PathBuf {
-        self.root.join("work")
+        self.root.join("copies")
     }
 }

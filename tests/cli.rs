@@ -104,7 +104,7 @@ fn plan(format: &str) -> String {
         .args(["plan", "blueprints/demo/shop.yaml", "--format", format]));
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        !state.path().join("work").exists(),
+        !state.path().join("copies").exists(),
         "plan must create nothing"
     );
     String::from_utf8(out.stdout).unwrap()

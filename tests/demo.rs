@@ -187,7 +187,7 @@ fn unknown_backup_is_an_infrastructure_error_that_creates_nothing() {
         "{stdout}"
     );
     let ids = run_ids(state.path());
-    assert!(!state.path().join("work").join(&ids[0]).exists());
+    assert!(!state.path().join("copies").join(&ids[0]).exists());
     let r = report(state.path(), &ids[0]);
     assert_eq!(
         r["resources"]
@@ -295,7 +295,7 @@ fn kept_copy_stays_until_expiry_then_cleanup_expired_reaps_it() {
     let r = report(state.path(), &id);
     assert!(r["kept_until"].is_string());
     // The copy is still there and serving.
-    assert!(state.path().join("work").join(&id).is_dir());
+    assert!(state.path().join("copies").join(&id).is_dir());
     assert!(
         !dryrun::provider::local::process::find_tagged(&id, None).is_empty(),
         "the kept service should still run"
@@ -311,7 +311,7 @@ fn kept_copy_stays_until_expiry_then_cleanup_expired_reaps_it() {
         "{listing}"
     );
     assert!(
-        state.path().join("work").join(&id).is_dir(),
+        state.path().join("copies").join(&id).is_dir(),
         "listing must not delete"
     );
     let out = run(dryrun(state.path()).args(["cleanup", "--expired", "--yes"]));

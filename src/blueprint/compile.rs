@@ -655,6 +655,33 @@ impl Compiler<'_> {
             self.cycles(&resources, &res_marks);
         }
         let _ = names;
+        // Production sources are chosen before anything exists: they may use params only, and
+        // are rendered now so that plan and run name the same source.
+        let pctx = serde_json::json!({ "params": params });
+        for r in &mut resources {
+            let source = match &mut r.spec {
+                ResourceSpec::Database(d) => &mut d.source,
+                ResourceSpec::Bucket(b) => &mut b.source,
+                ResourceSpec::Service(_) => continue,
+            };
+            if source.contains("{{") {
+                match template::render(source, &pctx) {
+                    Ok(v) => *source = v,
+                    Err(e) => {
+                        let at = res_marks.get(&r.name).copied().flatten();
+                        self.diag_at(
+                            at.as_ref(),
+                            format!(
+                                "resource `{}`: source `{source}` cannot be rendered: {e}",
+                                r.name
+                            ),
+                            "in this resource",
+                            Some("a production source may use `{{params.…}}` only".into()),
+                        );
+                    }
+                }
+            }
+        }
         Some(Blueprint {
             name,
             description,
@@ -1175,7 +1202,10 @@ fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
         L::TopLevelMustBeMapping(m) => (Some(*m), "the top level must be a mapping".into()),
         L::TopLevelMustBeSequence(m) => (Some(*m), "the top level must be a sequence".into()),
         L::UnexpectedAnchor(m) => (Some(*m), "anchors and aliases are not supported".into()),
-        L::MappingKeyMustBeScalar(m) => (Some(*m), "mapping keys must be plain strings".into()),
+        L::MappingKeyMustBeScalar(m) => (
+            Some(*m),
+            "mapping keys must be plain strings (a value that starts with `{{` must be quoted: \"{{resources.db.url}}\")".into(),
+        ),
         L::UnexpectedTag(m) => (Some(*m), "explicit tags are not supported".into()),
         L::ScanError(m, s) => (Some(*m), s.info().to_string()),
         L::DuplicateKey(d) => (
@@ -1198,5 +1228,110 @@ fn resolve(dir: &Path, p: &str) -> PathBuf {
         p.to_path_buf()
     } else {
         dir.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diags(text: &str) -> Vec<String> {
+        match compile(Path::new("t.yaml"), text, &BTreeMap::new()) {
+            Ok(_) => Vec::new(),
+            Err(CompileError::Invalid(d)) => d
+                .items
+                .iter()
+                .map(|i| format!("{}:{}: {}", i.line, i.col, i.message))
+                .collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn minimal_blueprint_compiles_with_defaults() {
+        let bp = compile(Path::new("dir/t.yaml"), "name: t\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: prod\n", &BTreeMap::new()).unwrap();
+        assert_eq!(bp.teardown, TeardownPolicy::Always);
+        assert_eq!(bp.ttl, Duration::from_secs(6 * 3600));
+        assert_eq!(bp.local.backups, Path::new("dir/backups"));
+        assert_eq!(bp.resource("db").unwrap().address(), "database.db");
+    }
+
+    #[test]
+    fn template_references_imply_dependencies() {
+        let bp = compile(
+            Path::new("t.yaml"),
+            "name: t\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: prod\n  app:\n    type: service\n    env:\n      DB: \"{{resources.db.path}}\"\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(bp.resource("app").unwrap().implied, ["db"]);
+    }
+
+    #[test]
+    fn unknown_output_and_param_get_did_you_mean() {
+        let d = diags(
+            "name: t\nparams:\n  region: {default: x}\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: prod\n  app:\n    type: service\n    env:\n      A: \"{{resources.db.pth}}\"\n      B: \"{{params.regoin}}\"\n",
+        );
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].contains("12:10") && d[0].contains("no output `pth`"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].contains("13:10") && d[1].contains("undeclared param"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn cycle_is_reported_once_with_the_whole_chain() {
+        let d = diags(
+            "name: t\nresources:\n  a:\n    type: service\n    depends_on: [b]\n  b:\n    type: service\n    depends_on: [a]\n",
+        );
+        assert_eq!(d, ["3:3: dependency cycle: a → b → a"]);
+    }
+
+    #[test]
+    fn source_may_use_params_and_is_rendered_at_compile_time() {
+        let text = "name: t\nparams:\n  which: {default: shop}\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: \"{{params.which}}-db\"\n";
+        let bp = compile(
+            Path::new("t.yaml"),
+            text,
+            &BTreeMap::from([("which".to_string(), "blog".to_string())]),
+        )
+        .unwrap();
+        let ResourceSpec::Database(db) = &bp.resource("db").unwrap().spec else {
+            panic!()
+        };
+        assert_eq!(db.source, "blog-db");
+        let d = diags(
+            "name: t\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: \"{{resources.x.url}}\"\n",
+        );
+        assert!(d.iter().any(|m| m.contains("cannot be used here")), "{d:?}");
+    }
+
+    #[test]
+    fn unquoted_template_value_explains_the_quoting_rule() {
+        let d = diags(
+            "name: t\nresources:\n  app:\n    type: service\n    env:\n      A: {{resources.db.url}}\n",
+        );
+        assert_eq!(d.len(), 1);
+        assert!(d[0].contains("must be quoted"), "{d:?}");
+    }
+
+    #[test]
+    fn oversized_blueprint_is_refused_with_the_limit() {
+        let text = format!("name: t\n# {}\n", "x".repeat(MAX_BLUEPRINT_BYTES));
+        let d = diags(&text);
+        assert!(d[0].contains("the limit is"), "{d:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let d = diags("name: t\nttl: soon\nresources:\n  a:\n    type: service\n");
+        assert!(
+            d[0].starts_with("2:6: ttl: `soon` is not a duration"),
+            "{d:?}"
+        );
     }
 }

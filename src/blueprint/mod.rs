@@ -69,8 +69,9 @@ pub struct Blueprint {
     pub checks: Vec<Check>,
     /// What happens to the copy when the run ends.
     pub teardown: TeardownPolicy,
-    /// How long anything this blueprint creates may live at most; stamped on every resource
-    /// (`expires-at`) so that `dryrun cleanup --expired` can reap it.
+    /// How long anything this blueprint creates may live at most: written to the run's journal
+    /// (and, on cloud providers, tagged on every resource) so that `dryrun cleanup --expired`
+    /// can reap it.
     #[serde(with = "humantime_serde_compat")]
     pub ttl: Duration,
 }
@@ -85,7 +86,10 @@ impl Blueprint {
     /// Directory the blueprint file is in (relative paths in it resolve against this).
     #[must_use]
     pub fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or_else(|| Path::new("."))
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
     }
 }
 

@@ -615,7 +615,6 @@ pub async fn run(
     } else {
         let (d, lb) = teardown(
             &graph,
-            bp,
             &records,
             provider.as_ref(),
             &journal,
@@ -983,9 +982,16 @@ async fn provision(
             Err(e) => {
                 let f = Failure {
                     status: Status::Error,
-                    message: format!("install of {address} failed: start: {e}"),
+                    message: redactor.redact(&format!("install of {address} failed: start: {e}")),
                 };
                 sh.span("install", t, f.status, Some(f.message.clone()));
+                sh.emit(Event::StepFinished {
+                    address,
+                    step: "install",
+                    status: f.status,
+                    duration_ms: millis(t.elapsed()),
+                    message: Some(f.message.clone()),
+                });
                 return Err(f);
             }
         };
@@ -1040,7 +1046,6 @@ async fn provision(
 /// Returns which addresses were destroyed and what is left behind.
 pub(crate) async fn teardown(
     graph: &Graph,
-    bp: &Blueprint,
     records: &[ResourceRecord],
     provider: &dyn Provider,
     journal: &Journal,
@@ -1068,7 +1073,6 @@ pub(crate) async fn teardown(
             todo.push(r.clone());
         }
     }
-    let _ = bp;
     let mut remaining = todo.clone();
     for rec in todo {
         if hard.is_cancelled() || Instant::now() >= deadline {

@@ -90,7 +90,7 @@ pub fn run_ids(state: &Path) -> Vec<String> {
 pub fn assert_nothing_left(state: &Path, run_id: &str) {
     let procs = dryrun::provider::local::process::find_tagged(run_id, None);
     assert!(procs.is_empty(), "processes of {run_id} remain: {procs:?}");
-    let work = state.join("work").join(run_id);
+    let work = state.join("copies").join(run_id);
     assert!(!work.exists(), "work directory {} remains", work.display());
 }
 

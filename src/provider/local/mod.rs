@@ -7,7 +7,7 @@
 //! | `bucket` | a directory | copy of the production bucket directory | remove the directory |
 //! | `service` | the release unpacked and started as a process group on a free loopback port | — | SIGTERM, SIGKILL after a grace period, remove the directory |
 //!
-//! Everything lives in the state directory under `work`, as `work/RUN_ID/NAME`; every process carries the run id in its
+//! Everything lives in the state directory under `copies`, as `copies/RUN_ID/NAME`; every process carries the run id in its
 //! environment ([`process`]). Production (the backup store, the production bucket directory) is
 //! only read.
 
@@ -411,7 +411,14 @@ impl Provider for LocalProvider {
                 s = child.wait() => s.map_err(ProviderError::io(format!("wait for install step `{}`", step.name)))?,
                 () = tokio::time::sleep(step.timeout) => {
                     process::end_tagged(&run.run_id, Some(&record.address), GRACE).await;
-                    return Err(ProviderError::Timeout { what: format!("install step `{}` of {}", step.name, record.address), waited: step.timeout, last_state: "still running; ended it".into() });
+                    // A step that outlives its limit is the release's problem (a migration too
+                    // slow for production data), so it is reported like a failing step.
+                    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    return Err(ProviderError::InstallStep {
+                        step: step.name.clone(),
+                        status: format!("still running after its timeout of {}; ended it", humantime::format_duration(step.timeout)),
+                        output: run.redactor.redact(&process::tail(&output, 4000)),
+                    });
                 }
                 () = req.cancel.cancelled() => {
                     process::end_tagged(&run.run_id, Some(&record.address), GRACE).await;

@@ -2,8 +2,8 @@
 //!
 //! `initdb` (scram-sha-256, a fresh generated password), `pg_ctl start` on a free 127.0.0.1
 //! port with Unix sockets off, `pg_restore` of a custom-format dump, `pg_ctl stop -m immediate`
-//! on teardown. The binaries are found on PATH, then in `DRYRUN_PG_BIN`, then in Debian's
-//! `/usr/lib/postgresql/VERSION/bin` (newest version).
+//! on teardown. The binaries are found in `DRYRUN_PG_BIN` (an explicit choice wins), then on
+//! PATH, then in Debian's `/usr/lib/postgresql/VERSION/bin` (newest version).
 //!
 //! PostgreSQL refuses to run as root. When dryrun runs as root it runs the server as the user
 //! named by `DRYRUN_PG_USER` (default `postgres`), hands that user the cluster directory, and
