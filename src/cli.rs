@@ -17,6 +17,7 @@ use crate::engine::cleanup::{self, Target};
 use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
+use crate::lease;
 use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
 use crate::release::{Release, ReleaseError};
@@ -148,6 +149,27 @@ enum Command {
         /// Delete (without it, cleanup only lists).
         #[arg(long, short)]
         yes: bool,
+    },
+    /// Serve the portal webhook, scheduled rehearsals, the API and the dashboard.
+    #[command(
+        after_long_help = "The webhook secret comes from DRYRUN_WEBHOOK_SECRET (or the variable [webhook] secret_env names).\n\
+SIGTERM or Ctrl-C stops accepting, lets running dry runs tear down within shutdown_grace, then exits.\n\
+Configuration reference: docs/server.md.\n\nExample:\n  DRYRUN_WEBHOOK_SECRET=... dryrun serve --config dryrun.toml --listen 127.0.0.1:8080"
+    )]
+    Serve {
+        /// Config file (TOML; see docs/server.md). Without it, defaults apply.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the config; default 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Blueprints root: webhook and dashboard paths are relative to it (default: the
+        /// config's `blueprints`, else the current directory).
+        #[arg(long, value_name = "DIR")]
+        blueprints: Option<PathBuf>,
+        /// Dry runs at once over all environments (overrides the config).
+        #[arg(long, value_name = "N")]
+        concurrency: Option<usize>,
     },
     /// List past runs, newest first.
     Runs {
@@ -312,6 +334,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cleanup_cmd(&state, provider, &target, yes).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
+        Command::Serve {
+            config,
+            listen,
+            blueprints,
+            concurrency,
+        } => {
+            serve_cmd(
+                cli.state_dir.is_some(),
+                state,
+                config,
+                listen,
+                blueprints,
+                concurrency,
+            )
+            .await
+        }
     }
 }
 
@@ -466,16 +504,51 @@ async fn run(
     });
     let signals = tokio::spawn(watch_signals(shutdown.clone(), tx.clone()));
 
+    // One run per environment: wait for a CLI or server run that holds it.
+    let env = lease::environment(provider.name(), &bp.name);
+    let run_id = engine::new_run_id(&bp.name);
+    let mut held = match lease::acquire(state, &env, &shutdown.soft, |holder| {
+        eprintln!(
+            "waiting for environment {env}: run {} holds it",
+            holder.unwrap_or_else(|| "?".into())
+        );
+    })
+    .await
+    {
+        Ok(l) => l,
+        Err(lease::LeaseError::Cancelled(_)) => {
+            signals.abort();
+            drop(tx);
+            let _ = printer.await;
+            eprintln!("interrupted while waiting for environment {env}; nothing was created");
+            return Ok(exit::INFRA);
+        }
+        Err(e) => return Err(e).context("take the environment lease"),
+    };
+    held.set_holder(&run_id);
+    let history = record_cli_start(state, &bp, &run_id, release_ref, &release.manifest.version);
+    let run_id_for_history = run_id.clone();
+
     let opts = RunOptions {
         release,
         backup: parse_backup(&common.backup),
         keep,
         trigger: Trigger::Cli,
         concurrency,
-        run_id: None,
+        run_id: Some(run_id.clone()),
         compile_ms,
     };
     let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
+    drop(held);
+    if let Some(h) = &history {
+        let recorded = match &result {
+            Ok(rep) => h.finish(rep),
+            Err(e) => h.set_status(&run_id_for_history, "error", Some(&e.to_string())),
+        };
+        if let Err(e) = recorded {
+            eprintln!("warning: the run is not in the history database: {e}");
+        }
+    }
     signals.abort();
     let _ = printer.await;
     let report = match result {
@@ -695,4 +768,119 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
         println!("\nsome runs may have left resources: `dryrun cleanup --all` lists them");
     }
     Ok(exit::PASSED)
+}
+
+async fn serve_cmd(
+    state_from_cli: bool,
+    state: StateDir,
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    blueprints: Option<PathBuf>,
+    concurrency: Option<usize>,
+) -> anyhow::Result<i32> {
+    let mut cfg = match &config {
+        Some(p) => crate::server::Config::load(p).map_err(|e| {
+            eprintln!("error: {e}");
+            Exit(exit::USAGE)
+        })?,
+        None => crate::server::Config::default(),
+    };
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(c) = concurrency {
+        cfg.concurrency = c.max(1);
+    }
+    let state = match (
+        &cfg.state_dir,
+        state_from_cli || std::env::var_os("DRYRUN_STATE_DIR").is_some(),
+    ) {
+        (Some(dir), false) => StateDir::new(dir.clone()),
+        _ => state,
+    };
+    let root = blueprints
+        .or_else(|| cfg.blueprints.clone())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        stop.cancel();
+        // A second signal while draining: exit now; journals are on disk for `dryrun cleanup`.
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!(
+            "dryrun serve: second signal; exiting now. `dryrun cleanup --all` finishes what is left."
+        );
+        std::process::exit(exit::LEFT_BEHIND);
+    });
+    let stopped = crate::server::serve(cfg, state, root, shutdown, None)
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            Exit(exit::INFRA)
+        })?;
+    Ok(if stopped.abandoned.is_empty() {
+        exit::PASSED
+    } else {
+        exit::LEFT_BEHIND
+    })
+}
+
+/// Records a CLI run in the history database (shared with `dryrun serve`), so that the API and
+/// the dashboard show every run on this state directory. Failure to record is a warning.
+fn record_cli_start(
+    state: &StateDir,
+    bp: &Blueprint,
+    run_id: &str,
+    release: &str,
+    version: &str,
+) -> Option<crate::server::history::History> {
+    let h = match crate::server::history::History::open(&state.root().join("history.sqlite")) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("warning: history database: {e}; the run is recorded in its journal only");
+            return None;
+        }
+    };
+    let row = crate::server::history::RunRow {
+        run_id: run_id.to_string(),
+        blueprint: bp.name.clone(),
+        blueprint_path: bp.path.display().to_string(),
+        provider: "local".into(),
+        environment: lease::environment("local", &bp.name),
+        trigger: "cli".into(),
+        release: release.to_string(),
+        release_version: Some(version.to_string()),
+        status: "running".into(),
+        queued_at: Utc::now(),
+        started_at: Some(Utc::now()),
+        finished_at: None,
+        duration_ms: None,
+        restore_ms: None,
+        backup_id: None,
+        backup_age_s: None,
+        exit_code: None,
+        left_behind: None,
+        failure: None,
+        delivery: None,
+        schedule: None,
+        callback: None,
+    };
+    if let Err(e) = h.insert_queued(&row) {
+        eprintln!("warning: history database: {e}");
+    }
+    Some(h)
 }

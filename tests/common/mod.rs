@@ -2,6 +2,8 @@
 //! state directory and check that nothing of a run is left.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,255 @@
+//! The dashboard: server-rendered pages (handlebars templates, HTML-escaped) with a little
+//! JavaScript for live status; every page and the start form work without JavaScript.
+//!
+//! The dashboard has no login of its own: it listens on loopback by default; put it behind the
+//! portal's authenticating proxy to expose it. Its form refuses cross-site posts
+//! (`Sec-Fetch-Site: cross-site`), so another web page cannot start runs through a browser.
+
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use handlebars::Handlebars;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::report::{human_ms, human_secs};
+
+use super::history::RunRow;
+use super::jobs::{App, RunRequest, SubmitError, Submitted};
+
+static TEMPLATES: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
+    let mut h = Handlebars::new();
+    h.set_strict_mode(false);
+    for (name, src) in [
+        ("layout", include_str!("templates/layout.hbs")),
+        ("index", include_str!("templates/index.hbs")),
+        ("run", include_str!("templates/run.hbs")),
+    ] {
+        h.register_template_string(name, src)
+            .expect("dashboard templates are valid");
+    }
+    h
+});
+
+/// Dashboard routes.
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/", get(index))
+        .route("/runs/{id}", get(run_page))
+        .route("/ui/runs", post(start))
+}
+
+fn page(title: &str, template: &str, data: &Value, refresh: bool) -> Response {
+    let body = match TEMPLATES.render(template, data) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("template {template}: {e}"),
+            )
+                .into_response();
+        }
+    };
+    match TEMPLATES.render(
+        "layout",
+        &json!({ "title": title, "body": body, "refresh": refresh }),
+    ) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("layout: {e}")).into_response(),
+    }
+}
+
+fn release_label(r: &RunRow) -> String {
+    r.release_version
+        .clone()
+        .unwrap_or_else(|| r.release.clone())
+}
+
+fn releases(app: &App) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, depth: usize, out: &mut Vec<String>) {
+        if depth > 5 {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut ents: Vec<_> = rd.flatten().filter(|e| e.path().is_dir()).collect();
+        ents.sort_by_key(std::fs::DirEntry::file_name);
+        for e in ents {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') || e.file_name() == "target" {
+                continue;
+            }
+            if p.join(crate::release::MANIFEST).is_file() {
+                if let Ok(rel) = p.strip_prefix(root) {
+                    out.push(rel.display().to_string());
+                }
+            } else {
+                walk(root, &p, depth + 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&app.blueprints, &app.blueprints, 0, &mut out);
+    out
+}
+
+fn index_data(app: &App, notice: Option<&str>) -> Value {
+    let rows = app.history.list(None, None, 50).unwrap_or_default();
+    let runs: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "run_id": r.run_id, "status": r.status, "trigger": r.trigger, "schedule": r.schedule,
+                "blueprint": r.blueprint, "release_label": release_label(r),
+                "backup_age": r.backup_age_s.map(human_secs).unwrap_or_default(),
+                "duration": r.duration_ms.map(|d| human_ms(u64::try_from(d).unwrap_or(0))).unwrap_or_default(),
+                "queued": r.queued_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            })
+        })
+        .collect();
+    let trends: Vec<Value> = app
+        .history
+        .blueprints()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| {
+            let pts = app.history.trend(&b, 14).ok()?;
+            if pts.is_empty() {
+                return None;
+            }
+            let max_total = pts.iter().filter_map(|p| p.duration_ms).max().unwrap_or(1).max(1);
+            let points: Vec<Value> = pts
+                .iter()
+                .rev()
+                .map(|p| {
+                    let px = |v: Option<i64>| v.map_or(0, |v| (v * 240 / max_total).max(2));
+                    json!({
+                        "started": p.started_at.format("%Y-%m-%d %H:%M").to_string(), "status": p.status,
+                        "restore": p.restore_ms.map(|d| human_ms(u64::try_from(d).unwrap_or(0))).unwrap_or_default(),
+                        "total": p.duration_ms.map(|d| human_ms(u64::try_from(d).unwrap_or(0))).unwrap_or_default(),
+                        "restore_px": px(p.restore_ms), "total_px": px(p.duration_ms),
+                        "backup_age": p.backup_age_s.map(human_secs).unwrap_or_default(),
+                    })
+                })
+                .collect();
+            Some(json!({ "blueprint": b, "points": points }))
+        })
+        .collect();
+    json!({ "runs": runs, "trends": trends, "blueprints": app.blueprint_files(), "releases": releases(app), "notice": notice })
+}
+
+async fn index(State(app): State<Arc<App>>) -> Response {
+    page("Dry runs", "index", &index_data(&app, None), false)
+}
+
+async fn run_page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let (row, rep) = match app.history.get(&id) {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Html(format!(
+                    "<p>No run {}.</p><p><a href=\"/\">All runs</a></p>",
+                    html_escape(&id)
+                )),
+            )
+                .into_response();
+        }
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let live = row.status == "queued" || row.status == "running";
+    let mut data = json!({
+        "run": row,
+        "run_id_json": serde_json::to_string(&row.run_id).unwrap_or_default().replace('<', "\\u003c"),
+        "release_label": release_label(&row),
+        "live": live,
+        "progress": app.progress(&id),
+        "failure": row.failure,
+    });
+    if let Some(rep) = rep {
+        let max = rep
+            .stages
+            .iter()
+            .map(|s| s.duration_ms)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        data["stages"] = rep
+            .stages
+            .iter()
+            .map(|s| json!({ "name": s.name, "status": s.status, "duration": human_ms(s.duration_ms), "px": (s.duration_ms * 300 / max).max(2), "message": s.message }))
+            .collect();
+        data["checks"] = rep
+            .checks
+            .iter()
+            .map(|c| json!({ "name": c.name, "kind": c.kind, "status": c.status, "duration": human_ms(c.duration_ms), "attempts": c.attempts, "message": c.message }))
+            .collect();
+        data["resources"] = serde_json::to_value(&rep.resources).unwrap_or_default();
+        data["left_behind"] = serde_json::to_value(&rep.left_behind).unwrap_or_default();
+        if let Some(b) = &rep.backup {
+            data["backup"] = serde_json::to_value(b).unwrap_or_default();
+            data["backup_taken"] = json!(b.taken_at.format("%Y-%m-%d %H:%M UTC").to_string());
+            data["backup_age"] = json!(human_secs(b.age_seconds));
+        }
+        data["failure"] = json!(rep.failure);
+    }
+    page(&format!("Run {id}"), "run", &data, live)
+}
+
+#[derive(Debug, Deserialize)]
+struct StartForm {
+    blueprint: String,
+    release: String,
+    #[serde(default)]
+    backup: String,
+}
+
+async fn start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(f): Form<StartForm>,
+) -> Response {
+    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
+        return (StatusCode::FORBIDDEN, "cross-site form posts are refused").into_response();
+    }
+    let req = RunRequest {
+        blueprint: f.blueprint.trim().to_string(),
+        release: f.release.trim().to_string(),
+        backup: Some(f.backup.trim().to_string()).filter(|b| !b.is_empty()),
+        trigger: Some(crate::report::Trigger::Webhook),
+        ..RunRequest::default()
+    };
+    match app.submit(req) {
+        Ok(Submitted::New(row) | Submitted::Duplicate(row)) => {
+            Redirect::to(&format!("/runs/{}", row.run_id)).into_response()
+        }
+        Err(e) => {
+            let status = match e {
+                SubmitError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+                SubmitError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                SubmitError::BadPath(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            let mut r = page(
+                "Dry runs",
+                "index",
+                &index_data(&app, Some(&format!("Not started: {e}"))),
+                false,
+            );
+            *r.status_mut() = status;
+            r
+        }
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

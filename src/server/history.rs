@@ -1,0 +1,464 @@
+//! Run history in SQLite (`STATE/history.sqlite`): runs, their reports (stages, checks,
+//! resources), delivery ids. Survives restarts; WAL mode so readers never wait for the writer.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::report::RunReport;
+
+/// History errors.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// SQLite said no.
+    #[error("history database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored report does not parse.
+    #[error("history database: stored report of {0} is damaged: {1}")]
+    Report(String, serde_json::Error),
+}
+
+/// One run as the history knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRow {
+    /// Run id.
+    pub run_id: String,
+    /// Blueprint name.
+    pub blueprint: String,
+    /// Blueprint path under the blueprints root.
+    pub blueprint_path: String,
+    /// Provider.
+    pub provider: String,
+    /// Environment key (one run at a time per environment).
+    pub environment: String,
+    /// `cli`, `webhook`, `schedule`, `dashboard`.
+    pub trigger: String,
+    /// Release reference.
+    pub release: String,
+    /// Release version, once known.
+    pub release_version: Option<String>,
+    /// `queued`, `running`, `passed`, `failed`, `error`, `interrupted`, `cancelled`.
+    pub status: String,
+    /// When accepted.
+    pub queued_at: DateTime<Utc>,
+    /// When it started running.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Total run time.
+    pub duration_ms: Option<i64>,
+    /// Restore time (RTO part).
+    pub restore_ms: Option<i64>,
+    /// Backup restored.
+    pub backup_id: Option<String>,
+    /// Its age at the start (RPO).
+    pub backup_age_s: Option<i64>,
+    /// Exit code of the run.
+    pub exit_code: Option<i32>,
+    /// Items left behind.
+    pub left_behind: Option<i64>,
+    /// The one-line failure.
+    pub failure: Option<String>,
+    /// Delivery id of the webhook that started it.
+    pub delivery: Option<String>,
+    /// Schedule that started it.
+    pub schedule: Option<String>,
+    /// Callback outcome (`delivered`, `failed: …`).
+    pub callback: Option<String>,
+}
+
+/// A point of the rehearsal trend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrendPoint {
+    /// Run id.
+    pub run_id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Status.
+    pub status: String,
+    /// Restore time.
+    pub restore_ms: Option<i64>,
+    /// Total time.
+    pub duration_ms: Option<i64>,
+    /// Backup age.
+    pub backup_age_s: Option<i64>,
+}
+
+/// The history database.
+#[derive(Debug)]
+pub struct History {
+    conn: Mutex<Connection>,
+}
+
+const COLUMNS: &str = "run_id, blueprint, blueprint_path, provider, environment, trigger, release, release_version, status, queued_at, started_at, finished_at, duration_ms, restore_ms, backup_id, backup_age_s, exit_code, left_behind, failure, delivery, schedule, callback";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        run_id: r.get(0)?,
+        blueprint: r.get(1)?,
+        blueprint_path: r.get(2)?,
+        provider: r.get(3)?,
+        environment: r.get(4)?,
+        trigger: r.get(5)?,
+        release: r.get(6)?,
+        release_version: r.get(7)?,
+        status: r.get(8)?,
+        queued_at: r.get(9)?,
+        started_at: r.get(10)?,
+        finished_at: r.get(11)?,
+        duration_ms: r.get(12)?,
+        restore_ms: r.get(13)?,
+        backup_id: r.get(14)?,
+        backup_age_s: r.get(15)?,
+        exit_code: r.get(16)?,
+        left_behind: r.get(17)?,
+        failure: r.get(18)?,
+        delivery: r.get(19)?,
+        schedule: r.get(20)?,
+        callback: r.get(21)?,
+    })
+}
+
+/// Outcome of recording a new run with a delivery id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// New run recorded.
+    New,
+    /// The delivery id was seen before: the original run.
+    Duplicate(Box<RunRow>),
+}
+
+impl History {
+    /// Opens (creating) the database.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn open(path: &Path) -> Result<History, HistoryError> {
+        if let Some(p) = path.parent() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS runs (
+               run_id TEXT PRIMARY KEY, blueprint TEXT NOT NULL, blueprint_path TEXT NOT NULL,
+               provider TEXT NOT NULL, environment TEXT NOT NULL, trigger TEXT NOT NULL,
+               release TEXT NOT NULL, release_version TEXT, status TEXT NOT NULL,
+               queued_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, duration_ms INTEGER,
+               restore_ms INTEGER, backup_id TEXT, backup_age_s INTEGER, exit_code INTEGER,
+               left_behind INTEGER, failure TEXT, delivery TEXT, schedule TEXT, callback TEXT,
+               report TEXT);
+             CREATE INDEX IF NOT EXISTS runs_by_time ON runs(queued_at);
+             CREATE INDEX IF NOT EXISTS runs_by_blueprint ON runs(blueprint, queued_at);
+             CREATE TABLE IF NOT EXISTS deliveries (
+               id TEXT PRIMARY KEY, run_id TEXT NOT NULL, received_at TEXT NOT NULL);",
+        )?;
+        Ok(History {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a queued run and, atomically, its delivery id. A delivery id seen before records
+    /// nothing and returns the original run.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn insert_queued(&self, r: &RunRow) -> Result<Inserted, HistoryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some(d) = &r.delivery {
+            let existing: Option<String> = tx
+                .query_row("SELECT run_id FROM deliveries WHERE id = ?1", [d], |x| {
+                    x.get(0)
+                })
+                .optional()?;
+            if let Some(run_id) = existing {
+                let orig = tx.query_row(
+                    &format!("SELECT {COLUMNS} FROM runs WHERE run_id = ?1"),
+                    [&run_id],
+                    row,
+                )?;
+                return Ok(Inserted::Duplicate(Box::new(orig)));
+            }
+            tx.execute(
+                "INSERT INTO deliveries (id, run_id, received_at) VALUES (?1, ?2, ?3)",
+                params![d, r.run_id, r.queued_at],
+            )?;
+        }
+        tx.execute(
+            &format!("INSERT INTO runs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"),
+            params![
+                r.run_id, r.blueprint, r.blueprint_path, r.provider, r.environment, r.trigger, r.release, r.release_version, r.status,
+                r.queued_at, r.started_at, r.finished_at, r.duration_ms, r.restore_ms, r.backup_id, r.backup_age_s, r.exit_code,
+                r.left_behind, r.failure, r.delivery, r.schedule, r.callback
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Inserted::New)
+    }
+
+    /// The run a delivery id started, if seen before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn delivery(&self, id: &str) -> Result<Option<RunRow>, HistoryError> {
+        let conn = self.conn();
+        let run_id: Option<String> = conn
+            .query_row("SELECT run_id FROM deliveries WHERE id = ?1", [id], |x| {
+                x.get(0)
+            })
+            .optional()?;
+        match run_id {
+            None => Ok(None),
+            Some(r) => Ok(conn
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM runs WHERE run_id = ?1"),
+                    [r],
+                    row,
+                )
+                .optional()?),
+        }
+    }
+
+    /// Marks a run as running.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_running(&self, run_id: &str, at: DateTime<Utc>) -> Result<(), HistoryError> {
+        self.conn().execute(
+            "UPDATE runs SET status = 'running', started_at = ?2 WHERE run_id = ?1",
+            params![run_id, at],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a run's status (and failure text) without a report (cancelled, interrupted).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_status(
+        &self,
+        run_id: &str,
+        status: &str,
+        failure: Option<&str>,
+    ) -> Result<(), HistoryError> {
+        self.conn().execute(
+            "UPDATE runs SET status = ?2, failure = COALESCE(?3, failure), finished_at = COALESCE(finished_at, ?4) WHERE run_id = ?1",
+            params![run_id, status, failure, Utc::now()],
+        )?;
+        Ok(())
+    }
+
+    /// Records the finished run's report.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn finish(&self, rep: &RunReport) -> Result<(), HistoryError> {
+        let json = serde_json::to_string(rep).unwrap_or_default();
+        self.conn().execute(
+            "UPDATE runs SET status = ?2, release_version = ?3, started_at = COALESCE(started_at, ?4), finished_at = ?5,
+               duration_ms = ?6, restore_ms = ?7, backup_id = ?8, backup_age_s = ?9, exit_code = ?10, left_behind = ?11,
+               failure = ?12, report = ?13 WHERE run_id = ?1",
+            params![
+                rep.run_id,
+                rep.status.as_str(),
+                rep.release.version,
+                rep.started_at,
+                rep.finished_at,
+                i64::try_from(rep.duration_ms).unwrap_or(i64::MAX),
+                rep.restore_ms.and_then(|m| i64::try_from(m).ok()),
+                rep.backup.as_ref().map(|b| b.id.clone()),
+                rep.backup.as_ref().map(|b| b.age_seconds),
+                rep.exit_code,
+                i64::try_from(rep.left_behind.len()).unwrap_or(0),
+                rep.failure,
+                json
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a callback outcome.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_callback(&self, run_id: &str, outcome: &str) -> Result<(), HistoryError> {
+        self.conn().execute(
+            "UPDATE runs SET callback = ?2 WHERE run_id = ?1",
+            params![run_id, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// One run and its report.
+    ///
+    /// # Errors
+    /// SQLite errors, a damaged stored report.
+    pub fn get(&self, run_id: &str) -> Result<Option<(RunRow, Option<RunReport>)>, HistoryError> {
+        let conn = self.conn();
+        let found = conn
+            .query_row(
+                &format!("SELECT {COLUMNS}, report FROM runs WHERE run_id = ?1"),
+                [run_id],
+                |r| Ok((row(r)?, r.get::<_, Option<String>>(22)?)),
+            )
+            .optional()?;
+        match found {
+            None => Ok(None),
+            Some((row, None)) => Ok(Some((row, None))),
+            Some((row, Some(j))) => {
+                let rep = serde_json::from_str(&j)
+                    .map_err(|e| HistoryError::Report(run_id.to_string(), e))?;
+                Ok(Some((row, Some(rep))))
+            }
+        }
+    }
+
+    /// Runs, newest first, filtered by status and blueprint.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn list(
+        &self,
+        status: Option<&str>,
+        blueprint: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunRow>, HistoryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR blueprint = ?2) ORDER BY queued_at DESC, run_id DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![status, blueprint, i64::try_from(limit).unwrap_or(i64::MAX)],
+            row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Runs in one of the given statuses (for start-up recovery).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn in_status(&self, statuses: &[&str]) -> Result<Vec<RunRow>, HistoryError> {
+        let mut out = Vec::new();
+        for s in statuses {
+            out.extend(self.list(Some(s), None, usize::MAX)?);
+        }
+        Ok(out)
+    }
+
+    /// The trend of finished rehearsals of a blueprint, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn trend(&self, blueprint: &str, limit: usize) -> Result<Vec<TrendPoint>, HistoryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT run_id, started_at, status, restore_ms, duration_ms, backup_age_s FROM runs
+             WHERE blueprint = ?1 AND started_at IS NOT NULL AND status IN ('passed', 'failed', 'error')
+             ORDER BY started_at DESC LIMIT ?2",
+        )?;
+        let mut v: Vec<TrendPoint> = stmt
+            .query_map(
+                params![blueprint, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(TrendPoint {
+                        run_id: r.get(0)?,
+                        started_at: r.get(1)?,
+                        status: r.get(2)?,
+                        restore_ms: r.get(3)?,
+                        duration_ms: r.get(4)?,
+                        backup_age_s: r.get(5)?,
+                    })
+                },
+            )?
+            .collect::<Result<_, _>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
+    /// Distinct blueprints with runs.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn blueprints(&self) -> Result<Vec<String>, HistoryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT blueprint FROM runs ORDER BY blueprint")?;
+        let v = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(v)
+    }
+
+    /// Number of runs recorded.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn count(&self) -> Result<i64, HistoryError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT count(*) FROM runs", [], |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(id: &str, delivery: Option<&str>) -> RunRow {
+        RunRow {
+            run_id: id.into(),
+            blueprint: "shop".into(),
+            blueprint_path: "demo/shop.yaml".into(),
+            provider: "local".into(),
+            environment: "local:shop".into(),
+            trigger: "webhook".into(),
+            release: "r".into(),
+            release_version: None,
+            status: "queued".into(),
+            queued_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            restore_ms: None,
+            backup_id: None,
+            backup_age_s: None,
+            exit_code: None,
+            left_behind: None,
+            failure: None,
+            delivery: delivery.map(Into::into),
+            schedule: None,
+            callback: None,
+        }
+    }
+
+    #[test]
+    fn a_delivery_id_starts_one_run_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.sqlite");
+        let h = History::open(&p).unwrap();
+        assert_eq!(
+            h.insert_queued(&queued("r1", Some("d1"))).unwrap(),
+            Inserted::New
+        );
+        drop(h);
+        let h = History::open(&p).unwrap();
+        match h.insert_queued(&queued("r2", Some("d1"))).unwrap() {
+            Inserted::Duplicate(orig) => assert_eq!(orig.run_id, "r1"),
+            Inserted::New => panic!("duplicate delivery started a second run"),
+        }
+        assert_eq!(h.count().unwrap(), 1);
+        assert_eq!(h.delivery("d1").unwrap().unwrap().run_id, "r1");
+    }
+}

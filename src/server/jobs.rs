@@ -1,0 +1,730 @@
+//! Accepting runs and running them: the queue.
+//!
+//! A run is accepted only after its blueprint compiles and its release loads (so a bad request
+//! creates nothing), then recorded as `queued` and handed to a task that waits, in order, for
+//! its environment (one run per blueprint and provider at a time; FIFO), for a global slot
+//! (`concurrency`) and for the environment's file lease (shared with CLI runs), then runs the
+//! engine. `queue_limit` bounds how many wait; beyond it the webhook answers 429.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::blueprint::{self, Blueprint, CompileError};
+use crate::engine::{self, Event, RunOptions, Shutdown};
+use crate::lease;
+use crate::provider::local::LocalProvider;
+use crate::provider::{BackupPick, Provider};
+use crate::release::Release;
+use crate::report::{RunReport, Trigger};
+use crate::secret::Secret;
+use crate::state::StateDir;
+
+use super::config::Config;
+use super::history::{History, Inserted, RunRow};
+use super::metrics::Metrics;
+use super::{ServeError, notify};
+
+/// Lines of live progress kept per running run (shown by the API and the run page).
+const PROGRESS_LINES: usize = 200;
+
+/// A request to start a dry run (webhook, dashboard form or schedule).
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// Blueprint path under the blueprints root.
+    pub blueprint: String,
+    /// Release: a path under the blueprints root (or a provider URL such as `s3://…`).
+    pub release: String,
+    /// Blueprint params.
+    pub params: BTreeMap<String, String>,
+    /// Backup id, `latest` or an RFC 3339 time.
+    pub backup: Option<String>,
+    /// Where to POST the signed summary when the run ends.
+    pub callback_url: Option<String>,
+    /// Webhook delivery id (deduplicated).
+    pub delivery: Option<String>,
+    /// Schedule name, for scheduled runs.
+    pub schedule: Option<String>,
+    /// `webhook` or `schedule` (the dashboard's form counts as the portal's button: webhook).
+    pub trigger: Option<Trigger>,
+}
+
+/// Why a request was not accepted. Nothing was created for any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The path is absolute, contains `..` or leaves the root through a symlink.
+    #[error("{0}")]
+    BadPath(String),
+    /// The blueprint does not compile or the release does not load.
+    #[error("{0}")]
+    Invalid(String),
+    /// The callback URL is not in `[callbacks] allow`.
+    #[error(
+        "callback_url {0} is not allowed: add its prefix to [callbacks] allow in the server config"
+    )]
+    CallbackNotAllowed(String),
+    /// Too many runs waiting.
+    #[error("the queue is full ({0} runs waiting); retry later")]
+    QueueFull(usize),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// History database.
+    #[error(transparent)]
+    History(#[from] super::history::HistoryError),
+}
+
+/// What `submit` did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// A new run was queued.
+    New(RunRow),
+    /// The delivery id was seen before; this is the original run.
+    Duplicate(RunRow),
+}
+
+struct Job {
+    row: RunRow,
+    bp: Blueprint,
+    release: Release,
+    backup: BackupPick,
+    callback_url: Option<String>,
+}
+
+/// The server's shared state.
+pub struct App {
+    /// Configuration.
+    pub cfg: Config,
+    /// State directory.
+    pub state: StateDir,
+    /// Blueprints root (canonical).
+    pub blueprints: PathBuf,
+    /// History database.
+    pub history: History,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Webhook secret (from the environment variable the config names).
+    pub secret: Option<Secret>,
+    /// Base URL for links.
+    pub base_url: String,
+    /// HTTP client for callbacks and notifications.
+    pub http: reqwest::Client,
+    envs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    running: Mutex<HashMap<String, Shutdown>>,
+    progress: Mutex<HashMap<String, VecDeque<String>>>,
+    tracker: TaskTracker,
+    /// Fires when the server stops accepting.
+    pub stop: CancellationToken,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("blueprints", &self.blueprints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds the server state.
+    ///
+    /// # Errors
+    /// History database or blueprints root problems.
+    pub fn new(
+        cfg: Config,
+        state: StateDir,
+        blueprints: &Path,
+        addr: SocketAddr,
+    ) -> Result<App, ServeError> {
+        let blueprints = blueprints.canonicalize().map_err(|e| {
+            ServeError::Other(format!("blueprints root {}: {e}", blueprints.display()))
+        })?;
+        std::fs::create_dir_all(state.root()).map_err(|e| {
+            ServeError::Other(format!("state directory {}: {e}", state.root().display()))
+        })?;
+        let history = History::open(&state.root().join("history.sqlite"))?;
+        let secret = std::env::var(&cfg.webhook.secret_env)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(Secret::new);
+        if secret.is_none() {
+            eprintln!(
+                "dryrun serve: {} is not set: the webhook answers 503 until it is",
+                cfg.webhook.secret_env
+            );
+        }
+        let base_url = cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"))
+            .trim_end_matches('/')
+            .to_string();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .map_err(|e| ServeError::Other(format!("http client: {e}")))?;
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        Ok(App {
+            cfg,
+            state,
+            blueprints,
+            history,
+            metrics: Metrics::new(),
+            secret,
+            base_url,
+            http,
+            envs: Mutex::new(HashMap::new()),
+            slots,
+            waiting: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Resolves a path under the blueprints root, refusing anything that escapes it.
+    ///
+    /// # Errors
+    /// [`SubmitError::BadPath`] naming the problem.
+    pub fn resolve(&self, rel: &str, what: &str) -> Result<PathBuf, SubmitError> {
+        let p = Path::new(rel);
+        if rel.is_empty() {
+            return Err(SubmitError::BadPath(format!("{what} is empty")));
+        }
+        if p.is_absolute()
+            || p.components().any(|c| {
+                matches!(
+                    c,
+                    Component::ParentDir | Component::RootDir | Component::Prefix(_)
+                )
+            })
+        {
+            return Err(SubmitError::BadPath(format!(
+                "{what} `{rel}` must be a relative path inside the blueprints root, without `..`"
+            )));
+        }
+        let full = self.blueprints.join(p);
+        let canon = full.canonicalize().map_err(|_| {
+            SubmitError::Invalid(format!(
+                "{what} `{rel}` not found under the blueprints root"
+            ))
+        })?;
+        if !canon.starts_with(&self.blueprints) {
+            return Err(SubmitError::BadPath(format!(
+                "{what} `{rel}` leaves the blueprints root (through a symlink)"
+            )));
+        }
+        Ok(canon)
+    }
+
+    /// Blueprint files under the root (for the dashboard's form), relative paths.
+    #[must_use]
+    pub fn blueprint_files(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<String>) {
+            if depth > 4 {
+                return;
+            }
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            let mut ents: Vec<_> = rd.flatten().collect();
+            ents.sort_by_key(std::fs::DirEntry::file_name);
+            for e in ents {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.')
+                    || name == "target"
+                    || name == "production"
+                    || name == "releases"
+                {
+                    continue;
+                }
+                if p.is_dir() {
+                    walk(root, &p, depth + 1, out);
+                } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+                    && name != crate::release::MANIFEST
+                    && let Ok(rel) = p.strip_prefix(root)
+                {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.blueprints, &self.blueprints, 0, &mut out);
+        out
+    }
+
+    fn env_lock(&self, env: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.envs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(env.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Accepts a run: validates, records it as queued and starts its task.
+    ///
+    /// # Errors
+    /// See [`SubmitError`]; nothing is created on error.
+    pub fn submit(self: &Arc<Self>, req: RunRequest) -> Result<Submitted, SubmitError> {
+        if self.stop.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if let Some(d) = &req.delivery
+            && let Some(orig) = self.history.delivery(d)?
+        {
+            return Ok(Submitted::Duplicate(orig));
+        }
+        if let Some(cb) = &req.callback_url
+            && !self
+                .cfg
+                .callbacks
+                .allow
+                .iter()
+                .any(|p| !p.is_empty() && cb.starts_with(p.as_str()))
+        {
+            return Err(SubmitError::CallbackNotAllowed(cb.clone()));
+        }
+        let bp_path = self.resolve(&req.blueprint, "blueprint")?;
+        let bp = match blueprint::compile_file(&bp_path, &req.params) {
+            Ok(bp) => bp,
+            Err(CompileError::Invalid(d)) => {
+                return Err(SubmitError::Invalid(format!(
+                    "blueprint {} is invalid:\n{}",
+                    req.blueprint,
+                    d.short()
+                        .replace(&self.blueprints.display().to_string(), "")
+                )));
+            }
+            Err(e) => return Err(SubmitError::Invalid(e.to_string())),
+        };
+        let release_ref = if req.release.contains("://") {
+            req.release.clone()
+        } else {
+            self.resolve(&req.release, "release")?.display().to_string()
+        };
+        let release = Release::load(&release_ref).map_err(|e| {
+            SubmitError::Invalid(
+                e.to_string()
+                    .replace(&self.blueprints.display().to_string(), ""),
+            )
+        })?;
+        let backup = match req.backup.as_deref() {
+            None | Some("latest") => BackupPick::Latest,
+            Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
+                Ok(t) => BackupPick::Before(t.with_timezone(&Utc)),
+                Err(_) => BackupPick::Id(s.to_string()),
+            },
+        };
+        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.cfg.queue_limit {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(prev));
+        }
+        let trigger = req.trigger.unwrap_or(Trigger::Webhook);
+        let row = RunRow {
+            run_id: engine::new_run_id(&bp.name),
+            blueprint: bp.name.clone(),
+            blueprint_path: req.blueprint.clone(),
+            provider: self.cfg.provider.clone(),
+            environment: lease::environment(&self.cfg.provider, &bp.name),
+            trigger: trigger_name(trigger).into(),
+            release: req.release.clone(),
+            release_version: Some(release.manifest.version.clone()),
+            status: "queued".into(),
+            queued_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            restore_ms: None,
+            backup_id: None,
+            backup_age_s: None,
+            exit_code: None,
+            left_behind: None,
+            failure: None,
+            delivery: req.delivery.clone(),
+            schedule: req.schedule.clone(),
+            callback: None,
+        };
+        match self.history.insert_queued(&row) {
+            Ok(Inserted::New) => {}
+            Ok(Inserted::Duplicate(orig)) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Ok(Submitted::Duplicate(*orig));
+            }
+            Err(e) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        }
+        self.metrics.queue_depth.inc();
+        let job = Job {
+            row: row.clone(),
+            bp,
+            release,
+            backup,
+            callback_url: req.callback_url,
+        };
+        let app = self.clone();
+        self.tracker
+            .spawn(async move { app.run_job(job, trigger).await });
+        Ok(Submitted::New(row))
+    }
+
+    async fn run_job(self: Arc<Self>, job: Job, trigger: Trigger) {
+        let run_id = job.row.run_id.clone();
+        let env = job.row.environment.clone();
+        let dequeue = || {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.dec();
+        };
+        // Wait in order for the environment, then a slot, then the cross-process lease.
+        let env_lock = self.env_lock(&env);
+        let _env_guard = tokio::select! {
+            g = env_lock.lock_owned() => g,
+            () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
+        };
+        let _slot = tokio::select! {
+            p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => { dequeue(); return self.cancelled(&run_id, trigger); } },
+            () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
+        };
+        let mut held = match lease::acquire(&self.state, &env, &self.stop, |holder| {
+            self.push_progress(
+                &run_id,
+                format!(
+                    "waiting for environment {env}: run {} holds it",
+                    holder.unwrap_or_else(|| "?".into())
+                ),
+            );
+        })
+        .await
+        {
+            Ok(l) => l,
+            Err(lease::LeaseError::Cancelled(_)) => {
+                dequeue();
+                return self.cancelled(&run_id, trigger);
+            }
+            Err(e) => {
+                dequeue();
+                let _ = self
+                    .history
+                    .set_status(&run_id, "error", Some(&e.to_string()));
+                self.metrics.ended("error", trigger_name(trigger));
+                return;
+            }
+        };
+        held.set_holder(&run_id);
+        dequeue();
+        let _ = self.history.set_running(&run_id, Utc::now());
+        self.metrics.running.inc();
+        let shutdown = Shutdown::default();
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(run_id.clone(), shutdown.clone());
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let me = self.clone();
+        let rid = run_id.clone();
+        let progress = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Some(line) = describe(&ev) {
+                    me.push_progress(&rid, line);
+                }
+            }
+        });
+        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(
+            self.state.clone(),
+            Some(job.bp.local.clone()),
+        ));
+        let opts = RunOptions {
+            release: job.release.clone(),
+            backup: job.backup.clone(),
+            keep: None,
+            trigger,
+            concurrency: 4,
+            run_id: Some(run_id.clone()),
+            compile_ms: 0,
+        };
+        let started = Instant::now();
+        let result = engine::run(&job.bp, provider, &self.state, opts, tx, shutdown).await;
+        let _ = progress.await;
+        drop(held);
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&run_id);
+        self.metrics.running.dec();
+        match result {
+            Ok(rep) => {
+                if let Err(e) = self.history.finish(&rep) {
+                    tracing::error!(run_id = %run_id, error = %e, "cannot record the run in history");
+                }
+                self.metrics.finished(&rep, trigger_name(trigger));
+                tracing::info!(run_id = %run_id, status = %rep.status, ms = started.elapsed().as_millis() as u64, "run finished");
+                self.after_run(&job, &rep).await;
+            }
+            Err(e) => {
+                let _ = self
+                    .history
+                    .set_status(&run_id, "error", Some(&e.to_string()));
+                self.metrics.ended("error", trigger_name(trigger));
+            }
+        }
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&run_id);
+    }
+
+    fn cancelled(&self, run_id: &str, trigger: Trigger) {
+        let _ = self.history.set_status(
+            run_id,
+            "cancelled",
+            Some("the server stopped before the run started; nothing was created"),
+        );
+        self.metrics.ended("cancelled", trigger_name(trigger));
+    }
+
+    async fn after_run(&self, job: &Job, rep: &RunReport) {
+        if let Some(url) = &job.callback_url {
+            let outcome = notify::callback(self, url, rep).await;
+            let _ = self.history.set_callback(&rep.run_id, &outcome);
+        }
+        notify::notify(self, rep).await;
+    }
+
+    fn push_progress(&self, run_id: &str, line: String) {
+        let mut p = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let q = p.entry(run_id.to_string()).or_default();
+        if q.len() >= PROGRESS_LINES {
+            q.pop_front();
+        }
+        q.push_back(line);
+    }
+
+    /// Live progress lines of a running run.
+    #[must_use]
+    pub fn progress(&self, run_id: &str) -> Vec<String> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(run_id)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Runs waiting for their environment, a slot or a lease.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, tears down running runs (first signal to each), waits up to `grace`,
+    /// then gives up on teardown (second signal). Returns the runs still going at the end.
+    pub async fn drain(&self, grace: Duration) -> Vec<String> {
+        self.stop.cancel();
+        self.tracker.close();
+        for s in self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            if let Ok(mut r) = s.reason.lock() {
+                *r = Some("server shutdown (SIGTERM)".into());
+            }
+            s.soft.cancel();
+        }
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return Vec::new();
+        }
+        let still: Vec<String> = {
+            let running = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for s in running.values() {
+                s.hard.cancel();
+            }
+            running.keys().cloned().collect()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await;
+        still
+    }
+
+    /// At start-up: runs that were queued or running when the server died are marked
+    /// interrupted, and what the running ones created is cleaned up through their journals.
+    pub async fn recover_interrupted(&self) {
+        let Ok(rows) = self.history.in_status(&["queued", "running"]) else {
+            return;
+        };
+        for r in rows {
+            if r.status == "queued" {
+                let _ = self.history.set_status(
+                    &r.run_id,
+                    "interrupted",
+                    Some("the server stopped before the run started; nothing was created"),
+                );
+                continue;
+            }
+            let provider = LocalProvider::new(self.state.clone(), None);
+            let target = engine::cleanup::Target::Run(r.run_id.clone());
+            let outcome = match engine::cleanup::survey(&self.state, &provider, &target).await {
+                Ok(plan)
+                    if plan.iter().any(|p| {
+                        p.skipped
+                            .as_deref()
+                            .is_some_and(|s| s.starts_with("in progress"))
+                    }) =>
+                {
+                    continue; // another process still runs it
+                }
+                Ok(plan) => match engine::cleanup::execute(&self.state, &provider, &plan).await {
+                    Ok(done) => {
+                        let failed: Vec<String> = done
+                            .iter()
+                            .flat_map(|c| c.failed.iter().map(|(w, why)| format!("{w}: {why}")))
+                            .collect();
+                        if failed.is_empty() {
+                            "the server stopped during the run; its resources were cleaned up at restart".to_string()
+                        } else {
+                            format!(
+                                "the server stopped during the run; cleanup at restart left: {}",
+                                failed.join("; ")
+                            )
+                        }
+                    }
+                    Err(e) => {
+                        format!("the server stopped during the run; cleanup at restart failed: {e}")
+                    }
+                },
+                Err(_) => {
+                    "the server stopped before the run wrote its journal; nothing was created"
+                        .to_string()
+                }
+            };
+            eprintln!("dryrun serve: run {} was interrupted: {outcome}", r.run_id);
+            let _ = self
+                .history
+                .set_status(&r.run_id, "interrupted", Some(&outcome));
+        }
+    }
+}
+
+/// History name of a trigger.
+#[must_use]
+pub fn trigger_name(t: Trigger) -> &'static str {
+    match t {
+        Trigger::Cli => "cli",
+        Trigger::Webhook => "webhook",
+        Trigger::Schedule => "schedule",
+    }
+}
+
+fn describe(ev: &Event) -> Option<String> {
+    Some(match ev {
+        Event::RunStarted {
+            run_id, release, ..
+        } => format!("run {run_id} started with release {release}"),
+        Event::StageStarted { stage } => format!("{stage} started"),
+        Event::StageFinished {
+            stage,
+            status,
+            duration_ms,
+        } => format!("{stage} {status} ({duration_ms} ms)"),
+        Event::StepStarted { address, step, .. } => format!("{address} {step} …"),
+        Event::StepFinished {
+            address,
+            step,
+            status,
+            duration_ms,
+            message,
+        } => {
+            format!(
+                "{address} {step} {status} ({duration_ms} ms){}",
+                message
+                    .as_ref()
+                    .map(|m| format!(": {}", m.lines().next().unwrap_or("")))
+                    .unwrap_or_default()
+            )
+        }
+        Event::CheckStarted { name } => format!("check {name} …"),
+        Event::CheckRetrying {
+            name,
+            attempt,
+            message,
+        } => format!("check {name} attempt {attempt} failed, retrying: {message}"),
+        Event::CheckFinished {
+            name,
+            status,
+            duration_ms,
+            ..
+        } => format!("check {name} {status} ({duration_ms} ms)"),
+        Event::Interrupted { signal, .. } => format!("interrupted by {signal}"),
+        Event::Warning { message } => format!("warning: {message}"),
+    })
+}
+
+/// Starts one task per `[[schedule]]`: at each firing, submit the rehearsal.
+pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut out = Vec::new();
+    for s in app.cfg.schedule.clone() {
+        let app = app.clone();
+        out.push(tokio::spawn(async move {
+            let Ok(cron) = super::schedule::parse(&s.cron) else { return };
+            let tz: chrono_tz::Tz = s.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
+            loop {
+                let now = Utc::now();
+                let Some(next) = super::schedule::next_after(&cron, tz, now) else { return };
+                let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = app.stop.cancelled() => return,
+                }
+                let req = RunRequest {
+                    blueprint: s.blueprint.clone(),
+                    release: s.release.clone(),
+                    params: s.params.clone(),
+                    schedule: Some(s.name.clone()),
+                    trigger: Some(Trigger::Schedule),
+                    ..RunRequest::default()
+                };
+                match app.submit(req) {
+                    Ok(Submitted::New(row)) => tracing::info!(schedule = %s.name, run_id = %row.run_id, "scheduled rehearsal queued"),
+                    Ok(Submitted::Duplicate(_)) => {}
+                    Err(e) => {
+                        tracing::error!(schedule = %s.name, error = %e, "scheduled rehearsal not started");
+                        eprintln!("dryrun serve: schedule {}: not started: {e}", s.name);
+                        notify::text(&app, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name)).await;
+                    }
+                }
+                // Never fire twice for the same instant.
+                let after = Utc::now();
+                if after < next {
+                    tokio::time::sleep((next - after).to_std().unwrap_or(Duration::ZERO)).await;
+                }
+            }
+        }));
+    }
+    out
+}

@@ -1,0 +1,128 @@
+//! `dryrun serve`: the portal webhook, scheduled rehearsals, the run queue, history, the API,
+//! the dashboard and metrics, in one long-running process.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | the TOML config file |
+//! | [`signature`] | HMAC-SHA256 in GitHub's scheme, for webhooks and callbacks |
+//! | [`history`] | SQLite history: runs, reports, delivery ids, the rehearsal trend |
+//! | [`jobs`] | accepting runs, the queue (global limit, one run per environment), running them |
+//! | [`routes`] | the HTTP API and the webhook |
+//! | [`dashboard`] | the server-rendered pages |
+//! | [`notify`] | signed callbacks and Slack-compatible notifications |
+//! | [`schedule`] | cron schedules |
+//! | [`metrics`] | Prometheus metrics |
+//!
+//! Docs: docs/server.md.
+
+pub mod config;
+pub mod dashboard;
+pub mod history;
+pub mod jobs;
+pub mod metrics;
+pub mod notify;
+pub mod routes;
+pub mod schedule;
+pub mod signature;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::state::StateDir;
+
+pub use config::Config;
+pub use jobs::App;
+
+/// Server errors that stop it from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// History database.
+    #[error(transparent)]
+    History(#[from] history::HistoryError),
+    /// Cannot listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How `serve` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// Runs that were still tearing down when the grace period ended.
+    pub abandoned: Vec<String>,
+}
+
+/// Runs the server until `shutdown` fires, then drains: stops accepting, lets running dry runs
+/// tear down within the configured grace period, marks queued runs cancelled.
+///
+/// # Errors
+/// Start-up failures ([`ServeError`]).
+pub async fn serve(
+    cfg: Config,
+    state: StateDir,
+    blueprints: PathBuf,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<Stopped, ServeError> {
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let app = App::new(cfg, state, &blueprints, addr)?;
+    app.recover_interrupted().await;
+    let app = Arc::new(app);
+    let schedules = jobs::start_schedules(&app);
+    tracing::info!(%addr, "dryrun serve listening");
+    eprintln!(
+        "dryrun serve: listening on http://{addr} (blueprints in {})",
+        app.blueprints.display()
+    );
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    let router = routes::router(app.clone());
+    let stop = shutdown.clone();
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    eprintln!(
+        "dryrun serve: shutting down: no new runs; waiting up to {} for running dry runs to tear down",
+        humantime::format_duration(app.cfg.shutdown_grace)
+    );
+    for s in schedules {
+        s.abort();
+    }
+    let abandoned = app.drain(app.cfg.shutdown_grace).await;
+    // Open HTTP connections (a dashboard polling) must not keep the process alive.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if abandoned.is_empty() {
+        eprintln!("dryrun serve: stopped; nothing left running");
+    } else {
+        eprintln!(
+            "dryrun serve: stopped; runs still tearing down when the grace period ended: {} (`dryrun cleanup --all` finishes them)",
+            abandoned.join(", ")
+        );
+    }
+    Ok(Stopped { abandoned })
+}

@@ -1,0 +1,305 @@
+//! HTTP routes: the portal webhook and the JSON API (`/v1/…`), `/metrics`, `/healthz`; the
+//! dashboard's pages come from [`super::dashboard`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::history::RunRow;
+use super::jobs::{App, RunRequest, SubmitError, Submitted};
+use super::signature;
+
+/// Largest webhook body accepted; larger ones get 413 without being read whole.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// The whole router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/v1/hooks/dryrun",
+            post(hook).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+        .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/junit.xml", get(junit))
+        .route("/v1/runs/{id}/logs", get(logs))
+        .route("/v1/trend", get(trend))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(super::dashboard::routes())
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(app)
+}
+
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// JSON body of the portal webhook.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HookBody {
+    blueprint: String,
+    release: String,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+    backup: Option<String>,
+    callback_url: Option<String>,
+}
+
+fn accepted(app: &App, row: &RunRow, status: StatusCode, duplicate: bool) -> Response {
+    let body = json!({
+        "run_id": row.run_id,
+        "status": row.status,
+        "status_url": format!("{}/v1/runs/{}", app.base_url, row.run_id),
+        "dashboard_url": format!("{}/runs/{}", app.base_url, row.run_id),
+        "duplicate": duplicate,
+    });
+    (status, Json(body)).into_response()
+}
+
+pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
+    let reason = match e {
+        SubmitError::BadPath(_) => "bad_path",
+        SubmitError::Invalid(_) => "invalid",
+        SubmitError::CallbackNotAllowed(_) => "callback_not_allowed",
+        SubmitError::QueueFull(_) => "queue_full",
+        SubmitError::ShuttingDown => "shutting_down",
+        SubmitError::History(_) => "history",
+    };
+    app.metrics.rejected(reason);
+    match e {
+        SubmitError::BadPath(m) => error(StatusCode::BAD_REQUEST, m.clone()),
+        SubmitError::Invalid(m) => error(StatusCode::UNPROCESSABLE_ENTITY, m.clone()),
+        SubmitError::CallbackNotAllowed(_) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        SubmitError::QueueFull(_) => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+            r
+        }
+        SubmitError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        SubmitError::History(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /v1/hooks/dryrun`: signed (X-Hub-Signature-256), replay-protected (delivery id,
+/// optional X-Dryrun-Timestamp), answers 202 with the run id at once.
+async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &app.secret else {
+        app.metrics.rejected("no_secret");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the webhook is disabled: {} is not set on the server",
+                app.cfg.webhook.secret_env
+            ),
+        );
+    };
+    let sig = headers
+        .get(signature::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !signature::verify(secret.expose().as_bytes(), &body, sig) {
+        app.metrics.rejected("signature");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid X-Hub-Signature-256 (HMAC-SHA256 of the raw body with the shared secret)",
+        );
+    }
+    if let Some(ts) = headers.get("x-dryrun-timestamp") {
+        let now = chrono::Utc::now().timestamp();
+        let max = i64::try_from(app.cfg.webhook.max_age.as_secs()).unwrap_or(300);
+        match ts.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok()) {
+            Some(t) if (now - t).abs() <= max => {}
+            Some(_) => {
+                app.metrics.rejected("stale");
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    format!("X-Dryrun-Timestamp is more than {max} s away from the server's clock"),
+                );
+            }
+            None => {
+                app.metrics.rejected("stale");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "X-Dryrun-Timestamp must be Unix seconds",
+                );
+            }
+        }
+    }
+    if headers.get("x-github-event").and_then(|v| v.to_str().ok()) == Some("ping") {
+        return (
+            StatusCode::OK,
+            Json(json!({ "ok": true, "message": "pong" })),
+        )
+            .into_response();
+    }
+    let Some(delivery) = headers
+        .get("x-github-delivery")
+        .or_else(|| headers.get("x-dryrun-delivery"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        app.metrics.rejected("no_delivery");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing delivery id: send X-Dryrun-Delivery (or X-GitHub-Delivery) with a unique id per delivery",
+        );
+    };
+    if delivery.is_empty() || delivery.len() > 200 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the delivery id must be 1 to 200 characters",
+        );
+    }
+    match app.history.delivery(&delivery) {
+        Ok(Some(orig)) => return accepted(&app, &orig, StatusCode::OK, true),
+        Ok(None) => {}
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let req: HookBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.rejected("body");
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "body: {e}; expected {{\"blueprint\", \"release\", \"params\"?, \"backup\"?, \"callback_url\"?}}"
+                ),
+            );
+        }
+    };
+    let run = RunRequest {
+        blueprint: req.blueprint,
+        release: req.release,
+        params: req.params,
+        backup: req.backup,
+        callback_url: req.callback_url,
+        delivery: Some(delivery),
+        schedule: None,
+        trigger: Some(crate::report::Trigger::Webhook),
+    };
+    match app.submit(run) {
+        Ok(Submitted::New(row)) => accepted(&app, &row, StatusCode::ACCEPTED, false),
+        Ok(Submitted::Duplicate(row)) => accepted(&app, &row, StatusCode::OK, true),
+        Err(e) => submit_error(&app, &e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    blueprint: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Response {
+    match app.history.list(
+        q.status.as_deref(),
+        q.blueprint.as_deref(),
+        q.limit.unwrap_or(50).min(1000),
+    ) {
+        Ok(rows) => Json(json!({ "runs": rows })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match app.history.get(&id) {
+        Ok(Some((row, report))) => Json(json!({
+            "run": row,
+            "report": report,
+            "progress": app.progress(&id),
+            "links": {
+                "junit": format!("{}/v1/runs/{id}/junit.xml", app.base_url),
+                "logs": format!("{}/v1/runs/{id}/logs", app.base_url),
+                "dashboard": format!("{}/runs/{id}", app.base_url),
+            }
+        }))
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn junit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match app.history.get(&id) {
+        Ok(Some((_, Some(rep)))) => (
+            [(header::CONTENT_TYPE, "application/xml")],
+            crate::report::junit::to_junit(&rep),
+        )
+            .into_response(),
+        Ok(Some((row, None))) => error(
+            StatusCode::CONFLICT,
+            format!("run {id} is {}: no report yet", row.status),
+        ),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match app.history.get(&id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let dir = app.state.run_dir(&id).join("logs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        out.push_str(&format!(
+            "==> {} <==\n{}\n",
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            crate::provider::local::process::tail(&text, 256 * 1024)
+        ));
+    }
+    if out.is_empty() {
+        out.push_str("(no logs)\n");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct TrendQuery {
+    blueprint: String,
+    limit: Option<usize>,
+}
+
+async fn trend(State(app): State<Arc<App>>, Query(q): Query<TrendQuery>) -> Response {
+    match app
+        .history
+        .trend(&q.blueprint, q.limit.unwrap_or(30).min(365))
+    {
+        Ok(points) => Json(json!({ "blueprint": q.blueprint, "points": points })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
