@@ -668,6 +668,21 @@ async fn cleanup_cmd(
         return Ok(exit::PASSED);
     }
     let done = cleanup::execute(state, provider.as_ref(), &plan).await?;
+    // Runs that crashed still say `running` in the shared history: record what happened.
+    if let Ok(h) = crate::server::history::History::open(&state.root().join("history.sqlite")) {
+        for c in &done {
+            if let Ok(Some((row, _))) = h.get(&c.run_id) {
+                if row.status == "running" || row.status == "queued" {
+                    let what = if c.closed {
+                        "the run's process died; `dryrun cleanup` removed what it created"
+                    } else {
+                        "the run's process died; `dryrun cleanup` could not remove everything"
+                    };
+                    let _ = h.set_status(&c.run_id, "interrupted", Some(what));
+                }
+            }
+        }
+    }
     let mut left = 0;
     for c in &done {
         println!(

@@ -230,8 +230,14 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
         col,
         message,
     };
-    let node =
-        marked_yaml::parse_yaml(0, text).map_err(|e| bad(1, 1, format!("not valid YAML: {e}")))?;
+    let node = marked_yaml::parse_yaml(0, text).map_err(|e| {
+        let (at, msg) = crate::blueprint::compile::load_error(&e);
+        bad(
+            at.map_or(1, |m| m.line()),
+            at.map_or(1, |m| m.column()),
+            format!("not valid YAML: {msg}"),
+        )
+    })?;
     let raw: RawManifest = marked_yaml::from_node(&node).map_err(|e| {
         let mut m = e.start_mark();
         let msg = match &*e {

@@ -318,3 +318,49 @@ fn kept_copy_stays_until_expiry_then_cleanup_expired_reaps_it() {
     assert_eq!(out.status.code(), Some(0));
     assert_nothing_left(state.path(), &id);
 }
+
+#[test]
+fn a_release_that_prints_a_secret_leaves_no_trace_of_it_in_logs_or_reports() {
+    let canary = "canary-printed-by-release-91c4";
+    let state = state_dir();
+    let dir = state.path().join("bp");
+    std::fs::create_dir_all(dir.join("rel")).unwrap();
+    std::fs::write(dir.join("rel/dryrun-release.yaml"), "version: \"1\"\ninstall:\n  - name: leak\n    run: 'echo \"the token is $TOKEN\"; echo \"and again: $TOKEN\" >&2'\n").unwrap();
+    std::fs::write(
+        dir.join("leaky.yaml"),
+        format!("name: leaky\nsecrets:\n  token:\n    env: LEAKY_TOKEN_UNSET\n    default: {canary}\nresources:\n  app:\n    type: service\n    env:\n      TOKEN: \"{{{{secrets.token}}}}\"\n"),
+    )
+    .unwrap();
+    let out = run(dryrun(state.path()).args([
+        "run",
+        dir.join("leaky.yaml").to_str().unwrap(),
+        "--release",
+        dir.join("rel").to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(0));
+    let id = run_ids(state.path()).remove(0);
+    let log = std::fs::read_to_string(
+        state
+            .path()
+            .join("runs")
+            .join(&id)
+            .join("logs/app.install.leak.log"),
+    )
+    .unwrap();
+    assert!(log.contains("the token is [redacted]"), "{log}");
+    fn scan(dir: &std::path::Path, canary: &str) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                scan(&p, canary);
+            } else if !p.ends_with("leaky.yaml") {
+                assert!(
+                    !String::from_utf8_lossy(&std::fs::read(&p).unwrap()).contains(canary),
+                    "canary in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    scan(state.path(), canary);
+}

@@ -1196,7 +1196,7 @@ fn other_message(e: &marked_yaml::Error) -> String {
     }
 }
 
-fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
+pub(crate) fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String) {
     use marked_yaml::LoadError as L;
     match e {
         L::TopLevelMustBeMapping(m) => (Some(*m), "the top level must be a mapping".into()),

@@ -5,7 +5,7 @@
 //! resources created at run time stay [`Template`]s and are rendered by the engine.
 //! The format is documented in docs/blueprints.md.
 
-mod compile;
+pub(crate) mod compile;
 pub mod diag;
 pub mod template;
 

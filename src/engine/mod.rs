@@ -810,8 +810,27 @@ pub async fn run(
         kept_until,
         failure: failure_msg.map(|m| redactor.redact(&m)),
     };
+    redact_logs(&shared.run.log_dir, &redactor);
     let _ = crate::report::json::write(&report, &state.run_dir(&run_id));
     Ok(report)
+}
+
+/// Rewrites the run's log files with every known secret redacted: a release that prints its
+/// token must not leave it in the history (the logs are served by the API).
+fn redact_logs(dir: &std::path::Path, redactor: &Redactor) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for ent in rd.flatten() {
+        let p = ent.path();
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let clean = redactor.redact(&text);
+        if clean != text {
+            let _ = std::fs::write(&p, clean);
+        }
+    }
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {
