@@ -463,3 +463,57 @@ async fn cli_and_webhook_runs_on_one_environment_never_overlap() {
     );
     let _ = Path::new(".");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_run_and_old_backup_send_a_slack_compatible_notification() {
+    require_demo_shop();
+    let (recv, got) = receiver().await;
+    let srv = Server::start(&format!(
+        "[notify]\nurl = \"{recv}/slack\"\nmax_backup_age = \"1h\"\n"
+    ));
+    let (code, v) = hook(
+        &srv.url,
+        r#"{"blueprint":"demo/shop.yaml","release":"demo/releases/v3"}"#,
+        "notify-1",
+    )
+    .await;
+    assert_eq!(code, 202);
+    let run_id = v["run_id"].as_str().unwrap().to_string();
+    let done = wait_done(&srv.url, &run_id, Duration::from_secs(60)).await;
+    assert_eq!(done["run"]["status"], "failed");
+    assert!(
+        done["run"]["failure"]
+            .as_str()
+            .unwrap()
+            .contains("UNIQUE constraint failed")
+    );
+    let start = std::time::Instant::now();
+    let text = loop {
+        if let Some((_, body)) = got
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(h, _)| {
+                h.get("content-type")
+                    .is_some_and(|c| c.to_str().unwrap().contains("json"))
+            })
+            .cloned()
+        {
+            break serde_json::from_str::<serde_json::Value>(&body).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no notification");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.contains("FAILED") && text.contains(&run_id), "{text}");
+    assert!(
+        text.contains("UNIQUE constraint failed"),
+        "the notification quotes the failure: {text}"
+    );
+    assert!(
+        text.contains("the latest backup of shop-db (shop-db-2026-11-21T0300Z) is"),
+        "{text}"
+    );
+}
