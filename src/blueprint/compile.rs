@@ -1334,4 +1334,23 @@ mod tests {
             "{d:?}"
         );
     }
+
+    #[test]
+    fn deep_nesting_is_refused_and_huge_lines_are_not_quoted() {
+        let text = format!(
+            "name: x\nresources: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let Err(CompileError::Invalid(d)) = compile(Path::new("t.yaml"), &text, &BTreeMap::new())
+        else {
+            panic!("must not compile")
+        };
+        let r = d.render(false);
+        assert!(
+            r.contains("recursion limit") && r.contains("not shown") && r.len() < 1000,
+            "{}",
+            &r[..r.len().min(2000)]
+        );
+    }
 }

@@ -8,6 +8,9 @@ use std::fmt;
 
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
 
+/// Lines longer than this are not quoted in diagnostics.
+const MAX_SNIPPET_LINE: usize = 400;
+
 /// One problem in a blueprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -139,6 +142,26 @@ impl Diagnostics {
             .with_links(false);
         let mut out = String::new();
         for d in &self.items {
+            // A snippet of a huge line (minified or generated YAML) helps nobody: say where.
+            let line_len = self
+                .source
+                .lines()
+                .nth(d.line.saturating_sub(1))
+                .map_or(0, str::len);
+            if line_len > MAX_SNIPPET_LINE {
+                out.push_str(&format!(
+                    "  × {}:{}:{}: {}\n",
+                    self.file, d.line, d.col, d.message
+                ));
+                out.push_str(&format!(
+                    "    (line {} is {line_len} characters long; not shown)\n",
+                    d.line
+                ));
+                if let Some(h) = &d.help {
+                    out.push_str(&format!("  help: {h}\n"));
+                }
+                continue;
+            }
             let report = Rendered {
                 d,
                 file: &self.file,
