@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`config`] | the TOML config file |
 //! | [`signature`] | HMAC-SHA256 in GitHub's scheme, for webhooks and callbacks |
+//! | [`webhook`] | the webhook's checks as a pure function (signature, timestamp, delivery, body) |
 //! | [`history`] | SQLite history: runs, reports, delivery ids, the rehearsal trend |
 //! | [`jobs`] | accepting runs, the queue (global limit, one run per environment), running them |
 //! | [`routes`] | the HTTP API and the webhook |
@@ -24,6 +25,7 @@ pub mod notify;
 pub mod routes;
 pub mod schedule;
 pub mod signature;
+pub mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;

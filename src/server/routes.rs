@@ -1,7 +1,6 @@
 //! HTTP routes: the portal webhook and the JSON API (`/v1/…`), `/metrics`, `/healthz`; the
 //! dashboard's pages come from [`super::dashboard`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -16,6 +15,7 @@ use serde_json::json;
 use super::history::RunRow;
 use super::jobs::{App, RunRequest, SubmitError, Submitted};
 use super::signature;
+use super::webhook::{self, HookHeaders, Verified};
 
 /// Largest webhook body accepted; larger ones get 413 without being read whole.
 pub const MAX_BODY: usize = 1 << 20;
@@ -41,18 +41,6 @@ pub fn router(app: Arc<App>) -> Router {
 
 pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
-}
-
-/// JSON body of the portal webhook.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HookBody {
-    blueprint: String,
-    release: String,
-    #[serde(default)]
-    params: BTreeMap<String, String>,
-    backup: Option<String>,
-    callback_url: Option<String>,
 }
 
 fn accepted(app: &App, row: &RunRow, status: StatusCode, duplicate: bool) -> Response {
@@ -106,80 +94,42 @@ async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
             ),
         );
     };
-    let sig = headers
-        .get(signature::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !signature::verify(secret.expose().as_bytes(), &body, sig) {
-        app.metrics.rejected("signature");
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid X-Hub-Signature-256 (HMAC-SHA256 of the raw body with the shared secret)",
-        );
-    }
-    if let Some(ts) = headers.get("x-dryrun-timestamp") {
-        let now = chrono::Utc::now().timestamp();
-        let max = i64::try_from(app.cfg.webhook.max_age.as_secs()).unwrap_or(300);
-        match ts.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok()) {
-            Some(t) if (now - t).abs() <= max => {}
-            Some(_) => {
-                app.metrics.rejected("stale");
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    format!("X-Dryrun-Timestamp is more than {max} s away from the server's clock"),
-                );
-            }
-            None => {
-                app.metrics.rejected("stale");
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "X-Dryrun-Timestamp must be Unix seconds",
-                );
-            }
-        }
-    }
-    if headers.get("x-github-event").and_then(|v| v.to_str().ok()) == Some("ping") {
-        return (
-            StatusCode::OK,
-            Json(json!({ "ok": true, "message": "pong" })),
-        )
-            .into_response();
-    }
-    let Some(delivery) = headers
-        .get("x-github-delivery")
-        .or_else(|| headers.get("x-dryrun-delivery"))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-    else {
-        app.metrics.rejected("no_delivery");
-        return error(
-            StatusCode::BAD_REQUEST,
-            "missing delivery id: send X-Dryrun-Delivery (or X-GitHub-Delivery) with a unique id per delivery",
-        );
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let hh = HookHeaders {
+        signature: h(signature::HEADER),
+        timestamp: h("x-dryrun-timestamp"),
+        delivery: h("x-github-delivery").or_else(|| h("x-dryrun-delivery")),
+        event: h("x-github-event"),
     };
-    if delivery.is_empty() || delivery.len() > 200 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the delivery id must be 1 to 200 characters",
-        );
-    }
+    let max_age = i64::try_from(app.cfg.webhook.max_age.as_secs()).unwrap_or(300);
+    let (delivery, req) = match webhook::verify(
+        secret.expose().as_bytes(),
+        &hh,
+        &body,
+        chrono::Utc::now().timestamp(),
+        max_age,
+    ) {
+        Ok(Verified::Ping) => {
+            return (
+                StatusCode::OK,
+                Json(json!({ "ok": true, "message": "pong" })),
+            )
+                .into_response();
+        }
+        Ok(Verified::Run { delivery, body }) => (delivery, body),
+        Err(r) => {
+            app.metrics.rejected(r.reason());
+            return error(
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                r.to_string(),
+            );
+        }
+    };
     match app.history.delivery(&delivery) {
         Ok(Some(orig)) => return accepted(&app, &orig, StatusCode::OK, true),
         Ok(None) => {}
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
-    let req: HookBody = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            app.metrics.rejected("body");
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "body: {e}; expected {{\"blueprint\", \"release\", \"params\"?, \"backup\"?, \"callback_url\"?}}"
-                ),
-            );
-        }
-    };
     let run = RunRequest {
         blueprint: req.blueprint,
         release: req.release,
