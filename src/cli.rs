@@ -671,8 +671,10 @@ async fn cleanup_cmd(
     // Runs that crashed still say `running` in the shared history: record what happened.
     if let Ok(h) = crate::server::history::History::open(&state.root().join("history.sqlite")) {
         for c in &done {
-            if let Ok(Some((row, _))) = h.get(&c.run_id) {
-                if row.status == "running" || row.status == "queued" {
+            if let Ok(Some((row, _))) = h.get(&c.run_id)
+                && (row.status == "running" || row.status == "queued")
+            {
+                {
                     let what = if c.closed {
                         "the run's process died; `dryrun cleanup` removed what it created"
                     } else {
