@@ -674,14 +674,12 @@ async fn cleanup_cmd(
             if let Ok(Some((row, _))) = h.get(&c.run_id)
                 && (row.status == "running" || row.status == "queued")
             {
-                {
-                    let what = if c.closed {
-                        "the run's process died; `dryrun cleanup` removed what it created"
-                    } else {
-                        "the run's process died; `dryrun cleanup` could not remove everything"
-                    };
-                    let _ = h.set_status(&c.run_id, "interrupted", Some(what));
-                }
+                let what = if c.closed {
+                    "the run's process died; `dryrun cleanup` removed what it created"
+                } else {
+                    "the run's process died; `dryrun cleanup` could not remove everything"
+                };
+                let _ = h.set_status(&c.run_id, "interrupted", Some(what));
             }
         }
     }
