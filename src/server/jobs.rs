@@ -203,14 +203,7 @@ impl App {
         if rel.is_empty() {
             return Err(SubmitError::BadPath(format!("{what} is empty")));
         }
-        if p.is_absolute()
-            || p.components().any(|c| {
-                matches!(
-                    c,
-                    Component::ParentDir | Component::RootDir | Component::Prefix(_)
-                )
-            })
-        {
+        if !lexically_inside(rel) {
             return Err(SubmitError::BadPath(format!(
                 "{what} `{rel}` must be a relative path inside the blueprints root, without `..`"
             )));
@@ -631,6 +624,22 @@ impl App {
     }
 }
 
+/// Whether `rel` is a relative path without `..`, root or prefix components (the lexical half
+/// of the path rule; [`App::resolve`] adds the symlink-aware half).
+#[must_use]
+pub fn lexically_inside(rel: &str) -> bool {
+    let p = Path::new(rel);
+    !rel.is_empty()
+        && !rel.contains('\0')
+        && !p.is_absolute()
+        && !p.components().any(|c| {
+            matches!(
+                c,
+                Component::ParentDir | Component::RootDir | Component::Prefix(_)
+            )
+        })
+}
+
 /// History name of a trigger.
 #[must_use]
 pub fn trigger_name(t: Trigger) -> &'static str {
@@ -727,4 +736,19 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
         }));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lexically_inside;
+
+    #[test]
+    fn path_rule_refuses_absolute_parent_and_empty_paths() {
+        for ok in ["demo/shop.yaml", "a", "a/./b.yaml", "releases/v2"] {
+            assert!(lexically_inside(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\0b"] {
+            assert!(!lexically_inside(bad), "{bad:?}");
+        }
+    }
 }
