@@ -517,3 +517,116 @@ async fn failing_run_and_old_backup_send_a_slack_compatible_notification() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_webhook_and_schedule_racing_for_one_environment_run_one_at_a_time() {
+    let fixtures = fixture_root();
+    let srv = Server::start_with_root(
+        fixtures.path(),
+        "[[schedule]]\nname = \"race\"\ncron = \"*/3 * * * * *\"\nblueprint = \"slow.yaml\"\nrelease = \"releases/slow\"\n",
+    );
+    let url = srv.url.clone();
+    // Three CLI runs, three webhooks and the every-second schedule, all at once.
+    let mut clis = Vec::new();
+    for _ in 0..3 {
+        clis.push(
+            std::process::Command::new(bin())
+                .env("DRYRUN_STATE_DIR", srv.state())
+                .args([
+                    "run",
+                    fixtures.path().join("slow.yaml").to_str().unwrap(),
+                    "--release",
+                    fixtures.path().join("releases/slow").to_str().unwrap(),
+                    "-q",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut hooks = Vec::new();
+    for i in 0..3 {
+        let (code, v) = hook(
+            &url,
+            r#"{"blueprint":"slow.yaml","release":"releases/slow"}"#,
+            &format!("race-{i}"),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        hooks.push(v["run_id"].as_str().unwrap().to_string());
+    }
+    for mut c in clis {
+        assert!(c.wait().unwrap().success());
+    }
+    for id in &hooks {
+        wait_done(&url, id, Duration::from_secs(60)).await;
+    }
+    let start = std::time::Instant::now();
+    while get(&format!(
+        "{url}/v1/runs?blueprint=slow&status=passed&limit=1000"
+    ))
+    .await["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["trigger"] != "schedule")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no scheduled run finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every run of the environment, from the shared history: no two overlap.
+    let runs = get(&format!("{url}/v1/runs?blueprint=slow&limit=1000")).await;
+    let mut spans: Vec<(
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        String,
+    )> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["finished_at"].is_string()
+                && r["started_at"].is_string()
+                && r["status"] != "cancelled"
+        })
+        .map(|r| {
+            (
+                r["started_at"].as_str().unwrap().parse().unwrap(),
+                r["finished_at"].as_str().unwrap().parse().unwrap(),
+                format!(
+                    "{} {}",
+                    r["trigger"].as_str().unwrap(),
+                    r["run_id"].as_str().unwrap()
+                ),
+            )
+        })
+        .collect();
+    spans.sort();
+    let triggers: std::collections::BTreeSet<String> = spans
+        .iter()
+        .map(|s| s.2.split(' ').next().unwrap().to_string())
+        .collect();
+    assert!(
+        triggers.contains("cli") && triggers.contains("webhook") && triggers.contains("schedule"),
+        "{triggers:?}"
+    );
+    assert!(spans.len() >= 7, "{spans:?}");
+    for w in spans.windows(2) {
+        assert!(
+            w[1].0 >= w[0].1,
+            "{} started before {} ended",
+            w[1].2,
+            w[0].2
+        );
+    }
+    // The history agrees with the journals: every finished run has a journal and vice versa.
+    let journals = run_ids(srv.state());
+    for s in &spans {
+        let id = s.2.split(' ').nth(1).unwrap();
+        assert!(journals.iter().any(|j| j == id), "{id} has no journal");
+    }
+}
