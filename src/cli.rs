@@ -131,6 +131,10 @@ enum Command {
         /// Resources provisioned at once.
         #[arg(long, default_value_t = 4, value_name = "N")]
         concurrency: usize,
+        /// How long teardown may take in all; what remains then is reported as left behind
+        /// (exit 4) for `dryrun cleanup` to finish.
+        #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        teardown_timeout: Duration,
     },
     /// Destroy what interrupted or kept runs left behind. Lists first; deletes only with --yes.
     Cleanup {
@@ -304,6 +308,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             keep,
             json,
             concurrency,
+            teardown_timeout,
         } => {
             run(
                 &blueprint,
@@ -312,7 +317,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 report_dir.as_deref(),
                 keep,
                 json,
-                concurrency,
+                (concurrency, teardown_timeout),
                 cli.quiet,
                 &state,
                 color,
@@ -468,7 +473,7 @@ async fn run(
     report_dir: Option<&Path>,
     keep: Option<Duration>,
     json: bool,
-    concurrency: usize,
+    (concurrency, teardown_timeout): (usize, Duration),
     quiet: bool,
     state: &StateDir,
     color: bool,
@@ -537,6 +542,7 @@ async fn run(
         concurrency,
         run_id: Some(run_id.clone()),
         compile_ms,
+        teardown_timeout,
     };
     let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
     drop(held);

@@ -259,3 +259,83 @@ fn second_sigint_abandons_teardown_reports_left_behind_and_cleanup_finishes() {
     assert_eq!(code, 0, "{out}");
     assert_nothing_left(state.path(), r["run_id"].as_str().unwrap());
 }
+
+#[test]
+fn a_service_that_never_becomes_ready_hits_its_deadline_and_names_its_last_state() {
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    let rel = stuck_release(state.path(), false);
+    std::fs::write(
+        state.path().join("stuck.yaml"),
+        "name: stuck\nresources:\n  app:\n    type: service\n    ready_timeout: 2s\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = run(dryrun(state.path()).args([
+        "run",
+        state.path().join("stuck.yaml").to_str().unwrap(),
+        "--release",
+        rel.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unhealthy release would break"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failure = r["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("service.app did not become healthy"),
+        "{failure}"
+    );
+    assert!(
+        failure.contains("no healthy answer within 2s: last GET /healthz: connection refused"),
+        "{failure}"
+    );
+    assert_eq!(r["left_behind"].as_array().unwrap().len(), 0);
+    assert_nothing_left(state.path(), r["run_id"].as_str().unwrap());
+}
+
+#[test]
+fn teardown_past_its_deadline_reports_what_is_left_and_cleanup_finishes_it() {
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    // The service ignores SIGTERM, so deleting it takes the 5 s grace period; teardown has 1 s.
+    let rel = stuck_release(state.path(), true);
+    std::fs::write(
+        state.path().join("stuck.yaml"),
+        "name: stuck\nresources:\n  app:\n    type: service\n    ready_timeout: 1s\n",
+    )
+    .unwrap();
+    let out = run(dryrun(state.path()).args([
+        "run",
+        state.path().join("stuck.yaml").to_str().unwrap(),
+        "--release",
+        rel.to_str().unwrap(),
+        "--json",
+        "--teardown-timeout",
+        "1s",
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "left behind wins over the failed health check"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left = r["left_behind"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{r}");
+    assert_eq!(left[0]["address"], "service.app");
+    assert!(
+        left[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("teardown deadline of 1s passed"),
+        "{left:?}"
+    );
+    let id = r["run_id"].as_str().unwrap();
+    let (code, out) = cleanup_all(state.path());
+    assert_eq!(code, 0, "{out}");
+    assert_nothing_left(state.path(), id);
+}

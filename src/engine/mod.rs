@@ -55,8 +55,8 @@ pub const STAGES: [&str; 6] = [
     "teardown",
 ];
 
-/// How long teardown may take in all before what remains is reported as left behind.
-const TEARDOWN_DEADLINE: Duration = Duration::from_secs(600);
+/// Default for [`RunOptions::teardown_timeout`].
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Options of one run.
 #[derive(Debug, Clone)]
@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub run_id: Option<String>,
     /// Time compile took (the caller compiled).
     pub compile_ms: u64,
+    /// How long teardown may take in all before what remains is reported as left behind
+    /// (exit 4; `dryrun cleanup` finishes it). Default [`TEARDOWN_TIMEOUT`].
+    pub teardown_timeout: Duration,
 }
 
 /// Cancellation of a run.
@@ -620,6 +623,7 @@ pub async fn run(
             &journal,
             &events,
             &shutdown.hard,
+            opts.teardown_timeout,
         )
         .await;
         destroyed = d;
@@ -1070,13 +1074,14 @@ pub(crate) async fn teardown(
     journal: &Journal,
     events: &UnboundedSender<Event>,
     hard: &CancellationToken,
+    timeout: Duration,
 ) -> (BTreeMap<String, bool>, Vec<LeftBehind>) {
     let mut destroyed = BTreeMap::new();
     let mut left = Vec::new();
     // Reverse creation order respects dependencies: dependents were created after what they need.
     let mut order: Vec<usize> = graph.order();
     order.reverse();
-    let deadline = Instant::now() + TEARDOWN_DEADLINE;
+    let deadline = Instant::now() + timeout;
     let mut todo: Vec<ResourceRecord> = order
         .iter()
         .filter_map(|&i| {
@@ -1153,7 +1158,7 @@ pub(crate) async fn teardown(
         } else {
             format!(
                 "teardown deadline of {} passed; run `dryrun cleanup` to finish",
-                humantime::format_duration(TEARDOWN_DEADLINE)
+                humantime::format_duration(timeout)
             )
         };
         left.push(LeftBehind {

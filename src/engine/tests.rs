@@ -83,6 +83,7 @@ impl Rig {
             concurrency: 4,
             run_id: Some("chain-test-run".into()),
             compile_ms: 0,
+            teardown_timeout: super::TEARDOWN_TIMEOUT,
         }
     }
 

@@ -451,6 +451,7 @@ impl App {
             concurrency: 4,
             run_id: Some(run_id.clone()),
             compile_ms: 0,
+            teardown_timeout: engine::TEARDOWN_TIMEOUT,
         };
         let started = Instant::now();
         let result = engine::run(&job.bp, provider, &self.state, opts, tx, shutdown).await;

@@ -2,6 +2,7 @@
 //! state directory and check that nothing of a run is left.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod server;
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,243 @@
+//! The dashboard end to end: a real `dryrun serve`, the demo blueprint, and a real headless
+//! Chromium driven over WebDriver (tests/common/browser.rs); plus the same flow without
+//! JavaScript, as plain HTTP form posts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::browser::ChromeDriver;
+use common::server::{Server, get, wait_done};
+use common::*;
+use fantoccini::{Client, Locator};
+
+/// Polls `css` until an element matches and `ok(text)` holds; tolerates the page reloading
+/// under the search (the run page reloads itself when the run ends).
+async fn wait_text(c: &Client, css: &str, limit: Duration, ok: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Ok(el) = c.find(Locator::Css(css)).await
+            && let Ok(t) = el.text().await
+        {
+            if ok(&t) {
+                return t;
+            }
+            last = t;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "`{css}` still reads {last:?} after {limit:?}; page:\n{}",
+            c.source().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
+    require_demo_shop();
+    let Some(driver) = ChromeDriver::start() else {
+        return;
+    };
+    let srv = Server::start("");
+    let c = driver.session().await;
+
+    // The start form: pick the blueprint, type the release, press the button.
+    c.goto(&format!("{}/", srv.url)).await.unwrap();
+    assert_eq!(c.title().await.unwrap(), "Dry runs · dryrun");
+    c.find(Locator::Css("select#blueprint"))
+        .await
+        .unwrap()
+        .select_by_value("demo/shop.yaml")
+        .await
+        .unwrap();
+    c.find(Locator::Css("input#release"))
+        .await
+        .unwrap()
+        .send_keys("demo/releases/v2")
+        .await
+        .unwrap();
+    c.find(Locator::Css("button#start"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The redirect lands on the run page; its script polls the API and reloads at the end.
+    let start = Instant::now();
+    let run_id = loop {
+        let url = c.current_url().await.unwrap();
+        if let Some(id) = url.path().strip_prefix("/runs/") {
+            break id.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still on {url} after pressing Start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(run_id.starts_with("shop-"), "{run_id}");
+    wait_text(&c, "#status", Duration::from_secs(90), |s| {
+        s.eq_ignore_ascii_case("passed")
+    })
+    .await;
+    // The reloaded page has the report: stages, checks, resources, nothing left behind.
+    let stages = wait_text(&c, "#stages", Duration::from_secs(10), |_| true).await;
+    for stage in [
+        "compile",
+        "provision",
+        "restore",
+        "install",
+        "check",
+        "teardown",
+    ] {
+        assert!(stages.contains(stage), "stage {stage} missing:\n{stages}");
+    }
+    let checks = c.find_all(Locator::Css("#checks tbody tr")).await.unwrap();
+    assert_eq!(checks.len(), 8, "the demo has 8 checks");
+    for row in &checks {
+        let t = row.text().await.unwrap();
+        assert!(t.to_lowercase().contains("passed"), "check not passed: {t}");
+    }
+    let checks_text = c
+        .find(Locator::Css("#checks"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        checks_text.contains("release-version-served"),
+        "{checks_text}"
+    );
+    let left = c
+        .find(Locator::Css("#left-behind"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(left, "Left behind: none");
+    let head = c
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        head.contains("shop-db-2026-11-21T0300Z") && head.contains("2.0.0"),
+        "backup and release are shown:\n{head}"
+    );
+    // No progress box or polling script once the run is over.
+    assert!(c.find(Locator::Css("#progress")).await.is_err());
+
+    let shot = driver.artifact("run-page.png");
+    std::fs::write(&shot, c.screenshot().await.unwrap()).unwrap();
+    eprintln!("screenshot of the finished run page: {}", shot.display());
+
+    // Back on the index, the run is in the table.
+    c.goto(&format!("{}/", srv.url)).await.unwrap();
+    let row = c
+        .find(Locator::Css(&format!("#runs tr[data-run=\"{run_id}\"]")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        row.to_lowercase().contains("passed") && row.contains("webhook") && row.contains("2.0.0"),
+        "{row}"
+    );
+    c.close().await.unwrap();
+    assert_nothing_left(srv.state(), &run_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_works_without_javascript() {
+    require_demo_shop();
+    let srv = Server::start("");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let index = http
+        .get(format!("{}/", srv.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        index.contains(r#"<form class="start" method="post" action="/ui/runs""#)
+            && index.contains(r#"<option value="demo/shop.yaml">"#),
+        "{index}"
+    );
+    let form = "blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=";
+    let post = |site: Option<&'static str>| {
+        let mut r = http
+            .post(format!("{}/ui/runs", srv.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form);
+        if let Some(s) = site {
+            r = r.header("sec-fetch-site", s);
+        }
+        r.send()
+    };
+    // Another site's page cannot start a run through the visitor's browser.
+    let r = post(Some("cross-site")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        get(&format!("{}/v1/runs", srv.url)).await["runs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // A plain form post answers 303 to the run page.
+    let r = post(None).await.unwrap();
+    assert_eq!(r.status(), 303);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let run_id = location.strip_prefix("/runs/").unwrap().to_string();
+    let page = http
+        .get(format!("{}{location}", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(page.contains(&run_id));
+    if page.contains("status queued") || page.contains("status running") {
+        // While it runs, the page refreshes itself when scripts are off.
+        assert!(
+            page.contains(r#"<noscript><meta http-equiv="refresh" content="2"></noscript>"#),
+            "{page}"
+        );
+    }
+    wait_done(&srv.url, &run_id, Duration::from_secs(90)).await;
+    let page = http
+        .get(format!("{}{location}", srv.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"class="status passed" id="status""#),
+        "{page}"
+    );
+    assert!(page.contains(r#"<table id="stages">"#) && page.contains(r#"<table id="checks">"#));
+    assert!(
+        page.contains(r#"<p id="left-behind">Left behind: none</p>"#),
+        "{page}"
+    );
+    assert!(
+        !page.contains("http-equiv=\"refresh\""),
+        "a finished run stops refreshing"
+    );
+    assert_nothing_left(srv.state(), &run_id);
+}
