@@ -163,6 +163,7 @@ impl Journal {
     /// # Errors
     /// I/O errors; the caller must not perform the announced side effect then.
     pub fn append(&self, entry: &Entry) -> Result<(), JournalError> {
+        crate::failpoint::point("journal: before write");
         let mut line = serde_json::to_string(entry).map_err(|e| JournalError::Io {
             path: self.path.clone(),
             source: e.into(),
@@ -178,6 +179,7 @@ impl Journal {
                 path: self.path.clone(),
                 source,
             })
+            .inspect(|()| crate::failpoint::point("journal: after fsync"))
     }
 
     /// The journal file.

@@ -21,6 +21,7 @@ pub mod blueprint;
 pub mod checks;
 pub mod cli;
 pub mod engine;
+pub mod failpoint;
 pub mod graph;
 pub mod journal;
 pub mod lease;

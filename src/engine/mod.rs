@@ -629,7 +629,10 @@ pub async fn run(
         destroyed = d;
         left_behind = lb;
         if !shutdown.hard.is_cancelled() {
-            match provider.sweep(&run_id, true).await {
+            crate::failpoint::point("provider: before sweep");
+            let swept = provider.sweep(&run_id, true).await;
+            crate::failpoint::point("provider: after sweep");
+            match swept {
                 Ok(orphans) => {
                     for o in orphans.into_iter().filter(|o| !o.removed) {
                         left_behind.push(LeftBehind {
@@ -886,10 +889,12 @@ async fn provision(
         detail: None,
     });
     let t = Instant::now();
+    crate::failpoint::point("provider: before create");
     let created = tokio::select! {
         c = sh.provider.create(&sh.run, &planned, &req) => c,
         () = sh.cancel.cancelled() => Err(ProviderError::Cancelled),
     };
+    crate::failpoint::point("provider: after create");
     let created = match created {
         Ok(c) => c,
         Err(e) => {
@@ -936,11 +941,13 @@ async fn provision(
             detail,
         });
         let t = Instant::now();
-        match sh
+        crate::failpoint::point("provider: before restore");
+        let restored = sh
             .provider
             .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
-            .await
-        {
+            .await;
+        crate::failpoint::point("provider: after restore");
+        match restored {
             Ok(o) => {
                 sh.add_outputs(&r.name, o);
                 sh.span("restore", t, Status::Passed, None);
@@ -1035,7 +1042,10 @@ async fn provision(
             ready_timeout: spec.ready_timeout,
             cancel: sh.cancel.clone(),
         };
-        match sh.provider.install(&sh.run, req, sh).await {
+        crate::failpoint::point("provider: before install");
+        let installed = sh.provider.install(&sh.run, req, sh).await;
+        crate::failpoint::point("provider: after install");
+        match installed {
             Ok(inst) => {
                 sh.set_record(&inst.record);
                 sh.add_outputs(&r.name, inst.outputs);
@@ -1108,11 +1118,13 @@ pub(crate) async fn teardown(
             detail: None,
         });
         let t = Instant::now();
+        crate::failpoint::point("provider: before delete");
         let res = tokio::select! {
             r = provider.delete(&rec) => Some(r),
             () = hard.cancelled() => None,
             () = tokio::time::sleep_until(deadline.into()) => None,
         };
+        crate::failpoint::point("provider: after delete");
         match res {
             Some(Ok(d)) => {
                 let _ = journal.append(&Entry::Deleted {
