@@ -27,14 +27,13 @@ mod imp {
 
     pub fn point(name: &str) {
         let n = PASSED.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(path) = std::env::var_os("DRYRUN_FAILPOINT_LOG") {
-            if let Ok(mut f) = std::fs::OpenOptions::new()
+        if let Some(path) = std::env::var_os("DRYRUN_FAILPOINT_LOG")
+            && let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-            {
-                let _ = writeln!(f, "{n} {name}");
-            }
+        {
+            let _ = writeln!(f, "{n} {name}");
         }
         if crash_at() == Some(n) {
             eprintln!("failpoint {n} ({name}): aborting");
