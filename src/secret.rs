@@ -74,17 +74,24 @@ impl Redactor {
         Self::default()
     }
 
-    /// Registers a secret; its raw and URL-encoded forms are redacted from then on.
+    /// Registers a secret; its raw, URL-encoded, hex and base64 forms are redacted from then
+    /// on (an encoded secret in a log is as good as the secret).
     pub fn register(&self, secret: &Secret) {
         let raw = secret.expose();
         if raw.len() < 4 {
             return;
         }
-        let mut forms = vec![raw.to_string()];
-        let encoded = url_encode(raw);
-        if encoded != raw {
-            forms.push(encoded);
-        }
+        use base64::Engine as _;
+        let b = raw.as_bytes();
+        let forms = [
+            raw.to_string(),
+            url_encode(raw),
+            hex::encode(b),
+            hex::encode_upper(b),
+            base64::engine::general_purpose::STANDARD.encode(b),
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+        ];
         if let Ok(mut v) = self.values.write() {
             for f in forms {
                 if !v.contains(&f) {
@@ -142,6 +149,14 @@ mod tests {
             r.redact("a p@ss word b p%40ss%20word"),
             "a [redacted] b [redacted]"
         );
+    }
+
+    #[test]
+    fn redactor_replaces_hex_and_base64_forms() {
+        let r = Redactor::new();
+        r.register(&Secret::new("canary-123"));
+        let text = "a 63616e6172792d313233 b Y2FuYXJ5LTEyMw== c";
+        assert_eq!(r.redact(text), "a [redacted] b [redacted] c");
     }
 
     #[test]

@@ -226,22 +226,31 @@ fn secret_value_never_appears_in_output_reports_logs_or_journal() {
             );
         }
     }
-    fn scan(dir: &std::path::Path, canary: &str) {
+    // Raw, hex and base64 forms (URL-encoding leaves this canary as it is).
+    use base64::Engine as _;
+    let forms = [
+        canary.to_string(),
+        hex::encode(canary),
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(canary),
+    ];
+    fn scan(dir: &std::path::Path, forms: &[String]) {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
             if p.is_dir() {
-                scan(&p, canary);
+                scan(&p, forms);
             } else {
-                let bytes = std::fs::read(&p).unwrap();
-                assert!(
-                    !String::from_utf8_lossy(&bytes).contains(canary),
-                    "canary found in {}",
-                    p.display()
-                );
+                let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
+                for f in forms {
+                    assert!(
+                        !text.contains(f.as_str()),
+                        "canary form {f} found in {}",
+                        p.display()
+                    );
+                }
             }
         }
     }
-    scan(state.path(), canary);
+    scan(state.path(), &forms);
 }
 
 #[test]
