@@ -17,6 +17,7 @@ use crate::engine::cleanup::{self, Target};
 use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
+use crate::provider::aws::AwsProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
 use crate::release::{Release, ReleaseError};
@@ -62,6 +63,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
     color: Color,
 
+    /// AWS endpoint for every service, for emulators such as moto (default: AWS_ENDPOINT_URL,
+    /// else the real AWS endpoints).
+    #[arg(long, global = true, value_name = "URL")]
+    endpoint_url: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +83,8 @@ enum Color {
 enum ProviderName {
     /// Processes, directories, SQLite and PostgreSQL on this machine.
     Local,
+    /// RDS, S3 and EC2 through the AWS SDK (standard credential chain and region).
+    Aws,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -265,6 +273,8 @@ fn use_color(c: Color) -> bool {
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let color = use_color(cli.color);
     let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
+    let endpoint = cli.endpoint_url.clone();
+    let endpoint = endpoint.as_deref();
     match cli.command {
         Command::Validate { blueprints, params } => {
             validate(&blueprints, &params.into_iter().collect(), color)
@@ -273,7 +283,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             blueprint,
             common,
             format,
-        } => plan(&blueprint, &common, format, &state, color).await,
+        } => plan(&blueprint, &common, format, &state, color, endpoint).await,
         Command::Run {
             blueprint,
             release,
@@ -294,6 +304,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 cli.quiet,
                 &state,
                 color,
+                endpoint,
             )
             .await
         }
@@ -309,7 +320,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 (None, true, _) => Target::All,
                 _ => Target::Expired,
             };
-            cleanup_cmd(&state, provider, &target, yes).await
+            cleanup_cmd(&state, provider, &target, yes, endpoint).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
     }
@@ -362,13 +373,23 @@ fn validate(
     Ok(if bad > 0 { exit::USAGE } else { exit::PASSED })
 }
 
-fn provider_for(name: ProviderName, state: &StateDir, bp: Option<&Blueprint>) -> Arc<dyn Provider> {
-    match name {
+async fn provider_for(
+    name: ProviderName,
+    state: &StateDir,
+    bp: Option<&Blueprint>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match name {
         ProviderName::Local => Arc::new(LocalProvider::new(
             state.clone(),
             bp.map(|b| b.local.clone()),
         )),
-    }
+        ProviderName::Aws => Arc::new(
+            AwsProvider::connect(bp, endpoint.map(ToString::to_string))
+                .await
+                .context("configure the AWS provider")?,
+        ),
+    })
 }
 
 async fn plan(
@@ -377,10 +398,11 @@ async fn plan(
     format: PlanFormat,
     state: &StateDir,
     color: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
-    let provider = provider_for(common.provider, state, Some(&bp));
+    let provider = provider_for(common.provider, state, Some(&bp), endpoint).await?;
     let pick = parse_backup(&common.backup);
     let now = std::env::var("DRYRUN_NOW")
         .ok()
@@ -434,21 +456,35 @@ async fn run(
     quiet: bool,
     state: &StateDir,
     color: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
-    let release = match Release::load(release_ref) {
+    let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
+    std::fs::create_dir_all(state.root())
+        .with_context(|| format!("create state directory {}", state.root().display()))?;
+    let provider = provider_for(common.provider, state, Some(&bp), endpoint).await?;
+    match provider.describe_target().await {
+        Ok(Some(line)) if !quiet => eprintln!("{line}"),
+        Ok(_) => {}
+        Err(e) => return Err(e).context("the run could not start"),
+    }
+    let fetched = provider
+        .fetch_release(release_ref, &state.root().join("releases"))
+        .await
+        .with_context(|| format!("fetch release {release_ref}"))?;
+    let loaded = match &fetched {
+        Some(file) => Release::load_fetched(release_ref, file),
+        None => Release::load(release_ref),
+    };
+    let release = match loaded {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return Err(Exit(exit::USAGE).into());
         }
     };
-    let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
-    std::fs::create_dir_all(state.root())
-        .with_context(|| format!("create state directory {}", state.root().display()))?;
-    let provider = provider_for(common.provider, state, Some(&bp));
 
     let shutdown = Shutdown::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
@@ -559,8 +595,9 @@ async fn cleanup_cmd(
     provider: ProviderName,
     target: &Target,
     yes: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
-    let provider = provider_for(provider, state, None);
+    let provider = provider_for(provider, state, None, endpoint).await?;
     let plan = cleanup::survey(state, provider.as_ref(), target).await?;
     let todo: Vec<_> = plan.iter().filter(|r| r.skipped.is_none()).collect();
     for r in &plan {
@@ -577,14 +614,21 @@ async fn cleanup_cmd(
     if !yes {
         println!("would destroy (run again with --yes to do it):");
         for r in &todo {
-            println!(
-                "  run {} ({}, started {})",
-                r.state.run_id,
-                r.state.blueprint,
-                r.state
-                    .started_at
-                    .map_or_else(|| "?".into(), |t| t.to_rfc3339())
-            );
+            if r.journal {
+                println!(
+                    "  run {} ({}, started {})",
+                    r.state.run_id,
+                    r.state.blueprint,
+                    r.state
+                        .started_at
+                        .map_or_else(|| "?".into(), |t| t.to_rfc3339())
+                );
+            } else {
+                println!(
+                    "  run {} ({}, found by tag; no journal in this state directory)",
+                    r.state.run_id, r.state.blueprint
+                );
+            }
             for x in r.resources.iter().chain(r.orphans.iter()) {
                 println!("    {x}");
             }
