@@ -138,6 +138,10 @@ enum Command {
         /// Resources provisioned at once.
         #[arg(long, default_value_t = 4, value_name = "N")]
         concurrency: usize,
+        /// Run id to use instead of a generated one (a retried CI job that must find what its
+        /// first attempt made; tests).
+        #[arg(long, value_name = "ID", hide = true)]
+        run_id: Option<String>,
     },
     /// Destroy what interrupted or kept runs left behind. Lists first; deletes only with --yes.
     Cleanup {
@@ -292,6 +296,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             keep,
             json,
             concurrency,
+            run_id,
         } => {
             run(
                 &blueprint,
@@ -300,7 +305,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 report_dir.as_deref(),
                 keep,
                 json,
-                concurrency,
+                (concurrency, run_id),
                 cli.quiet,
                 &state,
                 color,
@@ -452,12 +457,22 @@ async fn run(
     report_dir: Option<&Path>,
     keep: Option<Duration>,
     json: bool,
-    concurrency: usize,
+    (concurrency, run_id): (usize, Option<String>),
     quiet: bool,
     state: &StateDir,
     color: bool,
     endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
+    if let Some(id) = &run_id
+        && (id.is_empty()
+            || id.len() > 80
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    {
+        eprintln!("error: --run-id `{id}`: use letters, digits, `-` and `_` (at most 80)");
+        return Err(Exit(exit::USAGE).into());
+    }
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
@@ -508,7 +523,7 @@ async fn run(
         keep,
         trigger: Trigger::Cli,
         concurrency,
-        run_id: None,
+        run_id,
         compile_ms,
     };
     let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
