@@ -120,7 +120,8 @@ enum Command {
     Run {
         /// Blueprint file.
         blueprint: PathBuf,
-        /// The candidate release: a directory or .tar.gz with a dryrun-release.yaml.
+        /// The candidate release: a directory or .tar.gz with a dryrun-release.yaml (with
+        /// `--provider aws`: s3://BUCKET/KEY of a .tar.gz).
         #[arg(long, value_name = "REF")]
         release: String,
         #[command(flatten)]
