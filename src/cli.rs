@@ -474,6 +474,15 @@ async fn run(
         eprintln!("error: --run-id `{id}`: use letters, digits, `-` and `_` (at most 80)");
         return Err(Exit(exit::USAGE).into());
     }
+    if let Some(id) = &run_id
+        && state.run_dir(id).exists()
+    {
+        eprintln!(
+            "error: --run-id `{id}`: a run with that id already exists in {}",
+            state.root().display()
+        );
+        return Err(Exit(exit::USAGE).into());
+    }
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;

@@ -976,6 +976,66 @@ impl Provider for AwsProvider {
 mod tests {
     use super::*;
 
+    fn provider(runner_in_vpc: bool) -> AwsProvider {
+        let text = format!(
+            "name: t\nproviders:\n  aws:\n    region: eu-west-1\n    runner_in_vpc: {runner_in_vpc}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: prod\n"
+        );
+        let bp = crate::blueprint::compile(Path::new("t.yaml"), &text, &BTreeMap::new()).unwrap();
+        // The endpoint is never contacted: probes of sql checks and of runs without instances
+        // are decided without a request.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(AwsProvider::connect(
+            Some(&bp),
+            Some("http://127.0.0.1:9".into()),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn sql_checks_are_skipped_unless_the_runner_is_in_the_vpc() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let run = RunInfo {
+            run_id: "t-1".into(),
+            blueprint: "t".into(),
+            expires_at: Utc::now(),
+            log_dir: PathBuf::from("/nonexistent"),
+            redactor: crate::secret::Redactor::new(),
+        };
+        let sql = Probe::Sql {
+            database: "db".into(),
+            query: "select 1".into(),
+        };
+        let req = |p: &'static Probe| ProbeRequest {
+            check: "c",
+            probe: p,
+            records: &[],
+            timeout: Duration::from_secs(5),
+        };
+        let sql: &'static Probe = Box::leak(Box::new(sql));
+        let outside = provider(false);
+        assert_eq!(outside.region(), "eu-west-1");
+        match rt.block_on(outside.probe(&run, req(sql))).unwrap() {
+            ProbeOutcome::Skipped(why) => assert!(why.contains("runner_in_vpc"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let inside = provider(true);
+        assert_eq!(
+            rt.block_on(inside.probe(&run, req(sql))).unwrap(),
+            ProbeOutcome::Local
+        );
+        // An http check with no instance to run on is skipped, never sent to the private URL.
+        let http: &'static Probe = Box::leak(Box::new(Probe::Http {
+            method: "GET".into(),
+            url: "http://10.0.0.5:8080/".into(),
+            headers: Vec::new(),
+            body: None,
+        }));
+        assert!(matches!(
+            rt.block_on(outside.probe(&run, req(http))).unwrap(),
+            ProbeOutcome::Skipped(_)
+        ));
+    }
+
     #[test]
     fn http_result_is_parsed_from_the_marker_line() {
         assert_eq!(
