@@ -705,6 +705,15 @@ fn cleanup_by_tag_after_the_state_directory_is_lost() {
     let out = run(dryrun_aws(&m, empty.path()).args(["cleanup", "--all", "--provider", "aws"]));
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("found by tag"), "{listing}");
+    // Not expired yet (the tags say start + 1h): --expired leaves the run alone.
+    let out = run(dryrun_aws(&m, empty.path()).args([
+        "cleanup",
+        "--expired",
+        "--provider",
+        "aws",
+        "--yes",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
     assert_eq!(m.tagged(None), left, "listing deletes nothing");
     let out =
         run(dryrun_aws(&m, empty.path()).args(["cleanup", "--all", "--provider", "aws", "--yes"]));
