@@ -1,6 +1,8 @@
 //! Checks: http, command and sql, each with a per-attempt timeout and retries.
 //!
-//! Every result carries the status, the time spent, the number of attempts and a message that
+//! Where the action runs is the provider's choice ([`Provider::probe`]): on the runner for the
+//! local provider, on the instance through SSM for AWS; the expectations are always compared
+//! here. Every result carries the status, the time spent, the number of attempts and a message that
 //! says what was expected and what was seen. Output is captured and truncated; secrets are
 //! redacted before anything leaves this module.
 
@@ -11,8 +13,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::blueprint::{Check, CheckSpec};
-use crate::provider::Outputs;
 use crate::provider::local::process;
+use crate::provider::{
+    Outputs, Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ResourceRecord, RunInfo,
+};
 use crate::report::{CheckReport, Status};
 use crate::secret::Redactor;
 
@@ -20,7 +24,6 @@ use crate::secret::Redactor;
 const OUTPUT_LIMIT: usize = 4000;
 
 /// What a check needs from the run.
-#[derive(Debug)]
 pub struct CheckEnv<'a> {
     /// Template context (params, secrets, release, run, resources).
     pub ctx: &'a Value,
@@ -34,13 +37,30 @@ pub struct CheckEnv<'a> {
     pub cwd: &'a std::path::Path,
     /// Stops retries and attempts.
     pub cancel: &'a CancellationToken,
+    /// The provider, which runs the action where the copy can be reached.
+    pub provider: &'a dyn Provider,
+    /// The run, as the provider knows it.
+    pub run: &'a RunInfo,
+    /// Records of the run's resources.
+    pub records: &'a [ResourceRecord],
 }
 
 /// One attempt's verdict.
 struct Verdict {
     passed: bool,
+    /// The check could not run from here (the message says why); no retries.
+    skipped: bool,
     message: Option<String>,
     output: Option<String>,
+}
+
+impl std::fmt::Debug for CheckEnv<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckEnv")
+            .field("run_id", &self.run_id)
+            .field("provider", &self.provider.name())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Runs a check with its retries and returns the report entry.
@@ -68,7 +88,9 @@ pub async fn run(
                 None,
             ),
             Ok(v) => (
-                if v.passed {
+                if v.skipped {
+                    Status::Skipped
+                } else if v.passed {
                     Status::Passed
                 } else {
                     Status::Failed
@@ -78,7 +100,10 @@ pub async fn run(
             ),
             Err(e) => (Status::Failed, Some(e), None),
         };
-        if last.0 == Status::Passed || attempts > check.retries || env.cancel.is_cancelled() {
+        if matches!(last.0, Status::Passed | Status::Skipped)
+            || attempts > check.retries
+            || env.cancel.is_cancelled()
+        {
             break;
         }
         on_retry(
@@ -104,51 +129,192 @@ pub async fn run(
 }
 
 async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
-    match &check.spec {
+    let probe = render_probe(&check.spec, env)?;
+    let req = ProbeRequest {
+        check: &check.name,
+        probe: &probe,
+        records: env.records,
+        timeout: check.timeout,
+    };
+    let (answer, via) = match env
+        .provider
+        .probe(env.run, req)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        ProbeOutcome::Local => (run_local(&check.name, &probe, env).await?, None),
+        ProbeOutcome::Remote { answer, via } => (answer, Some(via)),
+        ProbeOutcome::Skipped(reason) => {
+            return Ok(Verdict {
+                passed: false,
+                skipped: true,
+                message: Some(reason),
+                output: None,
+            });
+        }
+    };
+    let mut v = evaluate(&check.spec, env, &probe, answer)?;
+    if let Some(via) = via {
+        v.message = Some(match v.message {
+            Some(m) => format!("{m} (ran through {via})"),
+            None => format!("ran through {via}"),
+        });
+    }
+    Ok(v)
+}
+
+/// Renders the check's templates into the action to run.
+fn render_probe(spec: &CheckSpec, env: &CheckEnv<'_>) -> Result<Probe, String> {
+    Ok(match spec {
         CheckSpec::Http {
             url,
             method,
             headers,
             body,
-            status,
-            body_contains,
-            json,
+            ..
+        } => Probe::Http {
+            method: method.clone(),
+            url: url.render(env.ctx)?,
+            headers: headers
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.render(env.ctx)?)))
+                .collect::<Result<_, String>>()?,
+            body: body.as_ref().map(|b| b.render(env.ctx)).transpose()?,
+        },
+        CheckSpec::Command { run, .. } => Probe::Command {
+            run: run.render(env.ctx)?,
+        },
+        CheckSpec::Sql {
+            database, query, ..
+        } => Probe::Sql {
+            database: database.clone(),
+            query: query.render(env.ctx)?,
+        },
+    })
+}
+
+/// Runs the action on this machine (the copy listens on loopback).
+async fn run_local(name: &str, probe: &Probe, env: &CheckEnv<'_>) -> Result<ProbeAnswer, String> {
+    match probe {
+        Probe::Http {
+            method,
+            url,
+            headers,
+            body,
         } => {
-            let url = url.render(env.ctx)?;
             let client = reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .map_err(|e| e.to_string())?;
             let m = reqwest::Method::from_bytes(method.as_bytes())
                 .map_err(|e| format!("method {method}: {e}"))?;
-            let mut req = client.request(m, &url);
+            let mut req = client.request(m, url);
             for (k, v) in headers {
-                req = req.header(k, v.render(env.ctx)?);
+                req = req.header(k, v);
             }
             if let Some(b) = body {
-                req = req.body(b.render(env.ctx)?);
+                req = req.body(b.clone());
             }
             let resp = req
                 .send()
                 .await
                 .map_err(|e| format!("{method} {url}: {}", describe_reqwest(&e)))?;
-            let got = resp.status().as_u16();
-            let text = resp
+            let status = resp.status().as_u16();
+            let body = resp
                 .text()
                 .await
                 .map_err(|e| format!("{method} {url}: reading body: {e}"))?;
+            Ok(ProbeAnswer::Http { status, body })
+        }
+        Probe::Command { run } => {
+            let mut cmd = process::shell(
+                run,
+                env.cwd,
+                &BTreeMap::new(),
+                env.run_id,
+                &format!("check.{name}"),
+            );
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let child = cmd.spawn().map_err(|e| format!("cannot start `sh`: {e}"))?;
+            let pid = child.id();
+            // If the attempt times out, this future is dropped: end the command's process group.
+            let guard = KillGroup(pid);
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("waiting for the command: {e}"))?;
+            std::mem::forget(guard);
+            Ok(ProbeAnswer::Command {
+                exit_code: out.status.code(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            })
+        }
+        Probe::Sql { database, query } => {
+            let outs = env
+                .outputs
+                .get(database)
+                .ok_or_else(|| format!("database `{database}` was not created"))?;
+            let engine = outs.get("engine").map(|o| o.value.as_str()).unwrap_or("");
+            let rows = match engine {
+                "sqlite" => {
+                    let path = outs
+                        .get("path")
+                        .map(|o| o.value.clone())
+                        .unwrap_or_default();
+                    let q2 = query.clone();
+                    tokio::task::spawn_blocking(move || sqlite_query(&path, &q2))
+                        .await
+                        .map_err(|e| e.to_string())??
+                }
+                "postgres" => {
+                    let url = outs.get("url").map(|o| o.value.clone()).unwrap_or_default();
+                    postgres_query(&url, query).await?
+                }
+                other => return Err(format!("sql checks do not support engine `{other}`")),
+            };
+            Ok(ProbeAnswer::Sql { rows })
+        }
+    }
+}
+
+/// Compares what was seen with the check's expectations.
+fn evaluate(
+    spec: &CheckSpec,
+    env: &CheckEnv<'_>,
+    probe: &Probe,
+    answer: ProbeAnswer,
+) -> Result<Verdict, String> {
+    match (spec, answer) {
+        (
+            CheckSpec::Http {
+                status,
+                body_contains,
+                json,
+                ..
+            },
+            ProbeAnswer::Http { status: got, body },
+        ) => {
+            let (method, url) = match probe {
+                Probe::Http { method, url, .. } => (method.as_str(), url.as_str()),
+                _ => ("GET", ""),
+            };
             let mut problems = Vec::new();
             if got != *status {
                 problems.push(format!("expected status {status}, got {got}"));
             }
             if let Some(needle) = body_contains {
                 let needle = crate::blueprint::template::render(needle, env.ctx)?;
-                if !text.contains(needle.as_str()) {
+                if !body.contains(needle.as_str()) {
                     problems.push(format!("expected body to contain {needle:?}, it does not"));
                 }
             }
             if !json.is_empty() {
-                match serde_json::from_str::<Value>(&text) {
+                match serde_json::from_str::<Value>(&body) {
                     Err(e) => problems.push(format!("expected a JSON body: {e}")),
                     Ok(doc) => {
                         for (ptr, want) in json {
@@ -174,38 +340,19 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
                     }
                 }
             }
-            Ok(verdict(&problems, &format!("{method} {url}"), Some(text)))
+            Ok(verdict(&problems, &format!("{method} {url}"), Some(body)))
         }
-        CheckSpec::Command {
-            run,
-            exit_code,
-            output_contains,
-        } => {
-            let cmdline = run.render(env.ctx)?;
-            let mut cmd = process::shell(
-                &cmdline,
-                env.cwd,
-                &BTreeMap::new(),
-                env.run_id,
-                &format!("check.{}", check.name),
-            );
-            cmd.stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            let child = cmd.spawn().map_err(|e| format!("cannot start `sh`: {e}"))?;
-            let pid = child.id();
-            // If the attempt times out, this future is dropped: end the command's process group.
-            let guard = KillGroup(pid);
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| format!("waiting for the command: {e}"))?;
-            std::mem::forget(guard);
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let code = out.status.code();
+        (
+            CheckSpec::Command {
+                exit_code,
+                output_contains,
+                ..
+            },
+            ProbeAnswer::Command {
+                exit_code: code,
+                output,
+            },
+        ) => {
             let mut problems = Vec::new();
             if code != Some(*exit_code) {
                 problems.push(format!(
@@ -215,43 +362,15 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
             }
             if let Some(needle) = output_contains {
                 let needle = crate::blueprint::template::render(needle, env.ctx)?;
-                if !text.contains(needle.as_str()) {
+                if !output.contains(needle.as_str()) {
                     problems.push(format!(
                         "expected output to contain {needle:?}, it does not"
                     ));
                 }
             }
-            Ok(verdict(&problems, "command", Some(text)))
+            Ok(verdict(&problems, "command", Some(output)))
         }
-        CheckSpec::Sql {
-            database,
-            query,
-            value,
-            rows,
-        } => {
-            let q = query.render(env.ctx)?;
-            let outs = env
-                .outputs
-                .get(database)
-                .ok_or_else(|| format!("database `{database}` was not created"))?;
-            let engine = outs.get("engine").map(|o| o.value.as_str()).unwrap_or("");
-            let result = match engine {
-                "sqlite" => {
-                    let path = outs
-                        .get("path")
-                        .map(|o| o.value.clone())
-                        .unwrap_or_default();
-                    let q2 = q.clone();
-                    tokio::task::spawn_blocking(move || sqlite_query(&path, &q2))
-                        .await
-                        .map_err(|e| e.to_string())??
-                }
-                "postgres" => {
-                    let url = outs.get("url").map(|o| o.value.clone()).unwrap_or_default();
-                    postgres_query(&url, &q).await?
-                }
-                other => return Err(format!("sql checks do not support engine `{other}`")),
-            };
+        (CheckSpec::Sql { value, rows, .. }, ProbeAnswer::Sql { rows: result }) => {
             let mut problems = Vec::new();
             if let Some(want) = rows
                 && result.len() as u64 != *want
@@ -273,6 +392,10 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
             let preview: Vec<String> = result.iter().take(5).map(|r| r.join(" | ")).collect();
             Ok(verdict(&problems, "query", Some(preview.join("\n"))))
         }
+        (spec, answer) => Err(format!(
+            "the provider answered a {} check with {answer:?}",
+            spec.kind()
+        )),
     }
 }
 
@@ -280,12 +403,14 @@ fn verdict(problems: &[String], what: &str, output: Option<String>) -> Verdict {
     if problems.is_empty() {
         Verdict {
             passed: true,
+            skipped: false,
             message: None,
             output,
         }
     } else {
         Verdict {
             passed: false,
+            skipped: false,
             message: Some(format!("{what}: {}", problems.join("; "))),
             output,
         }

@@ -18,6 +18,7 @@ use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
 use crate::lease;
+use crate::provider::aws::AwsProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
 use crate::release::{Release, ReleaseError};
@@ -63,6 +64,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
     color: Color,
 
+    /// AWS endpoint for every service, for emulators such as moto (default: AWS_ENDPOINT_URL,
+    /// else the real AWS endpoints).
+    #[arg(long, global = true, value_name = "URL")]
+    endpoint_url: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +84,8 @@ enum Color {
 enum ProviderName {
     /// Processes, directories, SQLite and PostgreSQL on this machine.
     Local,
+    /// RDS, S3 and EC2 through the AWS SDK (standard credential chain and region).
+    Aws,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -113,7 +121,8 @@ enum Command {
     Run {
         /// Blueprint file.
         blueprint: PathBuf,
-        /// The candidate release: a directory or .tar.gz with a dryrun-release.yaml.
+        /// The candidate release: a directory or .tar.gz with a dryrun-release.yaml (with
+        /// `--provider aws`: s3://BUCKET/KEY of a .tar.gz).
         #[arg(long, value_name = "REF")]
         release: String,
         #[command(flatten)]
@@ -135,6 +144,10 @@ enum Command {
         /// (exit 4) for `dryrun cleanup` to finish.
         #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
         teardown_timeout: Duration,
+        /// Run id to use instead of a generated one (a retried CI job that must find what its
+        /// first attempt made; tests).
+        #[arg(long, value_name = "ID", hide = true)]
+        run_id: Option<String>,
     },
     /// Destroy what interrupted or kept runs left behind. Lists first; deletes only with --yes.
     Cleanup {
@@ -291,6 +304,8 @@ fn use_color(c: Color) -> bool {
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let color = use_color(cli.color);
     let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
+    let endpoint = cli.endpoint_url.clone();
+    let endpoint = endpoint.as_deref();
     match cli.command {
         Command::Validate { blueprints, params } => {
             validate(&blueprints, &params.into_iter().collect(), color)
@@ -299,7 +314,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             blueprint,
             common,
             format,
-        } => plan(&blueprint, &common, format, &state, color).await,
+        } => plan(&blueprint, &common, format, &state, color, endpoint).await,
         Command::Run {
             blueprint,
             release,
@@ -309,6 +324,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             json,
             concurrency,
             teardown_timeout,
+            run_id,
         } => {
             run(
                 &blueprint,
@@ -317,10 +333,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 report_dir.as_deref(),
                 keep,
                 json,
-                (concurrency, teardown_timeout),
+                (concurrency, teardown_timeout, run_id),
                 cli.quiet,
                 &state,
                 color,
+                endpoint,
             )
             .await
         }
@@ -336,7 +353,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 (None, true, _) => Target::All,
                 _ => Target::Expired,
             };
-            cleanup_cmd(&state, provider, &target, yes).await
+            cleanup_cmd(&state, provider, &target, yes, endpoint).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
         Command::Serve {
@@ -405,13 +422,23 @@ fn validate(
     Ok(if bad > 0 { exit::USAGE } else { exit::PASSED })
 }
 
-fn provider_for(name: ProviderName, state: &StateDir, bp: Option<&Blueprint>) -> Arc<dyn Provider> {
-    match name {
+async fn provider_for(
+    name: ProviderName,
+    state: &StateDir,
+    bp: Option<&Blueprint>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match name {
         ProviderName::Local => Arc::new(LocalProvider::new(
             state.clone(),
             bp.map(|b| b.local.clone()),
         )),
-    }
+        ProviderName::Aws => Arc::new(
+            AwsProvider::connect(bp, endpoint.map(ToString::to_string))
+                .await
+                .context("configure the AWS provider")?,
+        ),
+    })
 }
 
 async fn plan(
@@ -420,10 +447,11 @@ async fn plan(
     format: PlanFormat,
     state: &StateDir,
     color: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
-    let provider = provider_for(common.provider, state, Some(&bp));
+    let provider = provider_for(common.provider, state, Some(&bp), endpoint).await?;
     let pick = parse_backup(&common.backup);
     let now = std::env::var("DRYRUN_NOW")
         .ok()
@@ -473,25 +501,58 @@ async fn run(
     report_dir: Option<&Path>,
     keep: Option<Duration>,
     json: bool,
-    (concurrency, teardown_timeout): (usize, Duration),
+    (concurrency, teardown_timeout, run_id_arg): (usize, Duration, Option<String>),
     quiet: bool,
     state: &StateDir,
     color: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
+    if let Some(id) = &run_id_arg
+        && (id.is_empty()
+            || id.len() > 80
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    {
+        eprintln!("error: --run-id `{id}`: use letters, digits, `-` and `_` (at most 80)");
+        return Err(Exit(exit::USAGE).into());
+    }
+    if let Some(id) = &run_id_arg
+        && state.run_dir(id).exists()
+    {
+        eprintln!(
+            "error: --run-id `{id}`: a run with that id already exists in {}",
+            state.root().display()
+        );
+        return Err(Exit(exit::USAGE).into());
+    }
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
-    let release = match Release::load(release_ref) {
+    let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
+    std::fs::create_dir_all(state.root())
+        .with_context(|| format!("create state directory {}", state.root().display()))?;
+    let provider = provider_for(common.provider, state, Some(&bp), endpoint).await?;
+    match provider.describe_target().await {
+        Ok(Some(line)) if !quiet => eprintln!("{line}"),
+        Ok(_) => {}
+        Err(e) => return Err(e).context("the run could not start"),
+    }
+    let fetched = provider
+        .fetch_release(release_ref, &state.root().join("releases"))
+        .await
+        .with_context(|| format!("fetch release {release_ref}"))?;
+    let loaded = match &fetched {
+        Some(file) => Release::load_fetched(release_ref, file),
+        None => Release::load(release_ref),
+    };
+    let release = match loaded {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return Err(Exit(exit::USAGE).into());
         }
     };
-    let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
-    std::fs::create_dir_all(state.root())
-        .with_context(|| format!("create state directory {}", state.root().display()))?;
-    let provider = provider_for(common.provider, state, Some(&bp));
 
     let shutdown = Shutdown::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
@@ -511,7 +572,7 @@ async fn run(
 
     // One run per environment: wait for a CLI or server run that holds it.
     let env = lease::environment(provider.name(), &bp.name);
-    let run_id = engine::new_run_id(&bp.name);
+    let run_id = run_id_arg.unwrap_or_else(|| engine::new_run_id(&bp.name));
     let mut held = match lease::acquire(state, &env, &shutdown.soft, |holder| {
         eprintln!(
             "waiting for environment {env}: run {} holds it",
@@ -531,7 +592,14 @@ async fn run(
         Err(e) => return Err(e).context("take the environment lease"),
     };
     held.set_holder(&run_id);
-    let history = record_cli_start(state, &bp, &run_id, release_ref, &release.manifest.version);
+    let history = record_cli_start(
+        state,
+        &bp,
+        &run_id,
+        release_ref,
+        &release.manifest.version,
+        provider.name(),
+    );
     let run_id_for_history = run_id.clone();
 
     let opts = RunOptions {
@@ -638,8 +706,9 @@ async fn cleanup_cmd(
     provider: ProviderName,
     target: &Target,
     yes: bool,
+    endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
-    let provider = provider_for(provider, state, None);
+    let provider = provider_for(provider, state, None, endpoint).await?;
     let plan = cleanup::survey(state, provider.as_ref(), target).await?;
     let todo: Vec<_> = plan.iter().filter(|r| r.skipped.is_none()).collect();
     for r in &plan {
@@ -656,14 +725,21 @@ async fn cleanup_cmd(
     if !yes {
         println!("would destroy (run again with --yes to do it):");
         for r in &todo {
-            println!(
-                "  run {} ({}, started {})",
-                r.state.run_id,
-                r.state.blueprint,
-                r.state
-                    .started_at
-                    .map_or_else(|| "?".into(), |t| t.to_rfc3339())
-            );
+            if r.journal {
+                println!(
+                    "  run {} ({}, started {})",
+                    r.state.run_id,
+                    r.state.blueprint,
+                    r.state
+                        .started_at
+                        .map_or_else(|| "?".into(), |t| t.to_rfc3339())
+                );
+            } else {
+                println!(
+                    "  run {} ({}, found by tag; no journal in this state directory)",
+                    r.state.run_id, r.state.blueprint
+                );
+            }
             for x in r.resources.iter().chain(r.orphans.iter()) {
                 println!("    {x}");
             }
@@ -868,6 +944,7 @@ fn record_cli_start(
     run_id: &str,
     release: &str,
     version: &str,
+    provider: &str,
 ) -> Option<crate::server::history::History> {
     let h = match crate::server::history::History::open(&state.root().join("history.sqlite")) {
         Ok(h) => h,
@@ -880,8 +957,8 @@ fn record_cli_start(
         run_id: run_id.to_string(),
         blueprint: bp.name.clone(),
         blueprint_path: bp.path.display().to_string(),
-        provider: "local".into(),
-        environment: lease::environment("local", &bp.name),
+        provider: provider.into(),
+        environment: lease::environment(provider, &bp.name),
         trigger: "cli".into(),
         release: release.to_string(),
         release_version: Some(version.to_string()),

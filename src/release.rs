@@ -189,6 +189,17 @@ impl Release {
         Err(ReleaseError::NotFound(reference.to_string()))
     }
 
+    /// Loads a release tarball that a provider fetched (e.g. from `s3://BUCKET/KEY`) into
+    /// `file`; `reference` stays what the user passed, so reports and the provider see it.
+    ///
+    /// # Errors
+    /// See [`ReleaseError`].
+    pub fn load_fetched(reference: &str, file: &Path) -> Result<Release, ReleaseError> {
+        let mut r = Release::load(&file.display().to_string())?;
+        r.reference = reference.to_string();
+        Ok(r)
+    }
+
     /// Copies or unpacks the release's files into `dest` (created if missing).
     ///
     /// # Errors

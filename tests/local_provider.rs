@@ -209,6 +209,7 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
         env: BTreeMap::new(),
         start: None,
         ready_timeout: std::time::Duration::from_secs(20),
+        aws: None,
     };
     let req = ResourceRequest::Service(spec.clone());
     let planned = p.plan_record(&run, "app", &req);

@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use super::diag::{Diagnostic, Diagnostics, SourceMap, did_you_mean, find_key};
 use super::template;
 use super::{
-    Blueprint, BucketSpec, Check, CheckSpec, DatabaseSpec, Engine, LocalSettings, Resource,
-    ResourceSpec, SecretSource, ServiceSpec, TeardownPolicy, Template,
+    AwsSettings, Blueprint, BucketSpec, Check, CheckSpec, DatabaseSpec, Engine, LocalSettings,
+    Resource, ResourceSpec, SecretSource, ServiceAws, ServiceSpec, TeardownPolicy, Template,
 };
 
 /// Why a blueprint did not compile.
@@ -126,6 +126,31 @@ struct RawSecret {
 #[serde(deny_unknown_fields)]
 struct RawProviders {
     local: Option<RawLocal>,
+    aws: Option<RawAws>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    region: Option<Spanned<String>>,
+    vpc_id: Option<Spanned<String>>,
+    db_subnet_group: Option<Spanned<String>>,
+    db_instance_class: Option<Spanned<String>>,
+    instance_profile: Option<Spanned<String>>,
+    #[serde(default)]
+    runner_in_vpc: bool,
+    runner_cidr: Option<Spanned<String>>,
+    restore_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServiceAws {
+    ami: Spanned<String>,
+    instance_type: Option<Spanned<String>>,
+    subnet_id: Option<Spanned<String>>,
+    port: Option<u16>,
+    user_data: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -168,6 +193,7 @@ struct RawService {
     env: BTreeMap<String, Spanned<String>>,
     start: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
+    aws: Option<RawServiceAws>,
     #[serde(default)]
     depends_on: Vec<Spanned<String>>,
 }
@@ -497,6 +523,7 @@ impl Compiler<'_> {
             backups: resolve(&dir, local_raw.backups.as_deref().unwrap_or("backups")),
             buckets: resolve(&dir, local_raw.buckets.as_deref().unwrap_or("buckets")),
         };
+        let aws = self.aws_settings(&providers.aws.unwrap_or_default(), &params);
 
         // resources
         let mut resources: Vec<Resource> = Vec::new();
@@ -529,7 +556,9 @@ impl Compiler<'_> {
                             self.diag_at(k.span().start(), format!("resource name `{rname}` is not a valid name"), "invalid name",
                                 Some("use lower-case letters, digits, `-` and `_`, starting with a letter".into()));
                         }
-                        if let Some(r) = self.resource(&rname, v, &mut dep_uses, &mut tpl_uses) {
+                        if let Some(r) =
+                            self.resource(&rname, v, &params, &mut dep_uses, &mut tpl_uses)
+                        {
                             resources.push(r);
                         }
                     }
@@ -689,6 +718,7 @@ impl Compiler<'_> {
             params,
             secrets,
             local,
+            aws,
             resources,
             checks,
             teardown,
@@ -728,10 +758,108 @@ impl Compiler<'_> {
         );
     }
 
+    /// Renders a settings value that may use `{{params.…}}` only; empty means unset.
+    fn param_value(
+        &mut self,
+        v: Option<&Spanned<String>>,
+        params: &BTreeMap<String, String>,
+        what: &str,
+    ) -> Option<String> {
+        let v = v?;
+        let text = if v.as_str().contains("{{") {
+            let ctx = serde_json::json!({ "params": params });
+            match template::render(v.as_str(), &ctx) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.diag_at(
+                        v.span().start(),
+                        format!("{what}: `{}` cannot be rendered: {e}", v.as_str()),
+                        "here",
+                        Some("this value may use `{{params.…}}` only".into()),
+                    );
+                    return None;
+                }
+            }
+        } else {
+            v.as_str().to_string()
+        };
+        let text = text.trim().to_string();
+        (!text.is_empty()).then_some(text)
+    }
+
+    fn aws_settings(&mut self, raw: &RawAws, params: &BTreeMap<String, String>) -> AwsSettings {
+        let runner_cidr = self.param_value(
+            raw.runner_cidr.as_ref(),
+            params,
+            "providers.aws.runner_cidr",
+        );
+        if let (Some(c), Some(at)) = (&runner_cidr, &raw.runner_cidr)
+            && (c == "0.0.0.0/0" || c == "::/0")
+        {
+            self.diag_at(
+                at.span().start(),
+                format!("providers.aws.runner_cidr `{c}` opens the copy to the whole internet"),
+                "too wide",
+                Some("give the runner's own address range, e.g. 10.0.12.0/24".into()),
+            );
+        }
+        AwsSettings {
+            region: self.param_value(raw.region.as_ref(), params, "providers.aws.region"),
+            vpc_id: self.param_value(raw.vpc_id.as_ref(), params, "providers.aws.vpc_id"),
+            db_subnet_group: self.param_value(
+                raw.db_subnet_group.as_ref(),
+                params,
+                "providers.aws.db_subnet_group",
+            ),
+            db_instance_class: self.param_value(
+                raw.db_instance_class.as_ref(),
+                params,
+                "providers.aws.db_instance_class",
+            ),
+            instance_profile: self.param_value(
+                raw.instance_profile.as_ref(),
+                params,
+                "providers.aws.instance_profile",
+            ),
+            runner_in_vpc: raw.runner_in_vpc,
+            runner_cidr,
+            restore_timeout: self.duration(
+                raw.restore_timeout.as_ref(),
+                Duration::from_secs(3600),
+                "providers.aws.restore_timeout",
+            ),
+        }
+    }
+
+    fn service_aws(&mut self, raw: RawServiceAws, params: &BTreeMap<String, String>) -> ServiceAws {
+        if let Some(u) = &raw.user_data
+            && let Err(e) = template::references(u.as_str())
+        {
+            self.diag_at(
+                u.span().start(),
+                format!("aws.user_data does not parse: {e}"),
+                "in this template",
+                None,
+            );
+        }
+        ServiceAws {
+            ami: self
+                .param_value(Some(&raw.ami), params, "aws.ami")
+                .unwrap_or_default(),
+            instance_type: self
+                .param_value(raw.instance_type.as_ref(), params, "aws.instance_type")
+                .unwrap_or_else(|| "t3.micro".into()),
+            subnet_id: self.param_value(raw.subnet_id.as_ref(), params, "aws.subnet_id"),
+            port: raw.port.unwrap_or(8080),
+            user_data: raw.user_data.map(|u| u.as_str().to_string()),
+        }
+    }
+
     fn resource(
         &mut self,
         name: &str,
         node: &Node,
+        params: &BTreeMap<String, String>,
         deps: &mut Vec<(String, Spanned<String>)>,
         tpls: &mut Vec<TplUse>,
     ) -> Option<Resource> {
@@ -832,6 +960,7 @@ impl Compiler<'_> {
                         resources_allowed: true,
                     });
                 }
+                let aws = r.aws.map(|a| self.service_aws(a, params));
                 (
                     ResourceSpec::Service(ServiceSpec {
                         env,
@@ -839,6 +968,7 @@ impl Compiler<'_> {
                             src: s.as_str().to_string(),
                         }),
                         ready_timeout,
+                        aws,
                     }),
                     r.depends_on,
                 )

@@ -63,6 +63,8 @@ pub struct Blueprint {
     pub secrets: BTreeMap<String, SecretSource>,
     /// Local provider settings (paths already resolved against the blueprint's directory).
     pub local: LocalSettings,
+    /// AWS provider settings (`providers.aws`; params already rendered).
+    pub aws: AwsSettings,
     /// Resources in file order.
     pub resources: Vec<Resource>,
     /// Checks in file order.
@@ -112,6 +114,30 @@ pub struct LocalSettings {
     pub backups: PathBuf,
     /// Production buckets: one directory per bucket.
     pub buckets: PathBuf,
+}
+
+/// AWS provider settings from `providers.aws`. Every field is optional; docs/providers/aws.md
+/// says what each default is. Values may use `{{params.…}}` and are rendered at compile time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct AwsSettings {
+    /// Region; default: the standard chain (`AWS_REGION`, the profile).
+    pub region: Option<String>,
+    /// VPC of the run's security group; default: the VPC of the service's subnet, else of the
+    /// production database's subnet group, else the default VPC.
+    pub vpc_id: Option<String>,
+    /// DB subnet group for restored databases; default: the production instance's.
+    pub db_subnet_group: Option<String>,
+    /// Instance class of restored databases; default: the production instance's.
+    pub db_instance_class: Option<String>,
+    /// IAM instance profile for services (needs SSM and read access to the release object).
+    pub instance_profile: Option<String>,
+    /// Whether the runner can reach private addresses in the VPC (sql checks connect only then).
+    pub runner_in_vpc: bool,
+    /// CIDR of the runner, allowed to reach restored databases when `runner_in_vpc` is set.
+    pub runner_cidr: Option<String>,
+    /// Longest wait for a restored database to become available.
+    #[serde(with = "humantime_serde_compat")]
+    pub restore_timeout: Duration,
 }
 
 /// One resource of the copy.
@@ -245,6 +271,25 @@ pub struct ServiceSpec {
     /// How long to wait for the health check after start.
     #[serde(with = "humantime_serde_compat")]
     pub ready_timeout: Duration,
+    /// How the service runs on AWS (`aws:`); ignored by the local provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws: Option<ServiceAws>,
+}
+
+/// A service's `aws:` block: the EC2 instance that runs the release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceAws {
+    /// AMI id (params rendered).
+    pub ami: String,
+    /// Instance type; default `t3.micro`.
+    pub instance_type: String,
+    /// Subnet; default: the default subnet of the VPC.
+    pub subnet_id: Option<String>,
+    /// Port the release listens on (`PORT` in its environment); default 8080.
+    pub port: u16,
+    /// Handlebars template of the instance's user data; default: the provider's, which fetches
+    /// the release through a presigned URL, runs its install steps and starts it.
+    pub user_data: Option<String>,
 }
 
 /// A check run against the copy after install.

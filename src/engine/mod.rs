@@ -495,6 +495,11 @@ pub async fn run(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let cwd = bp.dir().to_path_buf();
+        let check_records = shared
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         for c in &bp.checks {
             shared.emit(Event::CheckStarted {
                 name: c.name.clone(),
@@ -506,6 +511,9 @@ pub async fn run(
                 run_id: &run_id,
                 cwd: &cwd,
                 cancel: &shutdown.soft,
+                provider: provider.as_ref(),
+                run: &shared.run,
+                records: &check_records,
             };
             let name = c.name.clone();
             let rep = checks::run(c, &env, |attempt, msg| {
@@ -816,6 +824,7 @@ pub async fn run(
         left_behind,
         kept_until,
         failure: failure_msg.map(|m| redactor.redact(&m)),
+        api_calls: provider.api_calls(),
     };
     redact_logs(&shared.run.log_dir, &redactor);
     let _ = crate::report::json::write(&report, &state.run_dir(&run_id));

@@ -11,13 +11,23 @@
 //! - Everything created carries the run id (a tag, an environment variable, a path) so that
 //!   `sweep` finds what the journal missed.
 //! - A provider never mutates anything it did not create.
+//!
+//! # Optional verbs
+//! A few verbs have default implementations that keep the local provider's behaviour (where
+//! everything is on this machine) and that a cloud provider overrides:
+//! [`Provider::probe`] runs a check where the copy can be reached (AWS: on the instance through
+//! SSM Run Command), [`Provider::fetch_release`] fetches a release the backend keeps (AWS:
+//! `s3://BUCKET/KEY`), [`Provider::tagged_runs`] lists runs that own tagged resources so that
+//! cleanup finds them without a journal, [`Provider::describe_target`] names the account and
+//! region at the start of a run, and [`Provider::api_calls`] counts requests for the report.
 
+pub mod aws;
 #[cfg(test)]
 pub mod fake;
 pub mod local;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -176,6 +186,98 @@ pub struct Orphan {
     pub reason: Option<String>,
 }
 
+/// A check's action with its templates rendered, ready to run somewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// An HTTP request.
+    Http {
+        /// Method.
+        method: String,
+        /// URL.
+        url: String,
+        /// Headers (may hold secrets; never logged).
+        headers: Vec<(String, String)>,
+        /// Body.
+        body: Option<String>,
+    },
+    /// A shell command.
+    Command {
+        /// `sh -c` command line.
+        run: String,
+    },
+    /// A query against a database resource of the run.
+    Sql {
+        /// Database resource name.
+        database: String,
+        /// Query.
+        query: String,
+    },
+}
+
+/// What a probe saw; the checks module compares it with the expectations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// HTTP status and body.
+    Http {
+        /// Status code.
+        status: u16,
+        /// Body text.
+        body: String,
+    },
+    /// Exit code (None: killed by a signal) and stdout+stderr.
+    Command {
+        /// Exit code.
+        exit_code: Option<i32>,
+        /// Output.
+        output: String,
+    },
+    /// Rows, every value as text.
+    Sql {
+        /// Rows.
+        rows: Vec<Vec<String>>,
+    },
+}
+
+/// Where and how a probe ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// Run it on the runner, as the local provider's copies are reachable from here (default).
+    Local,
+    /// The provider ran it where the copy is reachable.
+    Remote {
+        /// What was seen.
+        answer: ProbeAnswer,
+        /// Where it ran, for the report (`SSM command ID on i-...`).
+        via: String,
+    },
+    /// It cannot run from this runner; the reason goes into the report as `skipped`.
+    Skipped(String),
+}
+
+/// What [`Provider::probe`] is given.
+#[derive(Debug)]
+pub struct ProbeRequest<'a> {
+    /// Check name.
+    pub check: &'a str,
+    /// The rendered action.
+    pub probe: &'a Probe,
+    /// Records of the run's resources (to find the instance to run on).
+    pub records: &'a [ResourceRecord],
+    /// Time limit of this attempt.
+    pub timeout: Duration,
+}
+
+/// A run that owns resources carrying its tag, found by the provider without a journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaggedRun {
+    /// Run id from the tag.
+    pub run_id: String,
+    /// Blueprint name from the tag, if present.
+    pub blueprint: Option<String>,
+    /// Expiry from the tag, if present and readable.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
 /// Who is to blame for a failure: decides exit code 1 versus 3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
@@ -315,4 +417,60 @@ pub trait Provider: Send + Sync {
     /// Finds everything tagged with `run_id`; with `remove`, removes it. Used after teardown
     /// and by `dryrun cleanup` so that a lost journal entry is not a leak.
     async fn sweep(&self, run_id: &str, remove: bool) -> Result<Vec<Orphan>, ProviderError>;
+
+    /// Runs a check's action where the copy can be reached, or says it cannot.
+    ///
+    /// The default, [`ProbeOutcome::Local`], lets the checks module run it on the runner,
+    /// which is right when the copy listens on this machine (the local provider). A cloud
+    /// provider whose copy has private addresses runs it remotely (AWS: through SSM Run
+    /// Command on the service's instance) or returns [`ProbeOutcome::Skipped`] with the reason.
+    ///
+    /// # Errors
+    /// When the backend could not run it (the check fails with this message).
+    async fn probe(
+        &self,
+        _run: &RunInfo,
+        _req: ProbeRequest<'_>,
+    ) -> Result<ProbeOutcome, ProviderError> {
+        Ok(ProbeOutcome::Local)
+    }
+
+    /// Fetches a release that the backend keeps (AWS: `s3://BUCKET/KEY`) into `dir` and
+    /// returns the local file. `Ok(None)` means the reference is not this provider's (the
+    /// default): it is then loaded as a local directory or tarball.
+    ///
+    /// # Errors
+    /// When the reference is the provider's but cannot be fetched.
+    async fn fetch_release(
+        &self,
+        _reference: &str,
+        _dir: &Path,
+    ) -> Result<Option<PathBuf>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Runs that own resources carrying a run tag, found without journals, so that a lost
+    /// state directory is not a leak. Default: none (the local provider's resources live in
+    /// the state directory and are found from journals).
+    ///
+    /// # Errors
+    /// When the backend cannot be listed.
+    async fn tagged_runs(&self) -> Result<Vec<TaggedRun>, ProviderError> {
+        Ok(Vec::new())
+    }
+
+    /// One line naming where runs happen (AWS: region and account), printed at the start of a
+    /// run. Default: nothing to say.
+    ///
+    /// # Errors
+    /// When the backend cannot be reached or the credentials are refused.
+    async fn describe_target(&self) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Requests made to the backend so far, by operation (AWS: counted by an SDK
+    /// interceptor). Reported with the run. Default: none counted.
+    fn api_calls(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
 }

@@ -9,6 +9,8 @@ pub mod junit;
 pub mod markdown;
 pub mod terminal;
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -210,6 +212,9 @@ pub struct RunReport {
     /// The failure that decided the run's status, in one line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Requests the provider made to its backend, by operation (AWS only; empty otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub api_calls: BTreeMap<String, u64>,
 }
 
 impl RunReport {

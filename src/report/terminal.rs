@@ -193,6 +193,10 @@ fn summary_resources(out: &mut String, report: &RunReport, p: Paint) {
             push_indented(out, message, 6);
         }
     }
+    if !report.api_calls.is_empty() {
+        let total: u64 = report.api_calls.values().sum();
+        let _ = writeln!(out, "api calls: {total} ({} provider)", report.provider);
+    }
 }
 
 fn summary_left_behind(out: &mut String, report: &RunReport, p: Paint) {
@@ -829,6 +833,7 @@ pub(crate) mod testutil {
             left_behind: vec![],
             kept_until: None,
             failure: None,
+            api_calls: std::collections::BTreeMap::new(),
         };
         match status {
             Status::Failed => {

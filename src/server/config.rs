@@ -275,6 +275,12 @@ impl Config {
     /// # Errors
     /// A message naming the bad entry.
     pub fn validate(&self) -> Result<(), String> {
+        if self.provider != "local" {
+            return Err(format!(
+                "provider `{}`: `dryrun serve` runs dry runs on the local provider in this version; use `dryrun run --provider aws` for AWS",
+                self.provider
+            ));
+        }
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }

@@ -1,0 +1,181 @@
+//! SDK clients: one set per region, built from the standard configuration chain, with the
+//! standard retry mode and an interceptor that counts every request sent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::ConfigBag;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+
+/// Counts requests by `Service.Operation`; every attempt counts (a retried call costs twice).
+#[derive(Debug, Clone, Default)]
+pub struct CallCounter {
+    counts: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl CallCounter {
+    /// Counts so far.
+    #[must_use]
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Intercept for CallCounter {
+    fn name(&self) -> &'static str {
+        "dryrun-call-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        // Presigning runs the same pipeline up to here but sends nothing; its signature is in
+        // the query string instead of a header.
+        if context.request().uri().contains("X-Amz-Signature=") {
+            return Ok(());
+        }
+        let op = cfg.load::<Metadata>().map_or_else(
+            || "unknown".to_string(),
+            |m| format!("{}.{}", m.service(), m.name()),
+        );
+        tracing::debug!(operation = %op, "aws request");
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(op)
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+/// The clients of one region.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// Region name.
+    pub region: String,
+    /// EC2.
+    pub ec2: aws_sdk_ec2::Client,
+    /// RDS.
+    pub rds: aws_sdk_rds::Client,
+    /// S3.
+    pub s3: aws_sdk_s3::Client,
+    /// SSM.
+    pub ssm: aws_sdk_ssm::Client,
+    /// STS (account id only).
+    pub sts: aws_sdk_sts::Client,
+}
+
+/// Shared SDK configuration and a cache of per-region clients.
+#[derive(Debug)]
+pub struct Connection {
+    base: aws_config::SdkConfig,
+    /// Endpoint override (emulators); S3 then uses path-style addressing.
+    pub endpoint: Option<String>,
+    counter: CallCounter,
+    by_region: Mutex<HashMap<String, Clients>>,
+}
+
+impl Connection {
+    /// Loads the standard chain (environment, profile, SSO, instance role). `region` overrides
+    /// the chain's region; `endpoint` (else `AWS_ENDPOINT_URL`) points every client at an
+    /// emulator.
+    pub async fn load(region: Option<String>, endpoint: Option<String>) -> Connection {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(5))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .build(),
+            );
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r));
+        }
+        let endpoint = endpoint.filter(|e| !e.is_empty()).or_else(|| {
+            std::env::var("AWS_ENDPOINT_URL")
+                .ok()
+                .filter(|e| !e.is_empty())
+        });
+        if let Some(e) = &endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let base = loader.load().await;
+        Connection {
+            base,
+            endpoint,
+            counter: CallCounter::default(),
+            by_region: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The configured region, if the chain found one.
+    #[must_use]
+    pub fn default_region(&self) -> Option<String> {
+        self.base.region().map(ToString::to_string)
+    }
+
+    /// Request counts so far.
+    #[must_use]
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        self.counter.snapshot()
+    }
+
+    /// Clients for `region` (cached).
+    #[must_use]
+    pub fn clients(&self, region: &str) -> Clients {
+        let mut map = self
+            .by_region
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = map.get(region) {
+            return c.clone();
+        }
+        let r = aws_config::Region::new(region.to_string());
+        let counter = self.counter.clone();
+        let ec2 = aws_sdk_ec2::config::Builder::from(&self.base)
+            .region(r.clone())
+            .interceptor(counter.clone())
+            .build();
+        let rds = aws_sdk_rds::config::Builder::from(&self.base)
+            .region(r.clone())
+            .interceptor(counter.clone())
+            .build();
+        let s3 = aws_sdk_s3::config::Builder::from(&self.base)
+            .region(r.clone())
+            .force_path_style(self.endpoint.is_some())
+            .interceptor(counter.clone())
+            .build();
+        let ssm = aws_sdk_ssm::config::Builder::from(&self.base)
+            .region(r.clone())
+            .interceptor(counter.clone())
+            .build();
+        let sts = aws_sdk_sts::config::Builder::from(&self.base)
+            .region(r)
+            .interceptor(counter)
+            .build();
+        let c = Clients {
+            region: region.to_string(),
+            ec2: aws_sdk_ec2::Client::from_conf(ec2),
+            rds: aws_sdk_rds::Client::from_conf(rds),
+            s3: aws_sdk_s3::Client::from_conf(s3),
+            ssm: aws_sdk_ssm::Client::from_conf(ssm),
+            sts: aws_sdk_sts::Client::from_conf(sts),
+        };
+        map.insert(region.to_string(), c.clone());
+        c
+    }
+}

@@ -1,0 +1,1100 @@
+//! The AWS provider: the same loop on RDS, S3 and EC2 through the official SDK.
+//!
+//! | kind | the copy | restore | teardown |
+//! |---|---|---|---|
+//! | `database` (postgres) | an RDS instance `dryrun-RUN-NAME`, not publicly accessible, in the run's security group | `RestoreDBInstanceFromDBSnapshot` of the latest available snapshot (or `--backup ID`), then a fresh master password | delete without final snapshot, automated backups deleted, wait until gone |
+//! | `bucket` | an S3 bucket `dryrun-RUN-NAME`, every public-access block on | server-side copies of the production bucket (or prefix), 16 at a time | delete every version and delete marker, delete the bucket |
+//! | `service` | an EC2 instance from the service's `aws.ami`, in the run's security group, user data from the install template | — | terminate, wait |
+//!
+//! Every resource is tagged at creation with `dryrun:run-id`, `dryrun:blueprint`,
+//! `dryrun:expires-at` and `dryrun:created-by` ([`names::tags`]). The run's security group
+//! (members only, no 0.0.0.0/0 ingress) is a run-level resource: it is created by the first
+//! resource that needs it and removed by [`Provider::sweep`] after the resources.
+//!
+//! # Guarantees
+//! - **Production is only read**: snapshots are listed, the production instance described, the
+//!   production bucket listed and copied from.
+//! - **The production guard**: every mutating call (modify, delete, terminate, put, tag) is
+//!   preceded by a look at the resource's live tags and refused with
+//!   [`ProviderError::Guard`] unless its `dryrun:run-id` is the run's own. `delete` works only
+//!   from a journaled record; `sweep` finds resources only by the run's tag.
+//! - **Idempotent creates**: names and the RunInstances `ClientToken` derive from the run id
+//!   and the resource; a retried create adopts what carries the run's tag (instances are
+//!   reconciled by tag before launching, because emulators ignore `ClientToken`).
+//! - **Every wait has a maximum** and its timeout names the resource and its last state
+//!   ([`wait`]).
+//!
+//! # Checks
+//! http and command checks run on the service's instance through SSM Run Command ([`ssm`]);
+//! sql checks run from the runner only when `providers.aws.runner_in_vpc` is set, else they
+//! are reported skipped. No code path connects to the copy's private addresses from the runner
+//! unless that setting says the runner is inside the VPC.
+
+pub mod clients;
+pub mod ec2;
+pub mod names;
+pub mod rds;
+pub mod s3;
+pub mod ssm;
+pub mod wait;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::blueprint::{AwsSettings, Blueprint, DatabaseSpec, Engine, ResourceSpec};
+use crate::provider::{
+    BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
+    Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ProviderError, RecordSink,
+    ResourceRecord, ResourceRequest, RunInfo, TaggedRun,
+};
+use crate::secret::Secret;
+use clients::{Clients, Connection};
+use names::{TAG_BLUEPRINT, TAG_EXPIRES, TAG_RUN};
+
+/// The user data used when a service has no `aws.user_data`: fetch the release through the
+/// presigned URL, run its install steps, start it, and leave a status file that the install
+/// wait reads through SSM.
+pub const DEFAULT_USER_DATA: &str = r#"#!/bin/sh
+# dryrun: service {{service}} of run {{run.id}}, release {{release.version}}
+mkdir -p /opt/dryrun/release /var/log/dryrun /var/lib/dryrun
+finish() { echo "$1 $2" > /var/lib/dryrun/status; exit 0; }
+umask 077
+cat > /opt/dryrun/env <<'DRYRUN_ENV'
+{{{env_exports}}}
+DRYRUN_ENV
+curl -fsS --retry 5 -o /opt/dryrun/release.tar.gz '{{{release.url}}}' > /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
+tar -xzf /opt/dryrun/release.tar.gz -C /opt/dryrun/release >> /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
+rel=/opt/dryrun/release
+[ -f "$rel/dryrun-release.yaml" ] || rel=$(dirname "$(ls -d /opt/dryrun/release/*/dryrun-release.yaml | head -n 1)")
+cd "$rel" || finish fetch 1
+. /opt/dryrun/env
+{{{install_steps}}}
+{{{start}}}
+finish install 0
+"#;
+
+/// Script run through SSM after the instance is running: waits for the user data's status
+/// file, reports a failed step with its log, then waits for the health check. Exit codes: 0
+/// healthy, 1 an install step failed, 2 unhealthy, 124 still installing at the deadline.
+const AWAIT_INSTALL: &str = r#"deadline=$(( $(date +%s) + {{secs}} ))
+while [ ! -f /var/lib/dryrun/status ]; do
+  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-step: boot"; tail -c 3500 /var/log/dryrun/*.log 2>/dev/null; exit 124; fi
+  sleep 2
+done
+read step code < /var/lib/dryrun/status
+if [ "$code" != 0 ]; then echo "dryrun-step: $step"; echo "dryrun-exit: $code"; tail -c 3500 "/var/log/dryrun/step-$step.log"; exit 1; fi
+{{#if health}}until curl -fsS -o /dev/null --max-time 5 'http://127.0.0.1:{{port}}{{{health}}}'; do
+  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-unhealthy: GET {{{health}}} never answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 2; fi
+  sleep 2
+done
+{{/if}}echo "dryrun-ready"
+"#;
+
+/// Marker line that the http check script prints before the response body.
+const HTTP_MARKER: &str = "__dryrun_http_status=";
+
+/// The AWS provider.
+pub struct AwsProvider {
+    conn: Connection,
+    region: String,
+    settings: AwsSettings,
+    subnet_hint: Option<String>,
+    db_sources: Vec<String>,
+    groups: tokio::sync::Mutex<HashMap<String, String>>,
+    sources: tokio::sync::Mutex<HashMap<String, Option<rds::Instance>>>,
+}
+
+impl std::fmt::Debug for AwsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsProvider")
+            .field("region", &self.region)
+            .field("endpoint", &self.conn.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn out(value: impl Into<String>) -> Output {
+    Output {
+        value: value.into(),
+        secret: false,
+    }
+}
+
+fn secret_out(value: impl Into<String>) -> Output {
+    Output {
+        value: value.into(),
+        secret: true,
+    }
+}
+
+impl AwsProvider {
+    /// Connects with the standard credential chain. `bp` (absent for cleanup) gives
+    /// `providers.aws` and hints for the VPC; `endpoint` (else `AWS_ENDPOINT_URL`) points at an
+    /// emulator.
+    ///
+    /// # Errors
+    /// When no region is configured.
+    pub async fn connect(
+        bp: Option<&Blueprint>,
+        endpoint: Option<String>,
+    ) -> Result<AwsProvider, ProviderError> {
+        let settings = bp.map(|b| b.aws.clone()).unwrap_or_default();
+        let conn = Connection::load(settings.region.clone(), endpoint).await;
+        let region = settings
+            .region
+            .clone()
+            .or_else(|| conn.default_region())
+            .ok_or_else(|| {
+                ProviderError::Other(
+                    "no AWS region: set AWS_REGION (or a profile's region) or providers.aws.region"
+                        .into(),
+                )
+            })?;
+        let mut subnet_hint = None;
+        let mut db_sources = Vec::new();
+        for r in bp.map(|b| b.resources.as_slice()).unwrap_or_default() {
+            match &r.spec {
+                ResourceSpec::Service(s) => {
+                    if subnet_hint.is_none() {
+                        subnet_hint = s.aws.as_ref().and_then(|a| a.subnet_id.clone());
+                    }
+                }
+                ResourceSpec::Database(d) => db_sources.push(d.source.clone()),
+                ResourceSpec::Bucket(_) => {}
+            }
+        }
+        Ok(AwsProvider {
+            conn,
+            region,
+            settings,
+            subnet_hint,
+            db_sources,
+            groups: tokio::sync::Mutex::new(HashMap::new()),
+            sources: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The region runs use.
+    #[must_use]
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    fn clients(&self) -> Clients {
+        self.conn.clients(&self.region)
+    }
+
+    fn clients_for(&self, record: &ResourceRecord) -> Clients {
+        self.conn.clients(
+            record
+                .data
+                .get("region")
+                .map_or(self.region.as_str(), String::as_str),
+        )
+    }
+
+    /// The production instance (described once; read only).
+    async fn source(&self, id: &str) -> Result<Option<rds::Instance>, ProviderError> {
+        let mut cache = self.sources.lock().await;
+        if let Some(s) = cache.get(id) {
+            return Ok(s.clone());
+        }
+        let found = rds::describe(&self.clients(), id).await?;
+        cache.insert(id.to_string(), found.clone());
+        Ok(found)
+    }
+
+    async fn vpc(&self) -> Result<String, ProviderError> {
+        let c = self.clients();
+        if let Some(v) = &self.settings.vpc_id {
+            return Ok(v.clone());
+        }
+        if let Some(s) = &self.subnet_hint {
+            return ec2::subnet_vpc(&c, s).await;
+        }
+        if let Some(src) = self.db_sources.first()
+            && let Some(inst) = self.source(src).await?
+            && let Some((_, Some(vpc))) = &inst.subnet_group
+        {
+            return Ok(vpc.clone());
+        }
+        ec2::default_vpc(&c).await
+    }
+
+    /// The run's security group, created on first use.
+    async fn group(&self, run: &RunInfo) -> Result<String, ProviderError> {
+        let mut groups = self.groups.lock().await;
+        if let Some(g) = groups.get(&run.run_id) {
+            return Ok(g.clone());
+        }
+        let vpc = self.vpc().await?;
+        let name = names::security_group_name(&run.run_id);
+        let runner_cidr = if self.settings.runner_in_vpc {
+            self.settings.runner_cidr.as_deref()
+        } else {
+            None
+        };
+        let id = ec2::create_group(
+            &self.clients(),
+            &name,
+            &vpc,
+            &names::tags(run, "run", &name),
+            &run.run_id,
+            runner_cidr,
+        )
+        .await?;
+        groups.insert(run.run_id.clone(), id.clone());
+        Ok(id)
+    }
+
+    fn run_id_of(record: &ResourceRecord) -> Result<&str, ProviderError> {
+        record
+            .data
+            .get("run_id")
+            .map(String::as_str)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                ProviderError::Guard(format!(
+                    "{} ({}): its journal record names no run",
+                    record.address, record.id
+                ))
+            })
+    }
+
+    async fn restore_database(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        db: &DatabaseSpec,
+        backup: &BackupInfo,
+        cancel: &CancellationToken,
+    ) -> Result<Outputs, ProviderError> {
+        let c = self.clients_for(record);
+        let sg = match record.data.get("security_group") {
+            Some(g) => g.clone(),
+            None => self.group(run).await?,
+        };
+        let subnet_group = match &self.settings.db_subnet_group {
+            Some(g) => Some(g.clone()),
+            None => self
+                .source(&db.source)
+                .await?
+                .and_then(|s| s.subnet_group.map(|(name, _)| name))
+                .filter(|n| !n.is_empty()),
+        };
+        let tags = names::tags(run, &record.address, &record.id);
+        let inst = rds::restore(
+            &c,
+            &rds::RestoreRequest {
+                id: &record.id,
+                snapshot: &backup.id,
+                security_group: &sg,
+                subnet_group: subnet_group.as_deref(),
+                class: self.settings.db_instance_class.as_deref(),
+                tags: &tags,
+                run_id: &run.run_id,
+                timeout: self.settings.restore_timeout,
+            },
+            cancel,
+        )
+        .await?;
+        // Production's credentials must not open the copy.
+        let password = Secret::generate(32);
+        run.redactor.register(&password);
+        let inst = rds::set_password(&c, &inst, &run.run_id, &password, cancel).await?;
+        let (host, port) = inst.endpoint.clone().ok_or_else(|| {
+            ProviderError::Other(format!("rds instance {} has no endpoint", inst.id))
+        })?;
+        let user = inst.master_user.unwrap_or_else(|| "postgres".into());
+        let mut o = Outputs::new();
+        o.insert("host".into(), out(&host));
+        o.insert("port".into(), out(port.to_string()));
+        o.insert("user".into(), out(&user));
+        o.insert("name".into(), out(&db.database));
+        o.insert("engine".into(), out("postgres"));
+        o.insert("backup_id".into(), out(&backup.id));
+        o.insert("password".into(), secret_out(password.expose()));
+        o.insert(
+            "url".into(),
+            secret_out(format!(
+                "postgres://{user}:{}@{host}:{port}/{}",
+                password.expose(),
+                db.database
+            )),
+        );
+        Ok(o)
+    }
+
+    fn user_data(
+        run: &RunInfo,
+        req: &InstallRequest<'_>,
+        template: &str,
+        url: &str,
+        port: u16,
+    ) -> Result<String, ProviderError> {
+        let mut env = req.env.clone();
+        env.insert("PORT".into(), port.to_string());
+        env.insert("DRYRUN_RUN_ID".into(), run.run_id.clone());
+        env.insert(
+            "DRYRUN_RELEASE_VERSION".into(),
+            req.release.manifest.version.clone(),
+        );
+        let env_exports: Vec<String> = env
+            .iter()
+            .map(|(k, v)| format!("export {k}={}", ssm::quote(v)))
+            .collect();
+        let steps: Vec<String> = req
+            .release
+            .manifest
+            .install
+            .iter()
+            .map(|s| {
+                let name: String = s
+                    .name
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                    .collect();
+                format!(
+                    "timeout {} sh -c {} > /var/log/dryrun/step-{name}.log 2>&1 || finish {name} $?",
+                    s.timeout.as_secs().max(1),
+                    ssm::quote(&s.run)
+                )
+            })
+            .collect();
+        let start = req
+            .start
+            .clone()
+            .or_else(|| req.release.manifest.start.clone())
+            .map(|s| {
+                format!(
+                    "nohup setsid sh -c {} > /var/log/dryrun/app.log 2>&1 < /dev/null &",
+                    ssm::quote(&s)
+                )
+            })
+            .unwrap_or_default();
+        let ctx = json!({
+            "run": {"id": run.run_id, "blueprint": run.blueprint},
+            "service": req.record.address.trim_start_matches("service."),
+            "port": port,
+            "release": {
+                "ref": req.release.reference,
+                "version": req.release.manifest.version,
+                "git_sha": req.release.manifest.git_sha.clone().unwrap_or_default(),
+                "url": url,
+            },
+            "env_exports": env_exports.join("\n"),
+            "install_steps": steps.join("\n"),
+            "start": start,
+        });
+        let text = crate::blueprint::template::render(template, &ctx).map_err(|e| {
+            ProviderError::Other(format!(
+                "{}: aws.user_data cannot be rendered: {e}",
+                req.record.address
+            ))
+        })?;
+        if text.len() > 16 * 1024 {
+            return Err(ProviderError::Other(format!(
+                "{}: the user data is {} bytes; EC2 allows 16 KiB",
+                req.record.address,
+                text.len()
+            )));
+        }
+        Ok(text)
+    }
+
+    /// The instance a check runs on: the service whose address the URL names, else the first.
+    fn instance_for<'r>(
+        records: &'r [ResourceRecord],
+        url: Option<&str>,
+    ) -> Option<&'r ResourceRecord> {
+        let services: Vec<&ResourceRecord> = records
+            .iter()
+            .filter(|r| r.kind == "service" && r.data.contains_key("instance_id"))
+            .collect();
+        url.and_then(|u| {
+            services.iter().copied().find(|r| {
+                r.data.get("private_ip").is_some_and(|ip| {
+                    u.contains(&format!("//{ip}:")) || u.contains(&format!("//{ip}/"))
+                })
+            })
+        })
+        .or_else(|| services.first().copied())
+    }
+}
+
+fn parse_http(stdout: &str) -> Option<(u16, String)> {
+    let (first, rest) = stdout.split_once('\n').unwrap_or((stdout, ""));
+    let status = first.trim().strip_prefix(HTTP_MARKER)?;
+    let code = status.split_whitespace().next()?.parse().ok()?;
+    Some((code, rest.to_string()))
+}
+
+#[async_trait]
+impl Provider for AwsProvider {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    async fn find_backup(
+        &self,
+        db: &DatabaseSpec,
+        pick: &BackupPick,
+    ) -> Result<BackupInfo, ProviderError> {
+        if db.engine != Engine::Postgres {
+            return Err(ProviderError::Other(format!(
+                "engine `{}` is not available on AWS; the AWS provider restores RDS PostgreSQL (`engine: postgres`)",
+                db.engine.as_str()
+            )));
+        }
+        rds::find_snapshot(&self.clients(), &db.source, pick).await
+    }
+
+    fn plan_record(&self, run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord {
+        let mut data = BTreeMap::new();
+        data.insert("run_id".into(), run.run_id.clone());
+        data.insert("region".into(), self.region.clone());
+        let (kind, id) = match req {
+            ResourceRequest::Database(d) => {
+                data.insert("source".into(), d.source.clone());
+                data.insert(
+                    "security_group_name".into(),
+                    names::security_group_name(&run.run_id),
+                );
+                ("database", names::db_instance_id(&run.run_id, name))
+            }
+            ResourceRequest::Bucket(b) => {
+                data.insert("source".into(), b.source.clone());
+                ("bucket", names::bucket_name(&run.run_id, name))
+            }
+            ResourceRequest::Service(_) => {
+                let token = names::client_token(&run.run_id, name);
+                data.insert("client_token".into(), token.clone());
+                data.insert(
+                    "security_group_name".into(),
+                    names::security_group_name(&run.run_id),
+                );
+                ("service", token)
+            }
+        };
+        ResourceRecord {
+            address: format!("{kind}.{name}"),
+            kind: kind.into(),
+            id,
+            data,
+        }
+    }
+
+    async fn create(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+    ) -> Result<Created, ProviderError> {
+        let mut record = record.clone();
+        let mut outputs = Outputs::new();
+        match req {
+            ResourceRequest::Database(d) => {
+                // The instance itself is made by the restore (RDS restores into a new instance).
+                let sg = self.group(run).await?;
+                record.data.insert("security_group".into(), sg);
+                outputs.insert("engine".into(), out("postgres"));
+                outputs.insert("name".into(), out(&d.database));
+            }
+            ResourceRequest::Bucket(_) => {
+                let tags = names::tags(run, &record.address, &record.id);
+                s3::create(&self.clients(), &record.id, &tags, &run.run_id).await?;
+                outputs.insert("name".into(), out(&record.id));
+                outputs.insert("url".into(), out(format!("s3://{}", record.id)));
+                outputs.insert("path".into(), out(format!("s3://{}/", record.id)));
+            }
+            ResourceRequest::Service(s) => {
+                let ok = s.aws.as_ref().is_some_and(|a| !a.ami.is_empty());
+                if !ok {
+                    return Err(ProviderError::Other(format!(
+                        "{} has no `aws.ami`: give the service an `aws:` block with the AMI to run (e.g. `ami: \"{{{{params.ami}}}}\"`)",
+                        record.address
+                    )));
+                }
+                // The instance is launched by install, when its user data can be rendered.
+                let sg = self.group(run).await?;
+                record.data.insert("security_group".into(), sg);
+            }
+        }
+        Ok(Created { record, outputs })
+    }
+
+    async fn restore(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+    ) -> Result<Outputs, ProviderError> {
+        match req {
+            ResourceRequest::Database(db) => {
+                let backup = backup.ok_or_else(|| {
+                    ProviderError::NoBackup(format!("{}: no snapshot chosen", record.address))
+                })?;
+                self.restore_database(run, record, db, backup, cancel).await
+            }
+            ResourceRequest::Bucket(b) => {
+                let c = self.clients_for(record);
+                let copied =
+                    s3::copy_all(&c, &b.source, b.prefix.as_deref(), &record.id, cancel).await?;
+                tracing::debug!(bucket = %record.id, objects = copied.objects, bytes = copied.bytes, "bucket copied");
+                Ok(Outputs::new())
+            }
+            ResourceRequest::Service(_) => Ok(Outputs::new()),
+        }
+    }
+
+    async fn install(
+        &self,
+        run: &RunInfo,
+        req: InstallRequest<'_>,
+        sink: &dyn RecordSink,
+    ) -> Result<Installed, ProviderError> {
+        let started = Instant::now();
+        let address = req.record.address.clone();
+        let aws = req
+            .spec
+            .aws
+            .clone()
+            .ok_or_else(|| ProviderError::Other(format!("{address} has no `aws:` block")))?;
+        let (bucket, key) = names::parse_s3_url(&req.release.reference).ok_or_else(|| {
+            ProviderError::Other(format!(
+                "on AWS the release must be an S3 object: --release s3://BUCKET/KEY (got `{}`)",
+                req.release.reference
+            ))
+        })?;
+        let c = self.clients_for(req.record);
+        let ttl = (run.expires_at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::from_secs(3600))
+            .clamp(Duration::from_secs(900), Duration::from_secs(7 * 24 * 3600));
+        let url = s3::presign_get(&c, &bucket, &key, ttl).await?;
+        let template = aws.user_data.as_deref().unwrap_or(DEFAULT_USER_DATA);
+        let user_data = Self::user_data(run, &req, template, &url, aws.port)?;
+        let mut record = req.record.clone();
+        let sg = match record.data.get("security_group") {
+            Some(g) => g.clone(),
+            None => self.group(run).await?,
+        };
+
+        // Reconcile by tag first: a retried install must not make a second instance, and
+        // emulators ignore ClientToken.
+        let mut existing = ec2::tagged(&c, Some(&run.run_id), Some(&address)).await?;
+        let inst = if existing.is_empty() {
+            let tags = names::tags(run, &address, &record.id);
+            ec2::launch(
+                &c,
+                &ec2::Launch {
+                    ami: &aws.ami,
+                    instance_type: &aws.instance_type,
+                    subnet: aws.subnet_id.as_deref(),
+                    security_group: &sg,
+                    client_token: record.data.get("client_token").map_or(&record.id, |t| t),
+                    user_data: &user_data,
+                    profile: self.settings.instance_profile.as_deref(),
+                    tags: &tags,
+                },
+            )
+            .await?
+        } else {
+            let keep = existing.remove(0);
+            ec2::terminate(&c, &existing, &run.run_id).await?;
+            keep
+        };
+        record.id.clone_from(&inst.id);
+        record.data.insert("instance_id".into(), inst.id.clone());
+        sink.update(&record)
+            .map_err(ProviderError::io("journal the instance id"))?;
+        let launched = started.elapsed();
+
+        let deadline = started + req.ready_timeout;
+        let running = ec2::wait_running(&c, &inst.id, req.ready_timeout, &req.cancel).await?;
+        let ip = running.private_ip.clone().unwrap_or_default();
+        record.data.insert("private_ip".into(), ip.clone());
+        sink.update(&record)
+            .map_err(ProviderError::io("journal the instance address"))?;
+        let ran = started.elapsed();
+
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(30));
+        let health = req.release.manifest.health.as_ref().map(|h| h.http.clone());
+        let script = crate::blueprint::template::render(
+            AWAIT_INSTALL,
+            &json!({"secs": remaining.as_secs(), "port": aws.port, "health": health.clone().unwrap_or_default()}),
+        )
+        .map_err(ProviderError::Other)?;
+        let inv = ssm::run(
+            &c,
+            &inst.id,
+            &format!("dryrun {} install of {address}", run.run_id),
+            &script,
+            remaining + Duration::from_secs(30),
+            &req.cancel,
+        )
+        .await?;
+        let output = run.redactor.redact(&crate::provider::local::process::tail(
+            &format!("{}{}", inv.stdout, inv.stderr),
+            4000,
+        ));
+        match inv.exit_code {
+            0 => {}
+            1 | 124 => {
+                let step = inv
+                    .stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix("dryrun-step: "))
+                    .unwrap_or("install")
+                    .to_string();
+                let status = if inv.exit_code == 124 {
+                    format!(
+                        "still running after {}",
+                        humantime::format_duration(remaining)
+                    )
+                } else {
+                    inv.stdout
+                        .lines()
+                        .find_map(|l| l.strip_prefix("dryrun-exit: "))
+                        .map_or_else(|| "failed".to_string(), |c| format!("exit code {c}"))
+                };
+                return Err(ProviderError::InstallStep {
+                    step,
+                    status: format!("{status}; {}", inv.via(&inst.id)),
+                    output,
+                });
+            }
+            2 => {
+                return Err(ProviderError::Unhealthy {
+                    address,
+                    reason: format!("{} reported:\n{output}", inv.via(&inst.id)),
+                });
+            }
+            code => {
+                return Err(ProviderError::Other(format!(
+                    "{address}: the install wait ({}) ended `{}` with exit code {code}:\n{output}",
+                    inv.via(&inst.id),
+                    inv.status
+                )));
+            }
+        }
+        let mut outputs = Outputs::new();
+        outputs.insert("host".into(), out(&ip));
+        outputs.insert("port".into(), out(aws.port.to_string()));
+        outputs.insert("url".into(), out(format!("http://{ip}:{}", aws.port)));
+        outputs.insert("dir".into(), out("/opt/dryrun/release"));
+        Ok(Installed {
+            record,
+            outputs,
+            steps: vec![
+                ("run-instances".into(), launched),
+                ("wait-running".into(), ran - launched),
+                ("install-and-health (SSM)".into(), started.elapsed() - ran),
+            ],
+        })
+    }
+
+    async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError> {
+        let run_id = Self::run_id_of(record)?;
+        let c = self.clients_for(record);
+        match record.kind.as_str() {
+            "database" => rds::delete(&c, &record.id, run_id).await,
+            "bucket" => s3::delete(&c, &record.id, run_id).await,
+            "service" => {
+                let mut found = ec2::tagged(&c, Some(run_id), Some(&record.address)).await?;
+                if record.id.starts_with("i-") && !found.iter().any(|i| i.id == record.id) {
+                    found.extend(
+                        ec2::describe(&c, std::slice::from_ref(&record.id))
+                            .await?
+                            .into_iter()
+                            .filter(|i| i.state != "terminated"),
+                    );
+                }
+                if found.is_empty() {
+                    return Ok(Deleted::AlreadyGone);
+                }
+                ec2::terminate(&c, &found, run_id).await?;
+                Ok(Deleted::Destroyed)
+            }
+            other => Err(ProviderError::Other(format!(
+                "{}: unknown resource kind `{other}`",
+                record.address
+            ))),
+        }
+    }
+
+    async fn sweep(&self, run_id: &str, remove: bool) -> Result<Vec<Orphan>, ProviderError> {
+        let c = self.clients();
+        let instances = ec2::tagged(&c, Some(run_id), None).await?;
+        let databases = rds::tagged(&c, Some(run_id)).await?;
+        let buckets = s3::tagged(&c, Some(run_id)).await?;
+        let groups = ec2::groups(&c, Some(run_id), None).await?;
+        let mut found = Vec::new();
+        let mut push = |id: String, r: Result<(), ProviderError>| {
+            found.push(Orphan {
+                id,
+                removed: remove && r.is_ok(),
+                reason: r.err().map(|e| e.to_string()),
+            });
+        };
+        // Dependency order: instances, databases, buckets, then the group they used.
+        let ids: Vec<String> = instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "ec2 instance {} ({})",
+                    i.id,
+                    names::tag_value(
+                        i.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                        names::TAG_RESOURCE
+                    )
+                    .unwrap_or("?")
+                )
+            })
+            .collect();
+        let r = if remove {
+            ec2::terminate(&c, &instances, run_id).await
+        } else {
+            Ok(())
+        };
+        for id in ids {
+            push(
+                id,
+                r.as_ref()
+                    .copied()
+                    .map_err(|e| ProviderError::Other(e.to_string())),
+            );
+        }
+        for d in &databases {
+            let r = if remove {
+                rds::delete(&c, &d.id, run_id).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            push(format!("rds instance {} ({})", d.id, d.status), r);
+        }
+        for (b, _) in &buckets {
+            let r = if remove {
+                s3::delete(&c, b, run_id).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            push(format!("s3 bucket {b}"), r);
+        }
+        for g in &groups {
+            let r = if remove {
+                ec2::delete_group(&c, g, run_id).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            push(format!("security group {}", g.id), r);
+        }
+        if remove {
+            self.groups.lock().await.remove(run_id);
+        }
+        Ok(found)
+    }
+
+    async fn probe(
+        &self,
+        run: &RunInfo,
+        req: ProbeRequest<'_>,
+    ) -> Result<ProbeOutcome, ProviderError> {
+        let url = match req.probe {
+            Probe::Sql { database, .. } => {
+                return Ok(if self.settings.runner_in_vpc {
+                    ProbeOutcome::Local
+                } else {
+                    ProbeOutcome::Skipped(format!(
+                        "skipped: not run, the runner cannot reach database.{database}'s private endpoint; set providers.aws.runner_in_vpc: true when dryrun runs inside the VPC, or check through a command check on the instance"
+                    ))
+                });
+            }
+            Probe::Http { url, .. } => Some(url.as_str()),
+            Probe::Command { .. } => None,
+        };
+        let Some(target) = Self::instance_for(req.records, url) else {
+            return Ok(ProbeOutcome::Skipped(
+                "skipped: this run has no service instance to run the check on through SSM".into(),
+            ));
+        };
+        let instance = target.data.get("instance_id").cloned().unwrap_or_default();
+        let c = self.clients_for(target);
+        let cancel = CancellationToken::new();
+        let comment = format!("dryrun {} check {}", run.run_id, req.check);
+        match req.probe {
+            Probe::Http {
+                method,
+                url,
+                headers,
+                body,
+            } => {
+                let mut cmd = format!(
+                    "body=$(mktemp); code=$(curl -sS -o \"$body\" -w '%{{http_code}}' --max-time {} -X {}",
+                    req.timeout.as_secs().max(1),
+                    ssm::quote(method)
+                );
+                for (k, v) in headers {
+                    cmd.push_str(&format!(" -H {}", ssm::quote(&format!("{k}: {v}"))));
+                }
+                if let Some(b) = body {
+                    cmd.push_str(&format!(" --data-binary {}", ssm::quote(b)));
+                }
+                cmd.push_str(&format!(
+                    " {}); rc=$?; echo \"{HTTP_MARKER}$code curl_exit=$rc\"; cat \"$body\"; rm -f \"$body\"; exit $rc",
+                    ssm::quote(url)
+                ));
+                let inv = ssm::run(&c, &instance, &comment, &cmd, req.timeout, &cancel).await?;
+                let via = inv.via(&instance);
+                match parse_http(&inv.stdout) {
+                    Some((status, body)) if inv.exit_code == 0 => Ok(ProbeOutcome::Remote {
+                        answer: ProbeAnswer::Http { status, body },
+                        via,
+                    }),
+                    Some(_) => Err(ProviderError::Other(format!(
+                        "{method} {url} from {instance}: curl exit code {}: {}",
+                        inv.exit_code,
+                        inv.stderr.trim()
+                    ))),
+                    None => Err(ProviderError::Other(format!(
+                        "{via} ended `{}` with exit code {} but printed no result: the script did not run on the instance (an emulator such as moto accepts commands without running them)",
+                        inv.status, inv.exit_code
+                    ))),
+                }
+            }
+            Probe::Command { run: script } => {
+                let inv = ssm::run(&c, &instance, &comment, script, req.timeout, &cancel).await?;
+                if !matches!(inv.status.as_str(), "Success" | "Failed") {
+                    return Err(ProviderError::Other(format!(
+                        "{} ended `{}`: {}",
+                        inv.via(&instance),
+                        inv.status,
+                        inv.stderr.trim()
+                    )));
+                }
+                Ok(ProbeOutcome::Remote {
+                    via: inv.via(&instance),
+                    answer: ProbeAnswer::Command {
+                        exit_code: Some(inv.exit_code),
+                        output: format!("{}{}", inv.stdout, inv.stderr),
+                    },
+                })
+            }
+            Probe::Sql { .. } => Ok(ProbeOutcome::Local),
+        }
+    }
+
+    async fn fetch_release(
+        &self,
+        reference: &str,
+        dir: &Path,
+    ) -> Result<Option<PathBuf>, ProviderError> {
+        let Some((bucket, key)) = names::parse_s3_url(reference) else {
+            return Ok(None);
+        };
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(reference.as_bytes());
+        let base = key.rsplit('/').next().unwrap_or("release.tar.gz");
+        let dest = dir.join(format!("{}-{base}", hex::encode(&digest[..6])));
+        s3::download(&self.clients(), &bucket, &key, &dest).await?;
+        Ok(Some(dest))
+    }
+
+    async fn tagged_runs(&self) -> Result<Vec<TaggedRun>, ProviderError> {
+        let c = self.clients();
+        let mut all: Vec<Vec<(String, String)>> = Vec::new();
+        all.extend(
+            ec2::tagged(&c, None, None)
+                .await?
+                .into_iter()
+                .map(|i| i.tags),
+        );
+        all.extend(rds::tagged(&c, None).await?.into_iter().map(|i| i.tags));
+        all.extend(s3::tagged(&c, None).await?.into_iter().map(|(_, t)| t));
+        all.extend(
+            ec2::groups(&c, None, None)
+                .await?
+                .into_iter()
+                .map(|g| g.tags),
+        );
+        let mut runs: BTreeMap<String, TaggedRun> = BTreeMap::new();
+        for tags in all {
+            let get =
+                |k: &str| names::tag_value(tags.iter().map(|(a, b)| (a.as_str(), b.as_str())), k);
+            let Some(run_id) = get(TAG_RUN) else { continue };
+            let entry = runs.entry(run_id.to_string()).or_insert_with(|| TaggedRun {
+                run_id: run_id.to_string(),
+                blueprint: None,
+                expires_at: None,
+            });
+            if entry.blueprint.is_none() {
+                entry.blueprint = get(TAG_BLUEPRINT).map(ToString::to_string);
+            }
+            if let Some(e) = get(TAG_EXPIRES).and_then(|t| DateTime::parse_from_rfc3339(t).ok()) {
+                let e = e.with_timezone(&Utc);
+                entry.expires_at = Some(entry.expires_at.map_or(e, |x| x.min(e)));
+            }
+        }
+        Ok(runs.into_values().collect())
+    }
+
+    async fn describe_target(&self) -> Result<Option<String>, ProviderError> {
+        let who = self
+            .clients()
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(names::api("read the account id (sts:GetCallerIdentity)"))?;
+        let mut line = format!(
+            "aws: region {}, account {}",
+            self.region,
+            who.account().unwrap_or("?")
+        );
+        if let Some(e) = &self.conn.endpoint {
+            line.push_str(&format!(", endpoint {e}"));
+        }
+        Ok(Some(line))
+    }
+
+    fn api_calls(&self) -> BTreeMap<String, u64> {
+        self.conn.calls()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(runner_in_vpc: bool) -> AwsProvider {
+        let text = format!(
+            "name: t\nproviders:\n  aws:\n    region: eu-west-1\n    runner_in_vpc: {runner_in_vpc}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: prod\n"
+        );
+        let bp = crate::blueprint::compile(Path::new("t.yaml"), &text, &BTreeMap::new()).unwrap();
+        // The endpoint is never contacted: probes of sql checks and of runs without instances
+        // are decided without a request.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(AwsProvider::connect(
+            Some(&bp),
+            Some("http://127.0.0.1:9".into()),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn sql_checks_are_skipped_unless_the_runner_is_in_the_vpc() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let run = RunInfo {
+            run_id: "t-1".into(),
+            blueprint: "t".into(),
+            expires_at: Utc::now(),
+            log_dir: PathBuf::from("/nonexistent"),
+            redactor: crate::secret::Redactor::new(),
+        };
+        let sql = Probe::Sql {
+            database: "db".into(),
+            query: "select 1".into(),
+        };
+        let req = |p: &'static Probe| ProbeRequest {
+            check: "c",
+            probe: p,
+            records: &[],
+            timeout: Duration::from_secs(5),
+        };
+        let sql: &'static Probe = Box::leak(Box::new(sql));
+        let outside = provider(false);
+        assert_eq!(outside.region(), "eu-west-1");
+        match rt.block_on(outside.probe(&run, req(sql))).unwrap() {
+            ProbeOutcome::Skipped(why) => assert!(why.contains("runner_in_vpc"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let inside = provider(true);
+        assert_eq!(
+            rt.block_on(inside.probe(&run, req(sql))).unwrap(),
+            ProbeOutcome::Local
+        );
+        // An http check with no instance to run on is skipped, never sent to the private URL.
+        let http: &'static Probe = Box::leak(Box::new(Probe::Http {
+            method: "GET".into(),
+            url: "http://10.0.0.5:8080/".into(),
+            headers: Vec::new(),
+            body: None,
+        }));
+        assert!(matches!(
+            rt.block_on(outside.probe(&run, req(http))).unwrap(),
+            ProbeOutcome::Skipped(_)
+        ));
+    }
+
+    #[test]
+    fn http_result_is_parsed_from_the_marker_line() {
+        assert_eq!(
+            parse_http("__dryrun_http_status=200 curl_exit=0\n{\"ok\":true}"),
+            Some((200, "{\"ok\":true}".into()))
+        );
+        assert_eq!(parse_http(""), None);
+    }
+
+    #[test]
+    fn default_user_data_renders_with_quoted_env_and_steps() {
+        let rel = tempfile::tempdir().unwrap();
+        std::fs::write(
+            rel.path().join("dryrun-release.yaml"),
+            "version: \"2.0\"\ninstall:\n  - name: migrate\n    run: ./migrate 'x'\nstart: ./serve\n",
+        )
+        .unwrap();
+        let release = crate::release::Release::load(rel.path().to_str().unwrap()).unwrap();
+        let run = RunInfo {
+            run_id: "shop-1".into(),
+            blueprint: "shop".into(),
+            expires_at: Utc::now(),
+            log_dir: rel.path().into(),
+            redactor: crate::secret::Redactor::new(),
+        };
+        let record = ResourceRecord {
+            address: "service.app".into(),
+            kind: "service".into(),
+            id: "t".into(),
+            data: BTreeMap::new(),
+        };
+        let spec = crate::blueprint::ServiceSpec {
+            env: BTreeMap::new(),
+            start: None,
+            ready_timeout: Duration::from_secs(60),
+            aws: None,
+        };
+        let req = InstallRequest {
+            record: &record,
+            spec: &spec,
+            release: &release,
+            env: BTreeMap::from([(
+                "DATABASE_URL".to_string(),
+                "postgres://u:p'w@h/db".to_string(),
+            )]),
+            start: None,
+            ready_timeout: Duration::from_secs(60),
+            cancel: CancellationToken::new(),
+        };
+        let text =
+            AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r?a=1&b=2", 8080)
+                .unwrap();
+        assert!(text.starts_with("#!/bin/sh\n"), "{text}");
+        assert!(
+            text.contains(r"export DATABASE_URL='postgres://u:p'\''w@h/db'"),
+            "{text}"
+        );
+        assert!(text.contains(r"timeout 600 sh -c './migrate '\''x'\''' > /var/log/dryrun/step-migrate.log 2>&1 || finish migrate $?"), "{text}");
+        assert!(text.contains("nohup setsid sh -c './serve'"), "{text}");
+        assert!(text.contains("'http://x/r?a=1&b=2'"), "{text}");
+    }
+}

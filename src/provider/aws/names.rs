@@ -1,0 +1,251 @@
+//! Names, tags and error text: everything that makes a created resource recognisable as this
+//! run's, from another process and without a journal.
+
+use std::fmt::Write as _;
+
+use sha2::{Digest, Sha256};
+
+use crate::provider::{ProviderError, RunInfo};
+
+/// Tag that carries the run id. Cleanup by tag and the production guard key on it.
+pub const TAG_RUN: &str = "dryrun:run-id";
+/// Tag with the blueprint name.
+pub const TAG_BLUEPRINT: &str = "dryrun:blueprint";
+/// Tag with the time after which `dryrun cleanup --expired` may reap the resource (RFC 3339).
+pub const TAG_EXPIRES: &str = "dryrun:expires-at";
+/// Tag naming the tool and version that created the resource.
+pub const TAG_CREATED_BY: &str = "dryrun:created-by";
+/// Tag with the blueprint address (`service.app`), used to reconcile retried creates.
+pub const TAG_RESOURCE: &str = "dryrun:resource";
+
+/// Prefix of every name dryrun gives a resource.
+pub const PREFIX: &str = "dryrun-";
+
+/// The tags every created resource carries, in order: run id, blueprint, expiry, creator,
+/// resource address, `Name`.
+#[must_use]
+pub fn tags(run: &RunInfo, address: &str, name: &str) -> Vec<(String, String)> {
+    vec![
+        (TAG_RUN.into(), run.run_id.clone()),
+        (TAG_BLUEPRINT.into(), run.blueprint.clone()),
+        (
+            TAG_EXPIRES.into(),
+            run.expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
+        (
+            TAG_CREATED_BY.into(),
+            format!("dryrun {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (TAG_RESOURCE.into(), address.into()),
+        ("Name".into(), name.into()),
+    ]
+}
+
+/// A name made of lower-case letters, digits and single hyphens, at most `max` characters,
+/// starting with a letter. Deterministic; long inputs keep their start and get a hash suffix,
+/// so two different inputs never collapse into the same name.
+#[must_use]
+pub fn dns_name(parts: &[&str], max: usize) -> String {
+    let joined = parts.join("-");
+    let mut s = String::with_capacity(joined.len());
+    for c in joined.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if c == '-' && (s.is_empty() || s.ends_with('-')) {
+            continue;
+        }
+        s.push(c);
+    }
+    while s.ends_with('-') {
+        s.pop();
+    }
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        s.insert_str(0, "d-");
+    }
+    if s.len() > max {
+        let digest = Sha256::digest(joined.as_bytes());
+        let mut h = String::new();
+        for b in &digest[..4] {
+            let _ = write!(h, "{b:02x}");
+        }
+        s.truncate(max - h.len() - 1);
+        while s.ends_with('-') {
+            s.pop();
+        }
+        s.push('-');
+        s.push_str(&h);
+    }
+    s
+}
+
+/// RDS instance identifier of a database resource (63 characters at most).
+#[must_use]
+pub fn db_instance_id(run_id: &str, name: &str) -> String {
+    dns_name(&["dryrun", run_id, name], 63)
+}
+
+/// S3 bucket name of a bucket resource (valid and deterministic; 63 characters at most).
+#[must_use]
+pub fn bucket_name(run_id: &str, name: &str) -> String {
+    dns_name(&["dryrun", run_id, name], 63)
+}
+
+/// Name of the run's security group.
+#[must_use]
+pub fn security_group_name(run_id: &str) -> String {
+    dns_name(&["dryrun", run_id], 255)
+}
+
+/// `ClientToken` of a service's RunInstances (64 characters at most): a retried create with the
+/// same token makes no second instance on AWS.
+#[must_use]
+pub fn client_token(run_id: &str, name: &str) -> String {
+    dns_name(&["dryrun", run_id, name], 64)
+}
+
+/// `s3://BUCKET/KEY` → (bucket, key).
+#[must_use]
+pub fn parse_s3_url(s: &str) -> Option<(String, String)> {
+    let rest = s.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/')?;
+    (!bucket.is_empty() && !key.is_empty()).then(|| (bucket.to_string(), key.to_string()))
+}
+
+/// The value of `key` in a tag list.
+pub fn tag_value<'a>(
+    tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    key: &str,
+) -> Option<&'a str> {
+    tags.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+/// The production guard: a mutation is allowed only on a resource whose `dryrun:run-id` tag is
+/// the run's own. `what` names the resource (`rds instance prod-db`).
+///
+/// # Errors
+/// [`ProviderError::Guard`] naming the resource and what its tag says.
+pub fn guard(what: &str, run_id: &str, tag: Option<&str>) -> Result<(), ProviderError> {
+    match tag {
+        Some(t) if t == run_id && !run_id.is_empty() => Ok(()),
+        Some(t) => Err(ProviderError::Guard(format!(
+            "{what}: its {TAG_RUN} tag is `{t}`, not `{run_id}`"
+        ))),
+        None => Err(ProviderError::Guard(format!(
+            "{what}: it has no {TAG_RUN} tag"
+        ))),
+    }
+}
+
+/// A readable message for an SDK error: the service's code and message when there is one,
+/// else the full error chain.
+pub fn sdk_message<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata as _;
+    match (e.code(), e.message()) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.to_string(),
+        _ => aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+    }
+}
+
+/// The service's error code of an SDK error, if any.
+pub fn sdk_code<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> Option<&str>
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata as _;
+    e.code()
+}
+
+/// Wraps an SDK error as a provider error that says what was being done.
+pub fn api<E, R>(
+    what: impl std::fmt::Display,
+) -> impl FnOnce(aws_sdk_s3::error::SdkError<E, R>) -> ProviderError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    move |e| ProviderError::Other(format!("{what}: {}", sdk_message(&e)))
+}
+
+/// Standard base64 (user data must be base64 in RunInstances).
+#[must_use]
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_valid_deterministic_and_bounded() {
+        let id = "shop_blue-20261122-025412-0503";
+        let b = bucket_name(id, "assets");
+        assert_eq!(b, "dryrun-shop-blue-20261122-025412-0503-assets");
+        assert_eq!(b, bucket_name(id, "assets"));
+        let long = bucket_name(&"x".repeat(80), "assets");
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(long, bucket_name(&"x".repeat(81), "assets"));
+        assert!(!long.contains("--") && !long.ends_with('-'));
+        assert!(client_token(&"y".repeat(100), "app").len() <= 64);
+    }
+
+    #[test]
+    fn guard_refuses_untagged_and_foreign_resources() {
+        assert!(guard("rds instance a", "r1", Some("r1")).is_ok());
+        let e = guard("rds instance prod-db", "r1", None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "refusing to modify rds instance prod-db: it has no dryrun:run-id tag: it was not created by this run"
+        );
+        let e = guard("s3 bucket x", "r1", Some("r2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`r2`"), "{e}");
+    }
+
+    #[test]
+    fn s3_urls_and_base64() {
+        assert_eq!(
+            parse_s3_url("s3://b/k/x.tar.gz"),
+            Some(("b".into(), "k/x.tar.gz".into()))
+        );
+        assert_eq!(parse_s3_url("s3://b/"), None);
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64(b"hi!"), "aGkh");
+        assert_eq!(base64(b"h"), "aA==");
+    }
+}

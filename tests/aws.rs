@@ -1,0 +1,958 @@
+//! The AWS provider end to end against moto server: the real `dryrun` binary, the emulator's
+//! real state read back with describe/list calls and its request recorder.
+//!
+//! What moto cannot do, and how these tests treat it: SSM commands are accepted and reported
+//! `Success` with exit code 0 and empty output, but nothing runs — so command checks "pass"
+//! with moto's exit code, http checks fail with "printed no result", and the tests assert
+//! exactly that; instance and database addresses are fake private addresses that nothing
+//! connects to (sql checks are skipped because `runner_in_vpc` is off); `ClientToken` is
+//! ignored (reconciliation by tags is tested instead); `PubliclyAccessible=false` is not
+//! stored by moto's restore, so the request itself is checked in the recorder.
+
+mod common;
+#[path = "aws/moto.rs"]
+mod moto;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use moto::{Moto, PROD_BUCKET, PROD_DB, PROD_PASSWORD, SNAPSHOTS};
+
+const RELEASE: &str = "s3://shop-releases/shop-2.0.0.tar.gz";
+
+fn dryrun_aws(m: &Moto, state: &Path) -> Command {
+    let mut c = dryrun(state);
+    m.env(&mut c);
+    c
+}
+
+/// `dryrun run` of a blueprint against the emulator with the fixture params.
+fn run_args(m: &Moto, blueprint: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "run".into(),
+        blueprint.into(),
+        "--provider".into(),
+        "aws".into(),
+        "--release".into(),
+        RELEASE.into(),
+        "--param".into(),
+        format!("source_db={PROD_DB}"),
+        "--param".into(),
+        format!("assets_bucket={PROD_BUCKET}"),
+        "--param".into(),
+        format!("ami={}", m.ami),
+        "--json".into(),
+    ];
+    v.extend(extra.iter().map(ToString::to_string));
+    v
+}
+
+fn report_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not a report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A small blueprint like the reference one, with the given checks.
+fn blueprint(dir: &Path, checks: &str) -> PathBuf {
+    let p = dir.join("app.yaml");
+    let text = [
+        "name: app",
+        "params:",
+        "  source_db: {default: shop-prod}",
+        "  assets_bucket: {default: shop-prod-assets}",
+        "  ami: {default: \"\"}",
+        "resources:",
+        "  db:",
+        "    type: database",
+        "    engine: postgres",
+        "    source: \"{{params.source_db}}\"",
+        "    database: shop",
+        "  assets:",
+        "    type: bucket",
+        "    source: \"{{params.assets_bucket}}\"",
+        "    prefix: img/",
+        "  app:",
+        "    type: service",
+        "    env:",
+        "      DATABASE_URL: \"{{resources.db.url}}\"",
+        "    ready_timeout: 2m",
+        "    aws:",
+        "      ami: \"{{params.ami}}\"",
+        "checks:",
+    ]
+    .join("\n");
+    std::fs::write(&p, format!("{text}\n{checks}\nttl: 1h\n")).unwrap();
+    p
+}
+
+/// Every text dryrun left in the state directory (journals, reports, logs).
+fn state_text(state: &Path) -> String {
+    fn walk(p: &Path, out: &mut String) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_none_or(|x| x != "gz") {
+                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    let mut s = String::new();
+    walk(state, &mut s);
+    s
+}
+
+fn assert_nothing_tagged(m: &Moto, run_id: Option<&str>) {
+    let left = m.tagged(run_id);
+    assert!(left.is_empty(), "tagged resources remain: {left:?}");
+}
+
+#[test]
+fn reference_run_restores_latest_snapshot_reports_and_leaves_nothing_tagged() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, "blueprints/aws/shop.yaml", &[])));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Against moto the http checks cannot pass (SSM runs nothing there), so the run fails (1).
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("aws: region us-east-1, account 123456789012"),
+        "region and account are printed at the start:\n{stderr}"
+    );
+    let r = report_of(&out);
+    let run_id = r["run_id"].as_str().unwrap().to_string();
+    assert_eq!(r["provider"], "aws");
+    assert_eq!(r["release"]["version"], "2.0.0");
+    assert_eq!(r["release"]["ref"], RELEASE);
+    assert_eq!(
+        r["backup"]["id"], SNAPSHOTS[2],
+        "the latest snapshot is restored"
+    );
+    assert!(r["backup"]["age_seconds"].as_i64().unwrap() >= 0);
+    assert!(r["left_behind"].as_array().unwrap().is_empty(), "{stdout}");
+    for res in r["resources"].as_array().unwrap() {
+        assert_eq!(res["destroyed"], true, "{res}");
+    }
+    let check = |name: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    // What moto returns for SSM: Success, exit code 0, no output.
+    let home = check("homepage");
+    assert_eq!(home["status"], "failed");
+    assert!(
+        home["message"]
+            .as_str()
+            .unwrap()
+            .contains("printed no result"),
+        "{home}"
+    );
+    let installed = check("release-installed");
+    assert_eq!(installed["status"], "passed", "moto reports exit code 0");
+    assert!(
+        installed["message"]
+            .as_str()
+            .unwrap()
+            .contains("ran through SSM command")
+    );
+    let sql = check("customers-restored");
+    assert_eq!(sql["status"], "skipped");
+    assert!(
+        sql["message"].as_str().unwrap().contains("runner_in_vpc"),
+        "{sql}"
+    );
+    let calls: u64 = r["api_calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(calls > 10, "api calls are counted: {}", r["api_calls"]);
+
+    // The emulator's state: nothing of the run remains; production is unchanged.
+    assert_nothing_tagged(&m, None);
+    assert_eq!(m.production(), before, "production changed");
+
+    // What was asked of the emulator.
+    let reqs = m.requests();
+    let one = |action: &str| {
+        reqs.iter()
+            .find(|q| q.action == action)
+            .unwrap_or_else(|| panic!("no {action} request"))
+            .clone()
+    };
+    let restore = one("RestoreDBInstanceFromDBSnapshot");
+    assert_eq!(restore.params["DBSnapshotIdentifier"], SNAPSHOTS[2]);
+    assert_eq!(restore.params["PubliclyAccessible"], "false");
+    let sg_of_run = restore.params["VpcSecurityGroupIds.VpcSecurityGroupId.1"].clone();
+    assert!(sg_of_run.starts_with("sg-"), "{:?}", restore.params);
+    let restore_tags: Vec<&String> = restore.params.values().collect();
+    for t in [
+        "dryrun:run-id",
+        "dryrun:blueprint",
+        "dryrun:expires-at",
+        "dryrun:created-by",
+    ] {
+        assert!(
+            restore_tags.iter().any(|v| *v == t),
+            "tag {t} at creation: {:?}",
+            restore.params
+        );
+    }
+    assert!(restore.params.values().any(|v| v == &run_id));
+    // A fresh master password on the copy, never on production.
+    let modify: Vec<_> = reqs
+        .iter()
+        .filter(|q| q.action == "ModifyDBInstance")
+        .collect();
+    assert_eq!(modify.len(), 1, "{modify:?}");
+    assert_ne!(modify[0].params["DBInstanceIdentifier"], PROD_DB);
+    let fresh = modify[0].params["MasterUserPassword"].clone();
+    assert_eq!(fresh.len(), 32);
+    assert_ne!(fresh, PROD_PASSWORD);
+    // Production is only read: no mutating request names it.
+    for q in &reqs {
+        let mutating = [
+            "Modify",
+            "Delete",
+            "Terminate",
+            "Put",
+            "Create",
+            "Restore",
+            "Authorize",
+            "Copy",
+        ]
+        .iter()
+        .any(|p| {
+            q.action.starts_with(p)
+                || q.action.starts_with(&format!("PUT /{PROD_BUCKET}"))
+                || q.action.starts_with(&format!("DELETE /{PROD_BUCKET}"))
+        });
+        if mutating && !q.action.starts_with("PUT /dryrun-") {
+            let ident = q
+                .params
+                .get("DBInstanceIdentifier")
+                .cloned()
+                .unwrap_or_default();
+            assert_ne!(ident, PROD_DB, "mutating call on production: {q:?}");
+        }
+        assert!(
+            !q.action.starts_with(&format!("PUT /{PROD_BUCKET}")),
+            "{q:?}"
+        );
+        assert!(
+            !q.action.starts_with(&format!("DELETE /{PROD_BUCKET}")),
+            "{q:?}"
+        );
+    }
+    // The security group admits its members only.
+    let ingress = one("AuthorizeSecurityGroupIngress");
+    assert!(
+        !ingress.body.contains("0.0.0.0%2F0") && !ingress.body.contains("0.0.0.0/0"),
+        "{ingress:?}"
+    );
+    assert_eq!(ingress.params["GroupId"], sg_of_run);
+    assert!(ingress.params.values().any(|v| v == &sg_of_run));
+    // Bucket: public access blocked.
+    let pab = reqs
+        .iter()
+        .find(|q| q.action.starts_with("PUT /dryrun-") && q.url.contains("publicAccessBlock"))
+        .expect("PutPublicAccessBlock");
+    for flag in [
+        "BlockPublicAcls",
+        "IgnorePublicAcls",
+        "BlockPublicPolicy",
+        "RestrictPublicBuckets",
+    ] {
+        assert!(
+            pab.body.contains(&format!("<{flag}>true</{flag}>")),
+            "{}",
+            pab.body
+        );
+    }
+    // Instance: client token and tags at creation, the run's group, an SSM install wait.
+    let launch = one("RunInstances");
+    assert!(
+        launch.params["ClientToken"].starts_with("dryrun-"),
+        "{:?}",
+        launch.params
+    );
+    assert_eq!(launch.params["SecurityGroupId.1"], sg_of_run);
+    assert!(launch.params.values().any(|v| v == &run_id));
+    let send: Vec<_> = reqs
+        .iter()
+        .filter(|q| q.action == "AmazonSSM.SendCommand")
+        .collect();
+    assert!(
+        send.len() >= 3,
+        "install wait + http + command checks go through SSM: {send:?}"
+    );
+
+    // The commands SSM holds: the install wait and the checks, all on the run's instance.
+    let commands =
+        m.rt.block_on(async { m.ssm.list_commands().send().await.unwrap() });
+    let instance = r["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["address"] == "service.app")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(commands.commands().len() >= 3);
+    for c in commands.commands() {
+        assert_eq!(c.instance_ids(), std::slice::from_ref(&instance));
+        assert_eq!(c.document_name(), Some("AWS-RunShellScript"));
+        let text = format!("{:?}", c.parameters());
+        assert!(!text.contains(PROD_PASSWORD));
+    }
+    assert!(
+        commands
+            .commands()
+            .iter()
+            .any(|c| format!("{:?}", c.parameters()).contains("curl -sS")),
+        "http checks run curl on the instance"
+    );
+
+    // Secrets: production's master password and the copy's fresh one appear nowhere.
+    let everything = format!("{stdout}\n{stderr}\n{}", state_text(state.path()));
+    assert!(
+        !everything.contains(PROD_PASSWORD),
+        "production password leaked"
+    );
+    assert!(
+        !everything.contains(&fresh),
+        "the fresh master password leaked"
+    );
+}
+
+#[test]
+fn kept_copy_is_private_tagged_and_blocked_then_cleanup_removes_it() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let bp = blueprint(
+        state.path(),
+        "  - name: installed\n    type: command\n    run: test -f /var/lib/dryrun/status\n",
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(
+        &m,
+        bp.to_str().unwrap(),
+        &["--keep", "1h"],
+    )));
+    assert_eq!(out.status.code(), Some(0));
+    let r = report_of(&out);
+    let run_id = r["run_id"].as_str().unwrap().to_string();
+    let live = m.tagged(Some(&run_id));
+    assert_eq!(
+        live.len(),
+        4,
+        "db, bucket, instance, security group: {live:?}"
+    );
+
+    m.rt.block_on(async {
+        let tags_ok = |tags: &[(String, String)]| {
+            for k in [
+                "dryrun:run-id",
+                "dryrun:blueprint",
+                "dryrun:expires-at",
+                "dryrun:created-by",
+            ] {
+                assert!(tags.iter().any(|(a, _)| a == k), "missing {k}: {tags:?}");
+            }
+            assert!(
+                tags.iter()
+                    .any(|(a, b)| a == "dryrun:run-id" && b == &run_id)
+            );
+        };
+        let db_id = r["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == "database.db")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let d = m
+            .rds
+            .describe_db_instances()
+            .db_instance_identifier(&db_id)
+            .send()
+            .await
+            .unwrap();
+        let d = &d.db_instances()[0];
+        assert_eq!(d.db_instance_status(), Some("available"));
+        assert_ne!(
+            d.publicly_accessible(),
+            Some(true),
+            "the copy must not be public"
+        );
+        let tags: Vec<(String, String)> = d
+            .tag_list()
+            .iter()
+            .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+            .collect();
+        tags_ok(&tags);
+        let sgs: Vec<&str> = d
+            .vpc_security_groups()
+            .iter()
+            .filter_map(|g| g.vpc_security_group_id())
+            .collect();
+        assert_eq!(sgs.len(), 1);
+        let sg = m
+            .ec2
+            .describe_security_groups()
+            .group_ids(sgs[0])
+            .send()
+            .await
+            .unwrap();
+        let sg = &sg.security_groups()[0];
+        tags_ok(
+            &sg.tags()
+                .iter()
+                .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+                .collect::<Vec<_>>(),
+        );
+        for p in sg.ip_permissions() {
+            for range in p.ip_ranges() {
+                assert_ne!(range.cidr_ip(), Some("0.0.0.0/0"), "world-open ingress");
+            }
+            for range in p.ipv6_ranges() {
+                assert_ne!(range.cidr_ipv6(), Some("::/0"), "world-open ingress");
+            }
+        }
+        assert!(
+            sg.ip_permissions().iter().any(|p| p
+                .user_id_group_pairs()
+                .iter()
+                .any(|u| u.group_id() == sg.group_id())),
+            "members may reach each other"
+        );
+        let bucket = r["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == "bucket.assets")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let pab =
+            m.s3.get_public_access_block()
+                .bucket(&bucket)
+                .send()
+                .await
+                .unwrap();
+        let c = pab.public_access_block_configuration().unwrap();
+        assert_eq!(
+            (
+                c.block_public_acls(),
+                c.ignore_public_acls(),
+                c.block_public_policy(),
+                c.restrict_public_buckets()
+            ),
+            (Some(true), Some(true), Some(true), Some(true))
+        );
+        let t =
+            m.s3.get_bucket_tagging()
+                .bucket(&bucket)
+                .send()
+                .await
+                .unwrap();
+        tags_ok(
+            &t.tag_set()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string()))
+                .collect::<Vec<_>>(),
+        );
+        let objs = m.s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+        let mut keys: Vec<&str> = objs.contents().iter().filter_map(|o| o.key()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["img/SKU-1001.svg", "img/SKU-1002.svg", "img/a b+c.png"],
+            "the prefix is copied"
+        );
+        let ins = m
+            .ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:dryrun:run-id")
+                    .values(&run_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let i = &ins.reservations()[0].instances()[0];
+        assert_eq!(
+            i.state().and_then(|s| s.name()).map(|n| n.as_str()),
+            Some("running")
+        );
+        assert_eq!(i.security_groups()[0].group_id(), sg.group_id());
+        tags_ok(
+            &i.tags()
+                .iter()
+                .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+                .collect::<Vec<_>>(),
+        );
+    });
+
+    // The kept copy is listed, then removed.
+    let out = run(dryrun_aws(&m, state.path()).args(["cleanup", &run_id, "--provider", "aws"]));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("would destroy") && listing.contains("security group sg-"),
+        "{listing}"
+    );
+    assert_eq!(m.tagged(Some(&run_id)).len(), 4, "listing deletes nothing");
+    let out =
+        run(dryrun_aws(&m, state.path()).args(["cleanup", &run_id, "--provider", "aws", "--yes"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_tagged(&m, None);
+    let out =
+        run(dryrun_aws(&m, state.path()).args(["cleanup", "--all", "--provider", "aws", "--yes"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
+}
+
+#[test]
+fn passing_and_failing_command_checks_both_tear_down() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    // moto reports exit code 0 for every command: expecting 0 passes, expecting 3 fails.
+    let bp = blueprint(
+        state.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n  - name: expects-three\n    type: command\n    run: exit 3\n    expect:\n      exit_code: 3\n",
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, bp.to_str().unwrap(), &[])));
+    assert_eq!(out.status.code(), Some(1), "a failed check exits 1");
+    let r = report_of(&out);
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["checks"][0]["status"], "passed");
+    assert_eq!(r["checks"][1]["status"], "failed");
+    assert!(
+        r["checks"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected exit code 3, got 0")
+    );
+    assert_eq!(
+        r["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "teardown")
+            .unwrap()["status"],
+        "passed"
+    );
+    assert_nothing_tagged(&m, None);
+
+    let bp = blueprint(
+        state.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n",
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, bp.to_str().unwrap(), &[])));
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_tagged(&m, None);
+}
+
+#[test]
+fn restore_from_an_older_snapshot_by_id() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let bp = blueprint(
+        state.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n",
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(
+        &m,
+        bp.to_str().unwrap(),
+        &["--backup", SNAPSHOTS[0]],
+    )));
+    assert_eq!(out.status.code(), Some(0));
+    let r = report_of(&out);
+    assert_eq!(r["backup"]["id"], SNAPSHOTS[0]);
+    let restores: Vec<_> = m
+        .requests()
+        .into_iter()
+        .filter(|q| q.action == "RestoreDBInstanceFromDBSnapshot")
+        .collect();
+    assert_eq!(restores.len(), 1);
+    assert_eq!(restores[0].params["DBSnapshotIdentifier"], SNAPSHOTS[0]);
+    assert_nothing_tagged(&m, None);
+
+    // An unknown id creates nothing and lists what exists.
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(
+        &m,
+        bp.to_str().unwrap(),
+        &["--backup", "shop-prod-1999"],
+    )));
+    assert_eq!(out.status.code(), Some(3));
+    let r = report_of(&out);
+    let failure = r["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("no snapshot with id `shop-prod-1999`") && failure.contains(SNAPSHOTS[1]),
+        "{failure}"
+    );
+    assert_nothing_tagged(&m, None);
+}
+
+fn journal_lines(state: &Path) -> usize {
+    run_ids(state)
+        .first()
+        .and_then(|id| {
+            std::fs::read_to_string(state.join("runs").join(id).join("journal.jsonl")).ok()
+        })
+        .map_or(0, |t| t.lines().count())
+}
+
+/// Starts a run and kills it with SIGKILL once its journal has `k` lines.
+fn kill_at(m: &Moto, state: &Path, bp: &Path, k: usize) -> usize {
+    let mut cmd = Command::new(bin());
+    m.env(&mut cmd);
+    let mut child = cmd
+        .current_dir(root())
+        .env("DRYRUN_STATE_DIR", state)
+        .args(run_args(m, bp.to_str().unwrap(), &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while journal_lines(state) < k && start.elapsed() < Duration::from_secs(20) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    journal_lines(state)
+}
+
+#[test]
+fn cleanup_after_kill_at_every_journal_step_leaves_nothing_tagged() {
+    let Some(m) = Moto::start() else { return };
+    let dir = state_dir();
+    let bp = blueprint(
+        dir.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n",
+    );
+    let full = state_dir();
+    let out = run(dryrun_aws(&m, full.path()).args(run_args(&m, bp.to_str().unwrap(), &[])));
+    assert_eq!(out.status.code(), Some(0));
+    let total = journal_lines(full.path());
+    assert!(total >= 10, "journal too short: {total}");
+    let mut seen = Vec::new();
+    for k in 1..total {
+        let state = state_dir();
+        seen.push(kill_at(&m, state.path(), &bp, k));
+        let out = run(dryrun_aws(&m, state.path()).args([
+            "cleanup",
+            "--all",
+            "--provider",
+            "aws",
+            "--yes",
+        ]));
+        assert_eq!(out.status.code(), Some(0), "cleanup after kill at line {k}");
+        assert_nothing_tagged(&m, None);
+        let out = run(dryrun_aws(&m, state.path()).args([
+            "cleanup",
+            "--all",
+            "--provider",
+            "aws",
+            "--yes",
+        ]));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"),
+            "cleanup is idempotent"
+        );
+    }
+    eprintln!("killed at journal lines {seen:?} of {total}");
+}
+
+#[test]
+fn cleanup_by_tag_after_the_state_directory_is_lost() {
+    let Some(m) = Moto::start() else { return };
+    let dir = state_dir();
+    let bp = blueprint(
+        dir.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n",
+    );
+    // Killed once the instance id is journaled: a database, a bucket, a group, an instance.
+    let state = state_dir();
+    kill_at(&m, state.path(), &bp, 7);
+    let left = m.tagged(None);
+    assert!(!left.is_empty(), "the kill should leave something to find");
+    let before = m.production();
+    drop(state); // the state directory, journals and all, is gone
+    let empty = state_dir();
+    let out = run(dryrun_aws(&m, empty.path()).args(["cleanup", "--all", "--provider", "aws"]));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("found by tag"), "{listing}");
+    // Not expired yet (the tags say start + 1h): --expired leaves the run alone.
+    let out = run(dryrun_aws(&m, empty.path()).args([
+        "cleanup",
+        "--expired",
+        "--provider",
+        "aws",
+        "--yes",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
+    assert_eq!(m.tagged(None), left, "listing deletes nothing");
+    let out =
+        run(dryrun_aws(&m, empty.path()).args(["cleanup", "--all", "--provider", "aws", "--yes"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_tagged(&m, None);
+    assert_eq!(m.production(), before);
+    let out =
+        run(dryrun_aws(&m, empty.path()).args(["cleanup", "--all", "--provider", "aws", "--yes"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
+}
+
+#[test]
+fn production_guard_refuses_decoys_named_in_a_forged_journal() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    // Decoys: production-like resources without the run tag, and one tagged for another run.
+    let (decoy_instance, decoy_sg) = m.rt.block_on(async {
+        m.rds
+            .create_db_instance()
+            .db_instance_identifier("decoy-db")
+            .engine("postgres")
+            .db_instance_class("db.t3.micro")
+            .master_username("x")
+            .master_user_password("decoy-password-123")
+            .allocated_storage(20)
+            .send()
+            .await
+            .unwrap();
+        m.s3.create_bucket()
+            .bucket("decoy-bucket")
+            .send()
+            .await
+            .unwrap();
+        m.s3.put_object()
+            .bucket("decoy-bucket")
+            .key("keep.txt")
+            .body(b"keep".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+        m.s3.create_bucket()
+            .bucket("dryrun-decoy-other-run")
+            .send()
+            .await
+            .unwrap();
+        m.s3.put_bucket_tagging()
+            .bucket("dryrun-decoy-other-run")
+            .tagging(
+                aws_sdk_s3::types::Tagging::builder()
+                    .tag_set(
+                        aws_sdk_s3::types::Tag::builder()
+                            .key("dryrun:run-id")
+                            .value("other-run")
+                            .build()
+                            .unwrap(),
+                    )
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let sg = m
+            .ec2
+            .create_security_group()
+            .group_name("decoy-sg")
+            .description("production")
+            .send()
+            .await
+            .unwrap()
+            .group_id()
+            .unwrap()
+            .to_string();
+        let i = m
+            .ec2
+            .run_instances()
+            .image_id(&m.ami)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .unwrap();
+        (i.instances()[0].instance_id().unwrap().to_string(), sg)
+    });
+    // A journal that claims the decoys (a corrupted or hostile state directory).
+    let run_id = "forged-20261122-000000-0000";
+    let dir = state.path().join("runs").join(run_id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = |address: &str, kind: &str, id: &str| {
+        format!(
+            "{{\"event\":\"creating\",\"record\":{{\"address\":\"{address}\",\"kind\":\"{kind}\",\"id\":\"{id}\",\"data\":{{\"run_id\":\"{run_id}\",\"region\":\"us-east-1\"}}}}}}\n"
+        )
+    };
+    let journal = format!(
+        "{{\"event\":\"started\",\"run_id\":\"{run_id}\",\"blueprint\":\"forged\",\"blueprint_path\":\"x\",\"provider\":\"aws\",\"release\":\"x\",\"at\":\"2026-11-22T00:00:00Z\",\"expires_at\":\"2026-11-22T01:00:00Z\",\"pid\":1}}\n{}{}{}{}",
+        rec("database.db", "database", "decoy-db"),
+        rec("bucket.assets", "bucket", "decoy-bucket"),
+        rec("bucket.other", "bucket", "dryrun-decoy-other-run"),
+        rec("service.app", "service", &decoy_instance),
+    );
+    std::fs::write(dir.join("journal.jsonl"), journal).unwrap();
+    let out =
+        run(dryrun_aws(&m, state.path()).args(["cleanup", run_id, "--provider", "aws", "--yes"]));
+    assert_eq!(out.status.code(), Some(4), "refusals are left behind");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "refusing to modify rds instance decoy-db: it has no dryrun:run-id tag",
+        "refusing to modify s3 bucket decoy-bucket: it has no dryrun:run-id tag",
+        "refusing to modify s3 bucket dryrun-decoy-other-run: its dryrun:run-id tag is `other-run`",
+        &format!("refusing to modify ec2 instance {decoy_instance}: it has no dryrun:run-id tag"),
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    // Cleanup by tag never sees the untagged decoys; the bucket tagged for `other-run` is,
+    // by its tag, that run's leftover and is removed as such.
+    let out = run(dryrun_aws(&m, state_dir().path()).args([
+        "cleanup",
+        "--all",
+        "--provider",
+        "aws",
+        "--yes",
+    ]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run other-run: cleaned up"));
+    m.rt.block_on(async {
+        let d = m
+            .rds
+            .describe_db_instances()
+            .db_instance_identifier("decoy-db")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(d.db_instances()[0].db_instance_status(), Some("available"));
+        let o =
+            m.s3.list_objects_v2()
+                .bucket("decoy-bucket")
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(o.key_count(), Some(1));
+        let g = m
+            .ec2
+            .describe_security_groups()
+            .group_ids(&decoy_sg)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(g.security_groups().len(), 1);
+        let i = m
+            .ec2
+            .describe_instances()
+            .instance_ids(&decoy_instance)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            i.reservations()[0].instances()[0]
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str()),
+            Some("running")
+        );
+    });
+}
+
+#[test]
+fn a_retried_run_adopts_its_tagged_instance_instead_of_launching_another() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let bp = blueprint(
+        state.path(),
+        "  - name: ok\n    type: command\n    run: 'true'\n",
+    );
+    let run_id = "app-20261122-000000-beef";
+    // What a first attempt left: two instances for service.app (moto ignores ClientToken, so a
+    // retried RunInstances made a second one).
+    let ids = m.rt.block_on(async {
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let i = m
+                .ec2
+                .run_instances()
+                .image_id(&m.ami)
+                .min_count(1)
+                .max_count(1)
+                .client_token(format!("dryrun-{run_id}-app"))
+                .tag_specifications(
+                    aws_sdk_ec2::types::TagSpecification::builder()
+                        .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                        .tags(
+                            aws_sdk_ec2::types::Tag::builder()
+                                .key("dryrun:run-id")
+                                .value(run_id)
+                                .build(),
+                        )
+                        .tags(
+                            aws_sdk_ec2::types::Tag::builder()
+                                .key("dryrun:resource")
+                                .value("service.app")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            ids.push(i.instances()[0].instance_id().unwrap().to_string());
+        }
+        ids
+    });
+    let launches_before = m
+        .requests()
+        .iter()
+        .filter(|q| q.action == "RunInstances")
+        .count();
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(
+        &m,
+        bp.to_str().unwrap(),
+        &["--run-id", run_id],
+    )));
+    assert_eq!(out.status.code(), Some(0));
+    let r = report_of(&out);
+    let app = r["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["address"] == "service.app")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        app["id"],
+        ids[0].as_str(),
+        "the first tagged instance is adopted"
+    );
+    let launches = m
+        .requests()
+        .iter()
+        .filter(|q| q.action == "RunInstances")
+        .count();
+    assert_eq!(launches, launches_before, "no new instance was launched");
+    assert_nothing_tagged(&m, None);
+}

@@ -1,0 +1,569 @@
+//! The AWS emulator for the integration tests: moto server from the repository's `.venv/`
+//! (scripts/test installs it), started on a free 127.0.0.1 port in its own process group and
+//! killed with that group on drop, also when the test fails. Fixtures are made through the API;
+//! the emulator's state is read back with describe/list calls and its request recorder.
+//!
+//! Credentials and the endpoint go only into the environment of the child `dryrun` processes
+//! ([`Moto::env`]); this process's environment is never changed.
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+
+/// The production master password of the fixture instance: must never appear anywhere.
+pub const PROD_PASSWORD: &str = "Prod-Master-Pw-8f3a9c1d";
+/// The production RDS instance.
+pub const PROD_DB: &str = "shop-prod";
+/// The production assets bucket.
+pub const PROD_BUCKET: &str = "shop-prod-assets";
+/// Bucket with release tarballs.
+pub const RELEASES: &str = "shop-releases";
+/// Manual snapshots of the production instance, oldest first.
+pub const SNAPSHOTS: [&str; 3] = [
+    "shop-prod-2026-11-19",
+    "shop-prod-2026-11-20",
+    "shop-prod-2026-11-21",
+];
+/// Region of every fixture.
+pub const REGION: &str = "us-east-1";
+
+/// A running moto server and SDK clients pointed at it.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Runtime for the SDK calls of the test itself.
+    pub rt: tokio::runtime::Runtime,
+    /// Clients.
+    pub rds: aws_sdk_rds::Client,
+    /// S3.
+    pub s3: aws_sdk_s3::Client,
+    /// EC2.
+    pub ec2: aws_sdk_ec2::Client,
+    /// SSM.
+    pub ssm: aws_sdk_ssm::Client,
+    /// The emulator's AMI used for services.
+    pub ami: String,
+    _recording: tempfile::TempDir,
+}
+
+fn venv_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Moto {
+    /// Starts moto, or returns `None` (printing why) when it is not installed. In CI (`CI`
+    /// set) a missing moto fails the test instead.
+    pub fn start() -> Option<Moto> {
+        let bin = venv_bin();
+        if !bin.is_file() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{} is missing in CI: scripts/test must install moto[server] into .venv",
+                bin.display()
+            );
+            eprintln!(
+                "skipping: moto is not installed (run scripts/test, which installs it into .venv/)"
+            );
+            return None;
+        }
+        let recording = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ENABLE_RECORDING", "True")
+            .env("MOTO_RECORDER_FILEPATH", recording.path().join("rec.jsonl"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let creds = Credentials::new("testing", "testing", None, None, "dryrun-tests");
+        let rds = aws_sdk_rds::Client::from_conf(
+            aws_sdk_rds::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .endpoint_url(&endpoint)
+                .credentials_provider(creds.clone())
+                .build(),
+        );
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .endpoint_url(&endpoint)
+                .force_path_style(true)
+                .credentials_provider(creds.clone())
+                .build(),
+        );
+        let ec2 = aws_sdk_ec2::Client::from_conf(
+            aws_sdk_ec2::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .endpoint_url(&endpoint)
+                .credentials_provider(creds.clone())
+                .build(),
+        );
+        let ssm = aws_sdk_ssm::Client::from_conf(
+            aws_sdk_ssm::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .endpoint_url(&endpoint)
+                .credentials_provider(creds)
+                .build(),
+        );
+        let mut m = Moto {
+            child,
+            endpoint,
+            rt,
+            rds,
+            s3,
+            ec2,
+            ssm,
+            ami: String::new(),
+            _recording: recording,
+        };
+        m.wait_ready(port);
+        m.fixtures();
+        // Record only what the tests' runs ask, not the fixtures.
+        m.http("POST", "/moto-api/recorder/reset-recording");
+        m.http("POST", "/moto-api/recorder/start-recording");
+        Some(m)
+    }
+
+    fn wait_ready(&mut self, port: u16) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("moto_server exited at start ({status})");
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && self.http("GET", "/moto-api/").starts_with("HTTP/1")
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "moto_server did not answer on port {port} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A raw HTTP/1.0 request to the emulator (its control API); returns the whole response.
+    pub fn http(&self, method: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The environment a child `dryrun` needs to talk to this emulator, and nothing else.
+    pub fn env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", REGION)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent/dryrun-tests/config")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/dryrun-tests/credentials",
+            )
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN");
+    }
+
+    fn fixtures(&mut self) {
+        let rt = &self.rt;
+        rt.block_on(async {
+            self.rds
+                .create_db_instance()
+                .db_instance_identifier(PROD_DB)
+                .engine("postgres")
+                .db_instance_class("db.t3.micro")
+                .master_username("shop")
+                .master_user_password(PROD_PASSWORD)
+                .allocated_storage(20)
+                .tags(
+                    aws_sdk_rds::types::Tag::builder()
+                        .key("env")
+                        .value("production")
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            for s in SNAPSHOTS {
+                self.rds
+                    .create_db_snapshot()
+                    .db_instance_identifier(PROD_DB)
+                    .db_snapshot_identifier(s)
+                    .send()
+                    .await
+                    .unwrap();
+                // Distinct creation times, so "latest" is well defined.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.s3
+                .create_bucket()
+                .bucket(PROD_BUCKET)
+                .send()
+                .await
+                .unwrap();
+            for (k, v) in prod_objects() {
+                self.s3
+                    .put_object()
+                    .bucket(PROD_BUCKET)
+                    .key(k)
+                    .body(v.into_bytes().into())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+            self.s3
+                .create_bucket()
+                .bucket(RELEASES)
+                .send()
+                .await
+                .unwrap();
+            self.s3
+                .put_object()
+                .bucket(RELEASES)
+                .key("shop-2.0.0.tar.gz")
+                .body(release_tarball("2.0.0").into())
+                .send()
+                .await
+                .unwrap();
+            let images = self
+                .ec2
+                .describe_images()
+                .owners("amazon")
+                .send()
+                .await
+                .unwrap();
+            self.ami = images.images()[0].image_id().unwrap().to_string();
+        });
+    }
+
+    /// Everything live in the emulator that carries a `dryrun:run-id` tag (of `run_id`, or of
+    /// any run): `kind id` strings. Terminated instances do not count (they are gone on AWS
+    /// too, only still listed for a while).
+    pub fn tagged(&self, run_id: Option<&str>) -> Vec<String> {
+        let matches = |tags: &[(String, String)]| {
+            tags.iter()
+                .any(|(k, v)| k == "dryrun:run-id" && run_id.is_none_or(|r| r == v))
+        };
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let ins = self.ec2.describe_instances().send().await.unwrap();
+            for i in ins.reservations().iter().flat_map(|r| r.instances()) {
+                let state = i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string());
+                if state.as_deref() == Some("terminated") {
+                    continue;
+                }
+                let tags: Vec<(String, String)> = i
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                    .collect();
+                if matches(&tags) {
+                    out.push(format!("instance {}", i.instance_id().unwrap()));
+                }
+            }
+            let dbs = self.rds.describe_db_instances().send().await.unwrap();
+            for d in dbs.db_instances() {
+                let tags: Vec<(String, String)> = d
+                    .tag_list()
+                    .iter()
+                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                    .collect();
+                if matches(&tags) {
+                    out.push(format!("rds {}", d.db_instance_identifier().unwrap()));
+                }
+            }
+            let sgs = self.ec2.describe_security_groups().send().await.unwrap();
+            for g in sgs.security_groups() {
+                let tags: Vec<(String, String)> = g
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                    .collect();
+                if matches(&tags) {
+                    out.push(format!("sg {}", g.group_id().unwrap()));
+                }
+            }
+            for b in self.s3.list_buckets().send().await.unwrap().buckets() {
+                let name = b.name().unwrap();
+                let tags: Vec<(String, String)> =
+                    match self.s3.get_bucket_tagging().bucket(name).send().await {
+                        Ok(t) => t
+                            .tag_set()
+                            .iter()
+                            .map(|t| (t.key().to_string(), t.value().to_string()))
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                if matches(&tags) {
+                    out.push(format!("bucket {name}"));
+                }
+            }
+            out
+        })
+    }
+
+    /// What production looks like: the instance (status, class, tags), its snapshots, the
+    /// bucket's objects with sizes. Compared before and after a run.
+    pub fn production(&self) -> String {
+        self.rt.block_on(async {
+            let d = self
+                .rds
+                .describe_db_instances()
+                .db_instance_identifier(PROD_DB)
+                .send()
+                .await
+                .unwrap();
+            let d = &d.db_instances()[0];
+            let snaps = self
+                .rds
+                .describe_db_snapshots()
+                .db_instance_identifier(PROD_DB)
+                .send()
+                .await
+                .unwrap();
+            let mut snap_ids: Vec<String> = snaps
+                .db_snapshots()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}:{}",
+                        s.db_snapshot_identifier().unwrap(),
+                        s.status().unwrap_or("")
+                    )
+                })
+                .collect();
+            snap_ids.sort();
+            let objs = self
+                .s3
+                .list_objects_v2()
+                .bucket(PROD_BUCKET)
+                .send()
+                .await
+                .unwrap();
+            let objects: Vec<String> = objs
+                .contents()
+                .iter()
+                .map(|o| format!("{}={}", o.key().unwrap(), o.size().unwrap_or(0)))
+                .collect();
+            format!(
+                "db {} {} {} sgs={:?} tags={:?}\nsnapshots {snap_ids:?}\nobjects {objects:?}",
+                d.db_instance_identifier().unwrap(),
+                d.db_instance_status().unwrap_or(""),
+                d.db_instance_class().unwrap_or(""),
+                d.vpc_security_groups()
+                    .iter()
+                    .map(|g| g.vpc_security_group_id().unwrap_or(""))
+                    .collect::<Vec<_>>(),
+                d.tag_list()
+                    .iter()
+                    .map(|t| (t.key().unwrap_or(""), t.value().unwrap_or("")))
+                    .collect::<Vec<_>>(),
+            )
+        })
+    }
+
+    /// Every request the emulator received since it started: (operation, parameters).
+    pub fn requests(&self) -> Vec<Request> {
+        let raw = self.http("GET", "/moto-api/recorder/download-recording");
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        body.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| Request::from_recording(&v))
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// One recorded request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `RunInstances`, `AmazonSSM.SendCommand`, or `METHOD /path` for S3.
+    pub action: String,
+    /// Query or form parameters, or the JSON body's top-level fields as text.
+    pub params: BTreeMap<String, String>,
+    /// The decoded body.
+    pub body: String,
+    /// The request path and query.
+    pub url: String,
+}
+
+impl Request {
+    fn from_recording(v: &serde_json::Value) -> Request {
+        let raw = v["body"].as_str().unwrap_or("");
+        let body = if v["body_encoded"].as_bool() == Some(true) {
+            String::from_utf8_lossy(&base64_decode(raw)).into_owned()
+        } else {
+            raw.to_string()
+        };
+        let url = v["url"].as_str().unwrap_or("").to_string();
+        let target = v["headers"]["X-Amz-Target"]
+            .as_str()
+            .map(ToString::to_string);
+        let mut params = BTreeMap::new();
+        if let Some(t) = &target {
+            if let Ok(serde_json::Value::Object(m)) =
+                serde_json::from_str::<serde_json::Value>(&body)
+            {
+                for (k, val) in m {
+                    params.insert(k, val.to_string());
+                }
+            }
+            return Request {
+                action: t.clone(),
+                params,
+                body,
+                url,
+            };
+        }
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        for pair in body.split('&').chain(query.split('&')) {
+            if let Some((k, val)) = pair.split_once('=') {
+                params.insert(url_decode(k), url_decode(val));
+            }
+        }
+        let action = params.get("Action").cloned().unwrap_or_else(|| {
+            let path = url.splitn(4, '/').nth(3).unwrap_or("");
+            format!("{} /{path}", v["method"].as_str().unwrap_or("?"))
+        });
+        Request {
+            action,
+            params,
+            body,
+            url,
+        }
+    }
+}
+
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match h {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let Some(v) = val(c) else { continue };
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).unwrap());
+        }
+    }
+    out
+}
+
+/// The production bucket's objects.
+pub fn prod_objects() -> Vec<(&'static str, String)> {
+    vec![
+        ("img/SKU-1001.svg", "<svg>1001</svg>".into()),
+        ("img/SKU-1002.svg", "<svg>1002</svg>".into()),
+        ("img/a b+c.png", "x".repeat(300)),
+        ("docs/terms.html", "<p>terms</p>".into()),
+        ("robots.txt", "User-agent: *".into()),
+    ]
+}
+
+/// A release tarball with a manifest under one top-level directory.
+pub fn release_tarball(version: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join(format!("shop-{version}"));
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(
+        root.join("dryrun-release.yaml"),
+        format!(
+            "version: \"{version}\"\ninstall:\n  - name: migrate\n    run: ./bin/migrate\nstart: ./bin/serve\nhealth:\n  http: /healthz\n  timeout: 60s\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(root.join("bin/migrate"), "#!/bin/sh\necho migrated\n").unwrap();
+    std::fs::write(root.join("bin/serve"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
+    let mut buf = Vec::new();
+    {
+        let enc = flate2::write::GzEncoder::new(&mut buf, flate2::Compression::fast());
+        let mut b = tar::Builder::new(enc);
+        b.append_dir_all(format!("shop-{version}"), &root).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    buf
+}
