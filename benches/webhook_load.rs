@@ -313,7 +313,7 @@ async fn load(
         if repeat {
             // Alternate between the request just before (likely still in flight) and an older
             // one, so dedup is tested both against a racing original and a recorded one.
-            let j = if (i / o.repeat_every) % 2 == 0 {
+            let j = if (i / o.repeat_every).is_multiple_of(2) {
                 i - 1
             } else {
                 (i * 7919) % i

@@ -18,6 +18,7 @@ use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
 use crate::lease;
+#[cfg(feature = "aws")]
 use crate::provider::aws::AwsProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
@@ -85,6 +86,7 @@ enum ProviderName {
     /// Processes, directories, SQLite and PostgreSQL on this machine.
     Local,
     /// RDS, S3 and EC2 through the AWS SDK (standard credential chain and region).
+    #[cfg(feature = "aws")]
     Aws,
 }
 
@@ -428,11 +430,14 @@ async fn provider_for(
     bp: Option<&Blueprint>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<Arc<dyn Provider>> {
+    #[cfg(not(feature = "aws"))]
+    let _ = endpoint;
     Ok(match name {
         ProviderName::Local => Arc::new(LocalProvider::new(
             state.clone(),
             bp.map(|b| b.local.clone()),
         )),
+        #[cfg(feature = "aws")]
         ProviderName::Aws => Arc::new(
             AwsProvider::connect(bp, endpoint.map(ToString::to_string))
                 .await

@@ -8,6 +8,7 @@
 //! connects to (sql checks are skipped because `runner_in_vpc` is off); `ClientToken` is
 //! ignored (reconciliation by tags is tested instead); `PubliclyAccessible=false` is not
 //! stored by moto's restore, so the request itself is checked in the recorder.
+#![cfg(feature = "aws")]
 
 mod common;
 #[path = "aws/moto.rs"]

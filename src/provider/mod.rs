@@ -21,6 +21,7 @@
 //! cleanup finds them without a journal, [`Provider::describe_target`] names the account and
 //! region at the start of a run, and [`Provider::api_calls`] counts requests for the report.
 
+#[cfg(feature = "aws")]
 pub mod aws;
 #[cfg(test)]
 pub mod fake;
