@@ -173,8 +173,7 @@ impl Journal {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f.write_all(line.as_bytes())
-            .and_then(|()| f.sync_data())
+        blocking(|| f.write_all(line.as_bytes()).and_then(|()| f.sync_data()))
             .map_err(|source| JournalError::Io {
                 path: self.path.clone(),
                 source,
@@ -186,6 +185,18 @@ impl Journal {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Runs a blocking disk operation (an `fsync` takes milliseconds) without stalling the async
+/// runtime: on a multi-threaded runtime the worker hands its other tasks to another thread
+/// first, so `dryrun serve` keeps answering HTTP while runs journal. Elsewhere it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

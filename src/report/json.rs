@@ -79,6 +79,10 @@ pub(crate) fn write_atomic(
     name: &str,
     contents: &[u8],
 ) -> Result<PathBuf, ReportError> {
+    crate::journal::blocking(|| write_atomic_blocking(dir, name, contents))
+}
+
+fn write_atomic_blocking(dir: &Path, name: &str, contents: &[u8]) -> Result<PathBuf, ReportError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
 
     fs::create_dir_all(dir).map_err(|source| ReportError::CreateDir {
