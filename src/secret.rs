@@ -120,9 +120,15 @@ impl Redactor {
 }
 
 fn url_encode(s: &str) -> String {
+    percent_encode(s, b"")
+}
+
+/// Percent-encodes every byte but the RFC 3986 unreserved ones and those in `keep`.
+#[must_use]
+pub fn percent_encode(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -375,15 +375,7 @@ pub async fn presign_get(
 
 /// Percent-encodes a key for `x-amz-copy-source`, keeping `/`.
 fn encode_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::secret::percent_encode(key, b"/")
 }
 
 #[cfg(test)]
