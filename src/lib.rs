@@ -14,8 +14,11 @@
 //! | checks | [`checks`] | http / command / sql checks with timeouts and retries |
 //! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
 //! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
+//! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, history, API, schedules, dashboard |
+//! | environments | [`lease`] | one run per environment across processes (CLI and server) |
 //!
-//! [`secret`] keeps secrets out of every view.
+//! [`secret`] keeps secrets out of every view; [`state`] lays out the state directory;
+//! [`failpoint`] marks the side-effect points the crash tests abort at (feature `failpoints`).
 
 pub mod blueprint;
 pub mod checks;
