@@ -959,28 +959,17 @@ fn record_cli_start(
         }
     };
     let row = crate::server::history::RunRow {
-        run_id: run_id.to_string(),
-        blueprint: bp.name.clone(),
-        blueprint_path: bp.path.display().to_string(),
-        provider: provider.into(),
-        environment: lease::environment(provider, &bp.name),
-        trigger: "cli".into(),
-        release: release.to_string(),
         release_version: Some(version.to_string()),
         status: "running".into(),
-        queued_at: Utc::now(),
         started_at: Some(Utc::now()),
-        finished_at: None,
-        duration_ms: None,
-        restore_ms: None,
-        backup_id: None,
-        backup_age_s: None,
-        exit_code: None,
-        left_behind: None,
-        failure: None,
-        delivery: None,
-        schedule: None,
-        callback: None,
+        ..crate::server::history::RunRow::queued(
+            run_id,
+            &bp.name,
+            &bp.path.display().to_string(),
+            provider,
+            "cli",
+            release,
+        )
     };
     if let Err(e) = h.insert_queued(&row) {
         eprintln!("warning: history database: {e}");

@@ -70,6 +70,44 @@ pub struct RunRow {
     pub callback: Option<String>,
 }
 
+impl RunRow {
+    /// A run just accepted (`queued`, now): everything about its outcome still unknown.
+    #[must_use]
+    pub fn queued(
+        run_id: &str,
+        blueprint: &str,
+        blueprint_path: &str,
+        provider: &str,
+        trigger: &str,
+        release: &str,
+    ) -> RunRow {
+        RunRow {
+            run_id: run_id.into(),
+            blueprint: blueprint.into(),
+            blueprint_path: blueprint_path.into(),
+            provider: provider.into(),
+            environment: crate::lease::environment(provider, blueprint),
+            trigger: trigger.into(),
+            release: release.into(),
+            release_version: None,
+            status: "queued".into(),
+            queued_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            restore_ms: None,
+            backup_id: None,
+            backup_age_s: None,
+            exit_code: None,
+            left_behind: None,
+            failure: None,
+            delivery: None,
+            schedule: None,
+            callback: None,
+        }
+    }
+}
+
 /// A point of the rehearsal trend.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrendPoint {
@@ -418,28 +456,8 @@ mod tests {
 
     fn queued(id: &str, delivery: Option<&str>) -> RunRow {
         RunRow {
-            run_id: id.into(),
-            blueprint: "shop".into(),
-            blueprint_path: "demo/shop.yaml".into(),
-            provider: "local".into(),
-            environment: "local:shop".into(),
-            trigger: "webhook".into(),
-            release: "r".into(),
-            release_version: None,
-            status: "queued".into(),
-            queued_at: Utc::now(),
-            started_at: None,
-            finished_at: None,
-            duration_ms: None,
-            restore_ms: None,
-            backup_id: None,
-            backup_age_s: None,
-            exit_code: None,
-            left_behind: None,
-            failure: None,
             delivery: delivery.map(Into::into),
-            schedule: None,
-            callback: None,
+            ..RunRow::queued(id, "shop", "demo/shop.yaml", "local", "webhook", "r")
         }
     }
 

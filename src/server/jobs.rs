@@ -329,28 +329,17 @@ impl App {
         }
         let trigger = req.trigger.unwrap_or(Trigger::Webhook);
         let row = RunRow {
-            run_id: engine::new_run_id(&bp.name),
-            blueprint: bp.name.clone(),
-            blueprint_path: req.blueprint.clone(),
-            provider: self.cfg.provider.clone(),
-            environment: lease::environment(&self.cfg.provider, &bp.name),
-            trigger: trigger_name(trigger).into(),
-            release: req.release.clone(),
             release_version: Some(release.manifest.version.clone()),
-            status: "queued".into(),
-            queued_at: Utc::now(),
-            started_at: None,
-            finished_at: None,
-            duration_ms: None,
-            restore_ms: None,
-            backup_id: None,
-            backup_age_s: None,
-            exit_code: None,
-            left_behind: None,
-            failure: None,
             delivery: req.delivery.clone(),
             schedule: req.schedule.clone(),
-            callback: None,
+            ..RunRow::queued(
+                &engine::new_run_id(&bp.name),
+                &bp.name,
+                &req.blueprint,
+                &self.cfg.provider,
+                trigger_name(trigger),
+                &req.release,
+            )
         };
         match self.history.insert_queued(&row) {
             Ok(Inserted::New) => {}
