@@ -253,6 +253,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
         }
     };
+    init_logging(matches!(cli.command, Command::Serve { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -288,6 +289,27 @@ pub fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// Log lines on stderr: dryrun's own warnings and errors (and, for `serve`, its info lines:
+/// listening, runs finished, schedules fired). `DRYRUN_LOG` takes a `tracing` filter instead,
+/// e.g. `DRYRUN_LOG=dryrun=debug` (every AWS request) or `DRYRUN_LOG=debug`.
+fn init_logging(serve: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DRYRUN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if serve { "dryrun=info" } else { "dryrun=warn" })
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false);
+    // A CLI run's lines sit between its progress lines, where a timestamp is noise; a server's
+    // log needs one.
+    let _ = if serve {
+        builder.try_init()
+    } else {
+        builder.without_time().try_init()
+    };
 }
 
 fn use_color(c: Color) -> bool {

@@ -1084,7 +1084,14 @@ async fn provision(
     Ok(())
 }
 
-/// Deletes `records` in reverse dependency order; keeps going past failures.
+/// Pauses before the second and third attempt of a failed delete in teardown.
+#[cfg(not(test))]
+const DELETE_RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
+#[cfg(test)]
+const DELETE_RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(10), Duration::from_millis(20)];
+
+/// Deletes `records` in reverse dependency order, each failed delete up to three times (see
+/// [`DELETE_RETRY_PAUSES`]); keeps going past failures.
 /// Returns which addresses were destroyed and what is left behind.
 pub(crate) async fn teardown(
     graph: &Graph,
@@ -1127,13 +1134,35 @@ pub(crate) async fn teardown(
             detail: None,
         });
         let t = Instant::now();
-        crate::failpoint::point("provider: before delete");
-        let res = tokio::select! {
-            r = provider.delete(&rec) => Some(r),
-            () = hard.cancelled() => None,
-            () = tokio::time::sleep_until(deadline.into()) => None,
+        let mut pauses = DELETE_RETRY_PAUSES.iter();
+        let res = loop {
+            crate::failpoint::point("provider: before delete");
+            let res = tokio::select! {
+                r = provider.delete(&rec) => Some(r),
+                () = hard.cancelled() => None,
+                () = tokio::time::sleep_until(deadline.into()) => None,
+            };
+            crate::failpoint::point("provider: after delete");
+            // A failed delete is tried again after a pause while the deadline allows: cloud
+            // APIs fail transiently (throttling past the SDK's retries, a dependency still
+            // detaching), and leaving the resource behind is the expensive outcome.
+            match (&res, pauses.next()) {
+                (Some(Err(e)), Some(&pause))
+                    if Instant::now() + pause < deadline && !hard.is_cancelled() =>
+                {
+                    tracing::warn!(
+                        "{}: delete failed ({e}); trying again in {}",
+                        rec.address,
+                        humantime::format_duration(pause)
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = hard.cancelled() => break res,
+                    }
+                }
+                _ => break res,
+            }
         };
-        crate::failpoint::point("provider: after delete");
         match res {
             Some(Ok(d)) => {
                 let _ = journal.append(&Entry::Deleted {

@@ -496,10 +496,16 @@ async fn failed_delete_is_left_behind_and_exit_4() {
 
     assert_eq!(report.status, Status::Passed);
     assert_eq!(report.exit_code, 4);
-    // Teardown goes on past the failure.
+    // The failed delete is tried three times in all; teardown goes on past the failure.
     assert_eq!(
         fake.calls_to("delete"),
-        ["service.app", "bucket.files", "database.db"]
+        [
+            "service.app",
+            "bucket.files",
+            "database.db",
+            "database.db",
+            "database.db"
+        ]
     );
     assert_eq!(report.left_behind.len(), 1, "{:?}", report.left_behind);
     let left = &report.left_behind[0];

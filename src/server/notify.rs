@@ -34,6 +34,15 @@ pub fn summary(app: &App, rep: &RunReport) -> serde_json::Value {
     })
 }
 
+/// `scheme://host:port` of a URL, for logs: paths and queries of callback and chat webhook
+/// URLs often hold their tokens.
+fn origin(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(
+        |_| "(invalid url)".to_string(),
+        |u| u.origin().ascii_serialization(),
+    )
+}
+
 /// POSTs the signed summary with retries and exponential backoff; returns the outcome for
 /// the history (`delivered (attempt N)` or `failed: …`).
 pub async fn callback(app: &App, url: &str, rep: &RunReport) -> String {
@@ -63,7 +72,8 @@ pub async fn callback(app: &App, url: &str, rep: &RunReport) -> String {
                 last = if e.is_connect() {
                     "connection refused".into()
                 } else {
-                    e.to_string()
+                    // Without the URL: callback URLs may carry tokens.
+                    e.without_url().to_string()
                 }
             }
         }
@@ -72,7 +82,7 @@ pub async fn callback(app: &App, url: &str, rep: &RunReport) -> String {
             backoff = (backoff * 2).min(Duration::from_secs(60));
         }
     }
-    tracing::warn!(run_id = %rep.run_id, url, last, "callback failed");
+    tracing::warn!(run_id = %rep.run_id, to = %origin(url), last, "callback failed");
     format!("failed after {attempts} attempts: {last}")
 }
 
@@ -133,7 +143,7 @@ pub async fn text(app: &App, text: &str) {
         match app.http.post(url).json(&body).send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => tracing::warn!(status = %r.status(), attempt, "notification refused"),
-            Err(e) => tracing::warn!(error = %e, attempt, "notification failed"),
+            Err(e) => tracing::warn!(error = %e.without_url(), attempt, "notification failed"),
         }
         tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
     }

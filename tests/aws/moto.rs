@@ -5,6 +5,7 @@
 //!
 //! Credentials and the endpoint go only into the environment of the child `dryrun` processes
 //! ([`Moto::env`]); this process's environment is never changed.
+#![allow(dead_code)] // shared by tests/aws.rs and tests/aws_faults.rs, which use different parts
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;

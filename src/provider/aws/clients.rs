@@ -1,5 +1,12 @@
 //! SDK clients: one set per region, built from the standard configuration chain, with the
 //! standard retry mode and an interceptor that counts every request sent.
+//!
+//! Retries: the SDK's standard mode (exponential backoff with jitter, a retry quota) retries
+//! throttling errors, HTTP 5xx answers and dropped connections; every other error fails the call
+//! at once. [`max_attempts`] is 10 per call unless `AWS_MAX_ATTEMPTS` says otherwise: with the
+//! SDK's default of 3, a burst of throttling (30 % of calls answered `Throttling` in
+//! tests/aws_faults.rs) fails a run of ~70 calls most of the time; with 10 it practically never
+//! does, at a worst-case wait of about two minutes for one call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -11,11 +18,43 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::ConfigBag;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+};
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 
+/// Attempts per call when `AWS_MAX_ATTEMPTS` does not say (see the module docs).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+/// Attempts per call: `AWS_MAX_ATTEMPTS` (1–100) if set, else [`DEFAULT_MAX_ATTEMPTS`].
+#[must_use]
+pub fn max_attempts() -> u32 {
+    std::env::var("AWS_MAX_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|n| (1..=100).contains(n))
+        .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+}
+
+/// Whether an operation changes something (everything but Describe/List/Get/Head calls).
+fn mutates(operation: &str) -> bool {
+    !["Describe", "List", "Get", "Head"]
+        .iter()
+        .any(|p| operation.starts_with(p))
+}
+
+fn operation(cfg: &ConfigBag) -> (String, bool) {
+    cfg.load::<Metadata>().map_or_else(
+        || ("unknown".to_string(), true),
+        |m| (format!("{}.{}", m.service(), m.name()), mutates(m.name())),
+    )
+}
+
 /// Counts requests by `Service.Operation`; every attempt counts (a retried call costs twice).
+/// With the `failpoints` feature, every attempt of a mutating call is also a crash point,
+/// before it is sent and after its answer arrived (the service acted, dryrun has not yet
+/// heard): `aws: before Ec2.RunInstances`, `aws: after Ec2.RunInstances`.
 #[derive(Debug, Clone, Default)]
 pub struct CallCounter {
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -48,10 +87,10 @@ impl Intercept for CallCounter {
         if context.request().uri().contains("X-Amz-Signature=") {
             return Ok(());
         }
-        let op = cfg.load::<Metadata>().map_or_else(
-            || "unknown".to_string(),
-            |m| format!("{}.{}", m.service(), m.name()),
-        );
+        let (op, mutating) = operation(cfg);
+        if mutating {
+            crate::failpoint::point(&format!("aws: before {op}"));
+        }
         tracing::debug!(operation = %op, "aws request");
         *self
             .counts
@@ -59,6 +98,19 @@ impl Intercept for CallCounter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(op)
             .or_default() += 1;
+        Ok(())
+    }
+
+    fn read_after_transmit(
+        &self,
+        _context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let (op, mutating) = operation(cfg);
+        if mutating {
+            crate::failpoint::point(&format!("aws: after {op}"));
+        }
         Ok(())
     }
 }
@@ -96,7 +148,7 @@ impl Connection {
     /// emulator.
     pub async fn load(region: Option<String>, endpoint: Option<String>) -> Connection {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(5))
+            .retry_config(RetryConfig::standard().with_max_attempts(max_attempts()))
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))

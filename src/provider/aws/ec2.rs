@@ -160,7 +160,7 @@ pub async fn groups(
 }
 
 /// Creates the run's security group in `vpc`, or adopts the one a retried create made (same
-/// name, the run's tag).
+/// name, the run's tag), and allows its members to reach each other (idempotently).
 ///
 /// # Errors
 /// API errors; the guard when a group of that name lacks the run's tag.
@@ -204,7 +204,8 @@ pub async fn create_group(
                 run_id,
                 tag(&t, TAG_RUN),
             )?;
-            return Ok(id);
+            // The answer to the first attempt was lost: the rules below may be missing.
+            id
         }
         Err(e) => {
             return Err(ProviderError::Other(format!(
@@ -234,14 +235,20 @@ pub async fn create_group(
                 .build(),
         );
     }
-    c.ec2
+    match c
+        .ec2
         .authorize_security_group_ingress()
         .group_id(&id)
         .set_ip_permissions(Some(perms))
         .send()
         .await
-        .map_err(api(format!("allow members of {id} to reach each other")))?;
-    Ok(id)
+    {
+        // A retried call whose first attempt was applied.
+        Err(e) if sdk_code(&e) == Some("InvalidPermission.Duplicate") => Ok(id),
+        r => r
+            .map(|_| id.clone())
+            .map_err(api(format!("allow members of {id} to reach each other"))),
+    }
 }
 
 /// Deletes a security group of this run, retrying DependencyViolation (instances and

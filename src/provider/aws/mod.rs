@@ -593,7 +593,7 @@ impl Provider for AwsProvider {
         let mut existing = ec2::tagged(&c, Some(&run.run_id), Some(&address)).await?;
         let inst = if existing.is_empty() {
             let tags = names::tags(run, &address, &record.id);
-            ec2::launch(
+            let inst = ec2::launch(
                 &c,
                 &ec2::Launch {
                     ami: &aws.ami,
@@ -606,7 +606,29 @@ impl Provider for AwsProvider {
                     tags: &tags,
                 },
             )
-            .await?
+            .await?;
+            // And after: when an answer to RunInstances is lost and the SDK retries, AWS
+            // returns the first instance again (same ClientToken) but an emulator launches a
+            // second one. Whatever else carries this resource's tag is such a duplicate.
+            let extra: Vec<ec2::Instance> = ec2::tagged(&c, Some(&run.run_id), Some(&address))
+                .await?
+                .into_iter()
+                .filter(|i| i.id != inst.id)
+                .collect();
+            if !extra.is_empty() {
+                let ids: Vec<&str> = extra.iter().map(|i| i.id.as_str()).collect();
+                tracing::warn!(
+                    "{address}: a retried RunInstances launched {} more instance(s) ({}); terminating them and keeping {}",
+                    extra.len(),
+                    ids.join(", "),
+                    inst.id
+                );
+                ec2::terminate(&c, &extra, &run.run_id).await?;
+                record
+                    .data
+                    .insert("duplicates_terminated".into(), ids.join(","));
+            }
+            inst
         } else {
             let keep = existing.remove(0);
             ec2::terminate(&c, &existing, &run.run_id).await?;
@@ -709,7 +731,11 @@ impl Provider for AwsProvider {
         let c = self.clients_for(record);
         match record.kind.as_str() {
             "database" => rds::delete(&c, &record.id, run_id).await,
-            "bucket" => s3::delete(&c, &record.id, run_id).await,
+            "bucket" => {
+                let name = record.address.strip_prefix("bucket.").unwrap_or_default();
+                let journaled_name = record.id == names::bucket_name(run_id, name);
+                s3::delete(&c, &record.id, run_id, journaled_name).await
+            }
             "service" => {
                 let mut found = ec2::tagged(&c, Some(run_id), Some(&record.address)).await?;
                 if record.id.starts_with("i-") && !found.iter().any(|i| i.id == record.id) {
@@ -785,7 +811,7 @@ impl Provider for AwsProvider {
         }
         for (b, _) in &buckets {
             let r = if remove {
-                s3::delete(&c, b, run_id).await.map(|_| ())
+                s3::delete(&c, b, run_id, false).await.map(|_| ())
             } else {
                 Ok(())
             };

@@ -141,23 +141,54 @@ pub fn guard(what: &str, run_id: &str, tag: Option<&str>) -> Result<(), Provider
     }
 }
 
+/// Error codes the SDK's standard retry mode treats as throttling.
+const THROTTLING: [&str; 8] = [
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "RequestThrottled",
+];
+
 /// A readable message for an SDK error: the service's code and message when there is one,
-/// else the full error chain.
-pub fn sdk_message<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> String
+/// else the full error chain. Errors the SDK retries (throttling, HTTP 5xx, no answer) reach
+/// here only after every attempt failed, and the message says so.
+pub fn sdk_message<E>(e: &aws_sdk_s3::error::SdkError<E>) -> String
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     use aws_sdk_s3::error::ProvideErrorMetadata as _;
-    match (e.code(), e.message()) {
+    use aws_sdk_s3::error::SdkError;
+    let base = match (e.code(), e.message()) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c.to_string(),
-        _ => aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+        _ => match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(s) if s >= 500 => format!("HTTP {s} without an error code"),
+            _ => aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+        },
+    };
+    let throttled = e.code().is_some_and(|c| THROTTLING.contains(&c));
+    let server = e.raw_response().is_some_and(|r| r.status().as_u16() >= 500);
+    let no_answer = matches!(e, SdkError::TimeoutError(_) | SdkError::DispatchFailure(_));
+    let attempts = super::clients::max_attempts();
+    if throttled {
+        format!(
+            "{base} (AWS throttled all {attempts} attempts, with backoff; run again later, ask for a higher API rate limit, or raise AWS_MAX_ATTEMPTS)"
+        )
+    } else if server || no_answer {
+        format!(
+            "{base} (failed all {attempts} attempts, with backoff: the AWS endpoint is unavailable or unreachable; run again later)"
+        )
+    } else {
+        base
     }
 }
 
 /// The service's error code of an SDK error, if any.
-pub fn sdk_code<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> Option<&str>
+pub fn sdk_code<E>(e: &aws_sdk_s3::error::SdkError<E>) -> Option<&str>
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata,
 {
@@ -166,12 +197,11 @@ where
 }
 
 /// Wraps an SDK error as a provider error that says what was being done.
-pub fn api<E, R>(
+pub fn api<E>(
     what: impl std::fmt::Display,
-) -> impl FnOnce(aws_sdk_s3::error::SdkError<E, R>) -> ProviderError
+) -> impl FnOnce(aws_sdk_s3::error::SdkError<E>) -> ProviderError
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     move |e| ProviderError::Other(format!("{what}: {}", sdk_message(&e)))
 }

@@ -202,13 +202,46 @@ pub async fn copy_all(
 
 /// Empties (every version and delete marker) and deletes a bucket of this run.
 ///
+/// `journaled_name`: the caller has the bucket from this run's journal under the name
+/// [`names::bucket_name`] gives for this run. Such a bucket may lack its tags — CreateBucket
+/// and PutBucketTagging are two calls, and a crash can fall between them (tests/aws_faults.rs
+/// crashes there) — and is then deleted if it is also empty: nothing but this run makes a
+/// bucket of that name, and nothing was copied into it before the tags were set.
+///
 /// # Errors
-/// The guard (no run tag, or another run's), API errors.
-pub async fn delete(c: &Clients, bucket: &str, run_id: &str) -> Result<Deleted, ProviderError> {
+/// The guard (another run's tag, or no tag when not `journaled_name` and empty), API errors.
+pub async fn delete(
+    c: &Clients,
+    bucket: &str,
+    run_id: &str,
+    journaled_name: bool,
+) -> Result<Deleted, ProviderError> {
     let what = format!("s3 bucket {bucket}");
     let Some(existing) = tags(c, bucket).await? else {
         return Ok(Deleted::AlreadyGone);
     };
+    if existing.is_empty() && journaled_name {
+        let page =
+            c.s3.list_object_versions()
+                .bucket(bucket)
+                .max_keys(1)
+                .send()
+                .await
+                .map_err(api(format!("list the versions in {what}")))?;
+        if !page.versions().is_empty() || !page.delete_markers().is_empty() {
+            return Err(ProviderError::Guard(format!(
+                "{what}: it has no {TAG_RUN} tag and is not empty; check who uses it, then delete it by hand"
+            )));
+        }
+        return match c.s3.delete_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(Deleted::Destroyed),
+            Err(e) if sdk_code(&e) == Some("NoSuchBucket") => Ok(Deleted::AlreadyGone),
+            Err(e) => Err(ProviderError::Other(format!(
+                "delete {what}: {}",
+                sdk_message(&e)
+            ))),
+        };
+    }
     guard(&what, run_id, run_tag(&existing))?;
     let mut key_marker: Option<String> = None;
     let mut version_marker: Option<String> = None;
