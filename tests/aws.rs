@@ -957,3 +957,34 @@ fn a_retried_run_adopts_its_tagged_instance_instead_of_launching_another() {
     assert_eq!(launches, launches_before, "no new instance was launched");
     assert_nothing_tagged(&m, None);
 }
+
+#[test]
+fn the_copys_password_and_productions_never_appear_in_any_form() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let reports = state.path().join("out");
+    // With debug logging on (every AWS request logged): logs must not carry secrets either.
+    let out = run(dryrun_aws(&m, state.path())
+        .env("DRYRUN_LOG", "debug")
+        .args(run_args(&m, "blueprints/aws/shop.yaml", &["--report-dir"]))
+        .arg(&reports));
+    assert_eq!(out.status.code(), Some(1));
+    // The generated password, as the emulator received it.
+    let fresh = m
+        .requests()
+        .into_iter()
+        .find(|q| q.action == "ModifyDBInstance")
+        .map(|q| q.params["MasterUserPassword"].clone())
+        .expect("ModifyDBInstance with a fresh password");
+    assert_eq!(fresh.len(), 32);
+    let mut forms = canary_forms(&fresh);
+    forms.extend(canary_forms(PROD_PASSWORD));
+    assert_no_canary("stdout", &out.stdout, &forms);
+    assert_no_canary("stderr", &out.stderr, &forms);
+    let files = assert_no_canary_in_dir(state.path(), &forms);
+    assert!(files >= 3, "journal, report, JUnit: {files}");
+    eprintln!(
+        "searched stdout, stderr and {files} files for {} forms of 2 passwords: 0 hits",
+        forms.len()
+    );
+}

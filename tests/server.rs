@@ -630,3 +630,103 @@ async fn cli_webhook_and_schedule_racing_for_one_environment_run_one_at_a_time()
         assert!(journals.iter().any(|j| j == id), "{id} has no journal");
     }
 }
+
+/// The webhook secret and a blueprint secret (the demo's API token) never leave the server: not
+/// in its output, the API, the dashboard's pages, JUnit, logs, metrics, callbacks,
+/// notifications, the history database or any file of its state directory, in any encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_secret_and_blueprint_secret_never_leave_the_server_in_any_form() {
+    require_demo_shop();
+    let secret = "wh+canary/Q7x=2Kp?z&9";
+    let token = "tok+canary/3J8w=pL?e&7";
+    let mut forms = canary_forms(secret);
+    forms.extend(canary_forms(token));
+    let (cb, got) = receiver().await;
+    let mut srv = Server::start_with_env(
+        &root().join("blueprints"),
+        &format!(
+            "[callbacks]\nallow = [\"{cb}/\"]\nbackoff = \"50ms\"\n[notify]\nurl = \"{cb}/slack\"\n"
+        ),
+        secret,
+        &[("DEMO_API_TOKEN", token)],
+    );
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (n, release) in ["demo/releases/v2", "demo/releases/v3"].iter().enumerate() {
+        let body = format!(
+            r#"{{"blueprint":"demo/shop.yaml","release":"{release}","callback_url":"{cb}/done?n={n}"}}"#
+        );
+        let r = client
+            .post(format!("{}/v1/hooks/dryrun", srv.url))
+            .header(
+                "x-hub-signature-256",
+                dryrun::server::signature::sign(secret.as_bytes(), body.as_bytes()),
+            )
+            .header("x-dryrun-delivery", format!("canary-{n}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let v: serde_json::Value = r.json().await.unwrap();
+        ids.push(v["run_id"].as_str().unwrap().to_string());
+    }
+    // A request signed with a wrong secret is refused, and its error does not help either.
+    let bad = client
+        .post(format!("{}/v1/hooks/dryrun", srv.url))
+        .header("x-hub-signature-256", sign(b"{}"))
+        .header("x-dryrun-delivery", "canary-forged")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    assert_no_canary("the 401 answer", &bad.bytes().await.unwrap(), &forms);
+    let passed = wait_done(&srv.url, &ids[0], Duration::from_secs(60)).await;
+    let failed = wait_done(&srv.url, &ids[1], Duration::from_secs(60)).await;
+    assert_eq!(passed["run"]["status"], "passed", "{passed}");
+    assert_eq!(failed["run"]["status"], "failed", "{failed}");
+    // Two callbacks and one failure notification.
+    let start = std::time::Instant::now();
+    while got.lock().unwrap().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "callbacks missing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut pages = vec!["/".to_string(), "/v1/runs".into(), "/metrics".into()];
+    for id in &ids {
+        for p in ["/runs/", "/v1/runs/"] {
+            pages.push(format!("{p}{id}"));
+        }
+        for p in ["junit.xml", "logs"] {
+            pages.push(format!("/v1/runs/{id}/{p}"));
+        }
+    }
+    for p in &pages {
+        let r = client.get(format!("{}{p}", srv.url)).send().await.unwrap();
+        assert!(r.status().is_success(), "{p}: {}", r.status());
+        let headers = format!("{:?}", r.headers());
+        assert_no_canary(&format!("headers of {p}"), headers.as_bytes(), &forms);
+        assert_no_canary(p, &r.bytes().await.unwrap(), &forms);
+    }
+    for (headers, body) in got.lock().unwrap().iter() {
+        assert_no_canary(
+            "a callback's headers",
+            format!("{headers:?}").as_bytes(),
+            &forms,
+        );
+        assert_no_canary("a callback's body", body.as_bytes(), &forms);
+    }
+    let (_, stderr) = srv.stop();
+    assert_no_canary("the server's stderr", stderr.as_bytes(), &forms);
+    let files = assert_no_canary_in_dir(srv.state(), &forms);
+    assert!(srv.state().join("history.sqlite").is_file());
+    eprintln!(
+        "searched {} pages, 3 callbacks, the server's output and {files} files for {} forms of 2 secrets: 0 hits",
+        pages.len(),
+        forms.len()
+    );
+}

@@ -115,3 +115,98 @@ impl Drop for Reaper {
             .output();
     }
 }
+
+/// The forms in which a secret could leak: raw, hex (both cases), base64 (standard and
+/// URL-safe, at each of the three alignments it can have inside a longer encoded text, e.g.
+/// `user:password` in a Basic auth header), percent-encoded (URL and form), HTML-escaped (as
+/// templates write it) and JSON-escaped.
+pub fn canary_forms(canary: &str) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let mut forms = vec![
+        canary.to_string(),
+        hex::encode(canary),
+        hex::encode_upper(canary),
+    ];
+    for offset in 0..3usize {
+        let mut bytes = vec![b'x'; offset];
+        bytes.extend_from_slice(canary.as_bytes());
+        let whole = bytes.len() / 3 * 4; // characters of complete groups
+        let start = if offset == 0 { 0 } else { 4 };
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let enc = engine.encode(&bytes);
+            if whole > start + 8 {
+                forms.push(enc[start..whole].to_string());
+            }
+        }
+    }
+    let percent = |space_plus: bool| {
+        canary
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                b' ' if space_plus => "+".to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    forms.push(percent(false));
+    forms.push(percent(true));
+    forms.push(percent(false).to_lowercase());
+    let html: String = canary
+        .chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#x27;".to_string(),
+            '`' => "&#x60;".to_string(),
+            '=' => "&#x3D;".to_string(),
+            '/' => "&#x2F;".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    forms.push(html);
+    forms.push(
+        serde_json::to_string(canary)
+            .unwrap()
+            .trim_matches('"')
+            .to_string(),
+    );
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Panics if any form of any canary occurs in `text`; `what` names where it was found.
+pub fn assert_no_canary(what: &str, text: &[u8], forms: &[String]) {
+    let text = String::from_utf8_lossy(text);
+    for f in forms {
+        assert!(
+            !text.contains(f.as_str()),
+            "canary form `{f}` found in {what}"
+        );
+    }
+}
+
+/// [`assert_no_canary`] over every file under `dir` (binary files too: SQLite, gzip are read as
+/// bytes); returns the number of files searched.
+pub fn assert_no_canary_in_dir(dir: &Path, forms: &[String]) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            n += assert_no_canary_in_dir(&p, forms);
+        } else if ft.is_file()
+            && let Ok(bytes) = std::fs::read(&p)
+        {
+            assert_no_canary(&p.display().to_string(), &bytes, forms);
+            n += 1;
+        }
+    }
+    n
+}

@@ -15,6 +15,10 @@ pub const SECRET: &str = "test-webhook-secret-8c2f";
 /// A running server.
 pub struct Server {
     pub child: Option<Child>,
+    /// Webhook secret ([`SECRET`] unless started with another).
+    pub secret: String,
+    /// Extra environment of the server process.
+    pub env: Vec<(String, String)>,
     pub state: PathBuf,
     pub url: String,
     pub port: u16,
@@ -40,6 +44,16 @@ impl Server {
 
     /// Starts a server whose blueprints root is `blueprints`.
     pub fn start_with_root(blueprints: &Path, extra: &str) -> Server {
+        Self::start_with_env(blueprints, extra, SECRET, &[])
+    }
+
+    /// Starts a server with its own webhook secret and extra environment variables.
+    pub fn start_with_env(
+        blueprints: &Path,
+        extra: &str,
+        secret: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = state_dir();
         let state = dir.path().join("state");
         let config = dir.path().join("dryrun.toml");
@@ -51,6 +65,11 @@ impl Server {
             url: format!("http://127.0.0.1:{port}"),
             port,
             config,
+            secret: secret.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
             _dir: Some(dir),
         };
         s.spawn();
@@ -61,7 +80,8 @@ impl Server {
         let child = Command::new(bin())
             .current_dir(root())
             .env("DRYRUN_STATE_DIR", &self.state)
-            .env("DRYRUN_WEBHOOK_SECRET", SECRET)
+            .env("DRYRUN_WEBHOOK_SECRET", &self.secret)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .args(["serve", "--config"])
             .arg(&self.config)
