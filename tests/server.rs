@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::server::{SECRET, Server, get, hook, sign, wait_done};
+use common::server::{SECRET, Server, get, hook, hook_signed, sign, wait_done};
 use common::*;
 
 /// A blueprints root with extra fixtures: `slow.yaml` (passes after ~1.5 s), `stuck.yaml`
@@ -656,20 +656,8 @@ async fn webhook_secret_and_blueprint_secret_never_leave_the_server_in_any_form(
         let body = format!(
             r#"{{"blueprint":"demo/shop.yaml","release":"{release}","callback_url":"{cb}/done?n={n}"}}"#
         );
-        let r = client
-            .post(format!("{}/v1/hooks/dryrun", srv.url))
-            .header(
-                "x-hub-signature-256",
-                dryrun::server::signature::sign(secret.as_bytes(), body.as_bytes()),
-            )
-            .header("x-dryrun-delivery", format!("canary-{n}"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        let v: serde_json::Value = r.json().await.unwrap();
+        let (code, v) = hook_signed(&srv.url, secret, &body, &format!("canary-{n}")).await;
+        assert_eq!(code, 202, "{v}");
         ids.push(v["run_id"].as_str().unwrap().to_string());
     }
     // A request signed with a wrong secret is refused, and its error does not help either.

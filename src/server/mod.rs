@@ -94,7 +94,6 @@ pub async fn serve(
     app.recover_interrupted().await;
     let app = Arc::new(app);
     let schedules = jobs::start_schedules(&app);
-    tracing::info!(%addr, "dryrun serve listening");
     eprintln!(
         "dryrun serve: listening on http://{addr} (blueprints in {})",
         app.blueprints.display()

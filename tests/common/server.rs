@@ -178,11 +178,24 @@ pub fn sign(body: &[u8]) -> String {
     dryrun::server::signature::sign(SECRET.as_bytes(), body)
 }
 
-/// POSTs a signed webhook; returns status and JSON body.
+/// POSTs a webhook signed with the test secret; returns status and JSON body.
 pub async fn hook(url: &str, body: &str, delivery: &str) -> (u16, serde_json::Value) {
+    hook_signed(url, SECRET, body, delivery).await
+}
+
+/// POSTs a webhook signed with `secret`; returns status and JSON body.
+pub async fn hook_signed(
+    url: &str,
+    secret: &str,
+    body: &str,
+    delivery: &str,
+) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/hooks/dryrun"))
-        .header("x-hub-signature-256", sign(body.as_bytes()))
+        .header(
+            "x-hub-signature-256",
+            dryrun::server::signature::sign(secret.as_bytes(), body.as_bytes()),
+        )
         .header("x-dryrun-delivery", delivery)
         .header("content-type", "application/json")
         .body(body.to_string())
