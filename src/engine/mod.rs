@@ -1147,8 +1147,11 @@ pub(crate) async fn teardown(
             // APIs fail transiently (throttling past the SDK's retries, a dependency still
             // detaching), and leaving the resource behind is the expensive outcome.
             match (&res, pauses.next()) {
+                // A guard refusal will not change by waiting.
                 (Some(Err(e)), Some(&pause))
-                    if Instant::now() + pause < deadline && !hard.is_cancelled() =>
+                    if !matches!(e, ProviderError::Guard(_))
+                        && Instant::now() + pause < deadline
+                        && !hard.is_cancelled() =>
                 {
                     tracing::warn!(
                         "{}: delete failed ({e}); trying again in {}",

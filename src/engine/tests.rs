@@ -530,6 +530,23 @@ async fn failed_delete_is_left_behind_and_exit_4() {
 }
 
 #[tokio::test]
+async fn a_guard_refusal_in_teardown_is_not_retried() {
+    let rig = rig();
+    let fake = fake([("database.db", Cue::GuardDelete)]);
+    let report = rig.run(CHAIN, &fake).await;
+    assert_eq!(report.exit_code, 4);
+    assert_eq!(
+        fake.calls_to("delete"),
+        ["service.app", "bucket.files", "database.db"]
+    );
+    assert!(
+        report.left_behind[0]
+            .reason
+            .contains("no dryrun:run-id tag")
+    );
+}
+
+#[tokio::test]
 async fn successful_run_closes_journal() {
     let rig = rig();
     let fake = fake([("database.db", Cue::Ok)]);

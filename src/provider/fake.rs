@@ -40,6 +40,8 @@ pub enum Cue {
     SlowCreate(Duration),
     /// `delete` returns an error.
     FailDelete,
+    /// `delete` refuses: the resource is not the run's (a guard error).
+    GuardDelete,
     /// `delete` never returns.
     HangDelete,
 }
@@ -273,6 +275,12 @@ impl Provider for FakeProvider {
         self.log("delete", &record.address);
         if self.cued(&record.address, |c| matches!(c, Cue::HangDelete)) {
             std::future::pending::<()>().await;
+        }
+        if self.cued(&record.address, |c| matches!(c, Cue::GuardDelete)) {
+            return Err(ProviderError::Guard(format!(
+                "{}: it has no dryrun:run-id tag (fake)",
+                record.address
+            )));
         }
         if self.cued(&record.address, |c| matches!(c, Cue::FailDelete)) {
             return Err(ProviderError::Other(format!(
