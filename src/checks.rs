@@ -15,10 +15,18 @@ use tokio_util::sync::CancellationToken;
 use crate::blueprint::{Check, CheckSpec};
 use crate::provider::local::process;
 use crate::provider::{
-    Outputs, Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ResourceRecord, RunInfo,
+    Blame, Outputs, Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ResourceRecord,
+    RunInfo,
 };
 use crate::report::{CheckReport, Status};
 use crate::secret::Redactor;
+
+/// How much longer than the check's timeout a provider may take to run a check remotely (API
+/// calls, delivery, retries with backoff) before the attempt is an error.
+#[cfg(not(test))]
+const PROBE_GRACE: Duration = Duration::from_secs(120);
+#[cfg(test)]
+const PROBE_GRACE: Duration = Duration::from_millis(300);
 
 /// Most bytes of output kept in a report.
 const OUTPUT_LIMIT: usize = 4000;
@@ -43,6 +51,24 @@ pub struct CheckEnv<'a> {
     pub run: &'a RunInfo,
     /// Records of the run's resources.
     pub records: &'a [ResourceRecord],
+}
+
+/// Why an attempt did not produce a verdict.
+#[derive(Debug)]
+enum NoVerdict {
+    /// The check ran and failed in a way the release is blamed for (a template that does not
+    /// render, a refused connection, a timeout): the check fails.
+    Failed(String),
+    /// The provider could not run the check (an API that kept failing, an agent that never
+    /// answered): nothing was learnt about the release, so the check is an error — the run
+    /// exits 3, not 1, and does not claim the release would break.
+    Environment(String),
+}
+
+impl From<String> for NoVerdict {
+    fn from(m: String) -> Self {
+        NoVerdict::Failed(m)
+    }
 }
 
 /// One attempt's verdict.
@@ -75,11 +101,8 @@ pub async fn run(
     loop {
         attempts += 1;
         let attempt = tokio::select! {
-            r = tokio::time::timeout(check.timeout, attempt(check, env)) => match r {
-                Ok(v) => v,
-                Err(_) => Err(format!("timed out after {}", humantime::format_duration(check.timeout))),
-            },
-            () = env.cancel.cancelled() => Err("cancelled".to_string()),
+            v = attempt(check, env) => v,
+            () = env.cancel.cancelled() => Err(NoVerdict::Failed("cancelled".to_string())),
         };
         last = match attempt {
             _ if env.cancel.is_cancelled() => (
@@ -98,7 +121,10 @@ pub async fn run(
                 v.message,
                 v.output,
             ),
-            Err(e) => (Status::Failed, Some(e), None),
+            Err(NoVerdict::Failed(e)) => (Status::Failed, Some(e), None),
+            Err(NoVerdict::Environment(e)) => {
+                (Status::Error, Some(format!("could not run: {e}")), None)
+            }
         };
         if matches!(last.0, Status::Passed | Status::Skipped)
             || attempts > check.retries
@@ -128,7 +154,7 @@ pub async fn run(
     }
 }
 
-async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
+async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict> {
     let probe = render_probe(&check.spec, env)?;
     let req = ProbeRequest {
         check: &check.name,
@@ -136,14 +162,38 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, String> {
         records: env.records,
         timeout: check.timeout,
     };
-    let (answer, via) = match env
-        .provider
-        .probe(env.run, req)
+    // A remote probe bounds the action itself by the check's timeout (curl --max-time, SSM's
+    // execution timeout: running past it fails the check); the API calls around it may take
+    // longer when the API is slow. This limit only catches a provider that never answers.
+    let outer = check.timeout + PROBE_GRACE;
+    let probed = tokio::time::timeout(outer, env.provider.probe(env.run, req))
         .await
-        .map_err(|e| e.to_string())?
-    {
-        ProbeOutcome::Local => (run_local(&check.name, &probe, env).await?, None),
+        .map_err(|_| {
+            NoVerdict::Environment(format!(
+                "the {} provider did not run it within {}",
+                env.provider.name(),
+                humantime::format_duration(outer)
+            ))
+        })?;
+    let (answer, via) = match probed.map_err(|e| match e.blame() {
+        Blame::Environment => NoVerdict::Environment(e.to_string()),
+        Blame::Release => NoVerdict::Failed(e.to_string()),
+    })? {
+        ProbeOutcome::Local => {
+            let local = tokio::time::timeout(check.timeout, run_local(&check.name, &probe, env))
+                .await
+                .map_err(|_| {
+                    NoVerdict::Failed(format!(
+                        "timed out after {}",
+                        humantime::format_duration(check.timeout)
+                    ))
+                })?;
+            (local?, None)
+        }
         ProbeOutcome::Remote { answer, via } => (answer, Some(via)),
+        ProbeOutcome::Failed { message, via } => {
+            return Err(NoVerdict::Failed(format!("{message} (ran through {via})")));
+        }
         ProbeOutcome::Skipped(reason) => {
             return Ok(Verdict {
                 passed: false,

@@ -3,8 +3,8 @@
 //!
 //! What moto cannot do, and how these tests treat it: SSM commands are accepted and reported
 //! `Success` with exit code 0 and empty output, but nothing runs — so command checks "pass"
-//! with moto's exit code, http checks fail with "printed no result", and the tests assert
-//! exactly that; instance and database addresses are fake private addresses that nothing
+//! with moto's exit code, http checks cannot run ("printed no result": status `error`, the
+//! reference run exits 3), and the tests assert exactly that; instance and database addresses are fake private addresses that nothing
 //! connects to (sql checks are skipped because `runner_in_vpc` is off); `ClientToken` is
 //! ignored (reconciliation by tags is tested instead); `PubliclyAccessible=false` is not
 //! stored by moto's restore, so the request itself is checked in the recorder.
@@ -122,8 +122,9 @@ fn reference_run_restores_latest_snapshot_reports_and_leaves_nothing_tagged() {
     let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, "blueprints/aws/shop.yaml", &[])));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    // Against moto the http checks cannot pass (SSM runs nothing there), so the run fails (1).
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Against moto the http checks cannot run (SSM runs nothing there): nothing was learnt
+    // from them, so the run is an infrastructure error (3), not a release failure (1).
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("aws: region us-east-1, account 123456789012"),
         "region and account are printed at the start:\n{stderr}"
@@ -153,13 +154,28 @@ fn reference_run_restores_latest_snapshot_reports_and_leaves_nothing_tagged() {
     };
     // What moto returns for SSM: Success, exit code 0, no output.
     let home = check("homepage");
-    assert_eq!(home["status"], "failed");
+    assert_eq!(home["status"], "error");
+    assert!(
+        home["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("could not run: SSM command "),
+        "{home}"
+    );
     assert!(
         home["message"]
             .as_str()
             .unwrap()
             .contains("printed no result"),
         "{home}"
+    );
+    assert!(
+        r["failure"]
+            .as_str()
+            .unwrap()
+            .starts_with("check `homepage` could not run: SSM command"),
+        "{}",
+        r["failure"]
     );
     let installed = check("release-installed");
     assert_eq!(installed["status"], "passed", "moto reports exit code 0");
@@ -968,7 +984,7 @@ fn the_copys_password_and_productions_never_appear_in_any_form() {
         .env("DRYRUN_LOG", "debug")
         .args(run_args(&m, "blueprints/aws/shop.yaml", &["--report-dir"]))
         .arg(&reports));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "moto's http checks cannot run");
     // The generated password, as the emulator received it.
     let fresh = m
         .requests()

@@ -557,8 +557,10 @@ pub async fn run(
         status = status.merge(f.status);
     }
     for c in &check_reports {
-        if c.status == Status::Failed {
-            status = status.merge(Status::Failed);
+        // A check that could not run (Error) makes the run an infrastructure error: nothing
+        // was learnt about the release from it.
+        if matches!(c.status, Status::Failed | Status::Error) {
+            status = status.merge(c.status);
         }
     }
     let interrupted = shutdown.soft.is_cancelled();
@@ -576,15 +578,25 @@ pub async fn run(
         Some(format!("interrupted by {signal_name}"))
     } else {
         failures.first().map(|f| f.message.clone()).or_else(|| {
-            check_reports
-                .iter()
-                .find(|c| c.status == Status::Failed)
+            // The check that decides the exit code: one that could not run (3) before one
+            // that failed (1).
+            let first = |s: Status| check_reports.iter().find(|c| c.status == s);
+            first(Status::Error)
                 .map(|c| {
                     format!(
-                        "check `{}` failed: {}",
+                        "check `{}` {}",
                         c.name,
                         c.message.clone().unwrap_or_default()
                     )
+                })
+                .or_else(|| {
+                    first(Status::Failed).map(|c| {
+                        format!(
+                            "check `{}` failed: {}",
+                            c.name,
+                            c.message.clone().unwrap_or_default()
+                        )
+                    })
                 })
         })
     };
@@ -745,17 +757,27 @@ pub async fn run(
     } else {
         Status::Skipped
     };
-    let failed_checks: Vec<&str> = check_reports
-        .iter()
-        .filter(|c| c.status == Status::Failed)
-        .map(|c| c.name.as_str())
-        .collect();
+    let names = |s: Status| -> Vec<&str> {
+        check_reports
+            .iter()
+            .filter(|c| c.status == s)
+            .map(|c| c.name.as_str())
+            .collect()
+    };
+    let check_message = [
+        ("failed", names(Status::Failed)),
+        ("could not run", names(Status::Error)),
+    ]
+    .iter()
+    .filter(|(_, n)| !n.is_empty())
+    .map(|(what, n)| format!("{what}: {}", n.join(", ")))
+    .collect::<Vec<_>>()
+    .join("; ");
     stages.push(StageReport {
         name: "check".into(),
         status: check_status,
         duration_ms: if provisioned { check_ms } else { 0 },
-        message: (!failed_checks.is_empty())
-            .then(|| format!("failed: {}", failed_checks.join(", "))),
+        message: (!check_message.is_empty()).then_some(check_message),
     });
     stages.push(StageReport {
         name: "teardown".into(),

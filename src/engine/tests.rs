@@ -276,6 +276,129 @@ async fn teardown_runs_after_check_failure() {
 }
 
 #[tokio::test]
+async fn a_check_the_provider_could_not_run_is_an_error_exit_3_not_a_release_failure() {
+    let rig = rig();
+    let fake = fake([("check.passes", Cue::FailProbe(u32::MAX))]);
+    let yaml = format!("{CHAIN}  - name: breaks\n    type: command\n    run: \"exit 3\"\n");
+    let report = rig.run(&yaml, &fake).await;
+
+    let passes = &report.checks[0];
+    assert_eq!(passes.status, Status::Error, "{passes:?}");
+    assert_eq!(
+        passes.message.as_deref(),
+        Some(
+            "could not run: send an SSM command to i-0fake: Throttling: Rate exceeded (fake; 4294967294 more to come)"
+        )
+    );
+    assert_eq!(report.checks[1].status, Status::Failed);
+    // Nothing was learnt about the release from `passes`: the run is incomplete (3), and the
+    // failure line names the check that could not run.
+    assert_eq!(report.status, Status::Error);
+    assert_eq!(report.exit_code, 3);
+    assert!(
+        report
+            .failure
+            .as_deref()
+            .unwrap()
+            .starts_with("check `passes` could not run: send an SSM command"),
+        "{:?}",
+        report.failure
+    );
+    assert_eq!(
+        report.stage("check").unwrap().message.as_deref(),
+        Some("failed: breaks; could not run: passes")
+    );
+    assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
+    assert_eq!(
+        sorted(fake.calls_to("delete")),
+        sorted(fake.calls_to("create"))
+    );
+}
+
+#[tokio::test]
+async fn a_copy_that_does_not_answer_a_remote_check_fails_it_exit_1() {
+    let rig = rig();
+    let fake = fake([("check.passes", Cue::NoAnswer)]);
+    let report = rig.run(CHAIN, &fake).await;
+
+    assert_eq!(
+        report.checks[0].status,
+        Status::Failed,
+        "{:?}",
+        report.checks
+    );
+    assert_eq!(
+        report.checks[0].message.as_deref(),
+        Some(
+            "GET http://10.0.0.5:8080/ from i-0fake: curl exit code 7: Connection refused (ran through SSM command c-1 on i-0fake)"
+        )
+    );
+    assert_eq!(report.exit_code, 1);
+}
+
+#[tokio::test]
+async fn a_local_check_past_its_timeout_fails_a_provider_that_never_runs_it_is_an_error() {
+    let rig = rig();
+    let fake = fake([("check.stuck", Cue::HangProbe)]);
+    let yaml = CHAIN.replace(
+        r#"run: "true""#,
+        "run: \"sleep 5\"\n    timeout: 200ms\n  - name: stuck\n    type: command\n    run: \"true\"\n    timeout: 100ms",
+    );
+    let started = std::time::Instant::now();
+    let report = rig.run(&yaml, &fake).await;
+
+    // The command ran here and hung: the release is to blame.
+    assert_eq!(
+        report.checks[0].status,
+        Status::Failed,
+        "{:?}",
+        report.checks
+    );
+    assert_eq!(
+        report.checks[0].message.as_deref(),
+        Some("timed out after 200ms")
+    );
+    // The provider never ran it: nothing was learnt.
+    assert_eq!(
+        report.checks[1].status,
+        Status::Error,
+        "{:?}",
+        report.checks
+    );
+    assert_eq!(
+        report.checks[1].message.as_deref(),
+        Some("could not run: the fake provider did not run it within 400ms")
+    );
+    assert_eq!(report.exit_code, 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_check_whose_probe_fails_once_is_retried_and_passes() {
+    let rig = rig();
+    let fake = fake([("check.passes", Cue::FailProbe(1))]);
+    let yaml = CHAIN.replace(
+        r#"run: "true""#,
+        "run: \"true\"\n    retries: 1\n    interval: 10ms",
+    );
+    let report = rig.run(&yaml, &fake).await;
+
+    assert_eq!(
+        report.checks[0].status,
+        Status::Passed,
+        "{:?}",
+        report.checks
+    );
+    assert_eq!(report.checks[0].attempts, 2);
+    assert_eq!(fake.calls_to("probe"), ["check.passes", "check.passes"]);
+    assert_eq!(report.exit_code, 0, "{:?}", report.failure);
+}
+
+#[tokio::test]
 async fn install_failure_is_a_release_failure_exit_1() {
     let rig = rig();
     let fake = fake([("service.app", Cue::FailInstall)]);

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
-    Provider, ProviderError, RecordSink, ResourceRecord, ResourceRequest, RunInfo,
+    ProbeOutcome, ProbeRequest, Provider, ProviderError, RecordSink, ResourceRecord,
+    ResourceRequest, RunInfo,
 };
 use crate::blueprint::DatabaseSpec;
 use crate::journal::{self, Entry};
@@ -44,6 +45,13 @@ pub enum Cue {
     GuardDelete,
     /// `delete` never returns.
     HangDelete,
+    /// Keyed `check.NAME`: the probe of that check fails this many more times, the
+    /// environment to blame (an API that kept throttling), then runs locally.
+    FailProbe(u32),
+    /// Keyed `check.NAME`: the probe ran remotely and the copy did not answer.
+    NoAnswer,
+    /// Keyed `check.NAME`: the probe never returns (an API that never answers).
+    HangProbe,
 }
 
 /// The fake. Share it as `Arc<FakeProvider>` and hand the engine a clone as `Arc<dyn Provider>`.
@@ -269,6 +277,35 @@ impl Provider for FakeProvider {
             outputs: outputs(&[("url", format!("http://127.0.0.1:1/{}", req.record.id))]),
             steps: Vec::new(),
         })
+    }
+
+    async fn probe(
+        &self,
+        _run: &RunInfo,
+        req: ProbeRequest<'_>,
+    ) -> Result<ProbeOutcome, ProviderError> {
+        let address = format!("check.{}", req.check);
+        self.log("probe", &address);
+        if let Some(Cue::FailProbe(n)) = self.cues.lock().unwrap().get_mut(&address)
+            && *n > 0
+        {
+            *n -= 1;
+            return Err(ProviderError::Other(format!(
+                "send an SSM command to i-0fake: Throttling: Rate exceeded (fake; {n} more to come)"
+            )));
+        }
+        if self.cued(&address, |c| matches!(c, Cue::HangProbe)) {
+            std::future::pending::<()>().await;
+        }
+        if self.cued(&address, |c| matches!(c, Cue::NoAnswer)) {
+            return Ok(ProbeOutcome::Failed {
+                message:
+                    "GET http://10.0.0.5:8080/ from i-0fake: curl exit code 7: Connection refused"
+                        .into(),
+                via: "SSM command c-1 on i-0fake".into(),
+            });
+        }
+        Ok(ProbeOutcome::Local)
     }
 
     async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError> {

@@ -253,6 +253,15 @@ pub enum ProbeOutcome {
     },
     /// It cannot run from this runner; the reason goes into the report as `skipped`.
     Skipped(String),
+    /// The provider ran it where the copy is reachable, and the copy gave no answer to compare
+    /// (connection refused, no answer within the timeout): the attempt fails, as the same
+    /// error on the runner would.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Where it ran.
+        via: String,
+    },
 }
 
 /// What [`Provider::probe`] is given.
@@ -427,7 +436,11 @@ pub trait Provider: Send + Sync {
     /// Command on the service's instance) or returns [`ProbeOutcome::Skipped`] with the reason.
     ///
     /// # Errors
-    /// When the backend could not run it (the check fails with this message).
+    /// When the backend could not run it (an API that kept failing, a script that never ran).
+    /// With [`Blame::Environment`] the check is an error — the run exits 3: nothing was learnt
+    /// about the release; with [`Blame::Release`] it fails (exit 1). Either way the message is
+    /// the check's. A check that ran and got no answer from the copy is
+    /// [`ProbeOutcome::Failed`], not an error.
     async fn probe(
         &self,
         _run: &RunInfo,

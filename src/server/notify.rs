@@ -27,7 +27,7 @@ pub fn summary(app: &App, rep: &RunReport) -> serde_json::Value {
         "finished_at": rep.finished_at,
         "duration_ms": rep.duration_ms,
         "failure": rep.failure,
-        "checks": {"passed": rep.count_checks(Status::Passed), "failed": rep.count_checks(Status::Failed), "total": rep.checks.len()},
+        "checks": {"passed": rep.count_checks(Status::Passed), "failed": rep.count_checks(Status::Failed), "error": rep.count_checks(Status::Error), "total": rep.checks.len()},
         "left_behind": rep.left_behind.len(),
         "status_url": format!("{}/v1/runs/{}", app.base_url, rep.run_id),
         "dashboard_url": format!("{}/runs/{}", app.base_url, rep.run_id),

@@ -428,6 +428,66 @@ impl AwsProvider {
     }
 }
 
+/// What an http check's SSM command showed. curl failing (refused, timed out) is the copy not
+/// answering: the check fails, as on the runner. No result line means the script did not run:
+/// nothing was learnt, an error (exit 3).
+fn http_outcome(
+    inv: &ssm::Invocation,
+    instance: &str,
+    request: &str,
+) -> Result<ProbeOutcome, ProviderError> {
+    let via = inv.via(instance);
+    match parse_http(&inv.stdout) {
+        Some((status, body)) if inv.exit_code == 0 => Ok(ProbeOutcome::Remote {
+            answer: ProbeAnswer::Http { status, body },
+            via,
+        }),
+        Some(_) => Ok(ProbeOutcome::Failed {
+            message: format!(
+                "{request} from {instance}: curl exit code {}: {}",
+                inv.exit_code,
+                inv.stderr.trim()
+            ),
+            via,
+        }),
+        None => Err(ProviderError::Other(format!(
+            "{via} ended `{}` with exit code {} but printed no result: the script did not run on the instance (an emulator such as moto accepts commands without running them)",
+            inv.status, inv.exit_code
+        ))),
+    }
+}
+
+/// What a command check's SSM command showed. `TimedOut` is the command running past the
+/// check's timeout, as a hung command would on the runner: the check fails. `Cancelled`,
+/// `Undeliverable`, `Terminated`: it did not run to the end, an error.
+fn command_outcome(
+    inv: &ssm::Invocation,
+    instance: &str,
+    timeout: Duration,
+) -> Result<ProbeOutcome, ProviderError> {
+    let via = inv.via(instance);
+    match inv.status.as_str() {
+        "Success" | "Failed" => Ok(ProbeOutcome::Remote {
+            via,
+            answer: ProbeAnswer::Command {
+                exit_code: Some(inv.exit_code),
+                output: format!("{}{}", inv.stdout, inv.stderr),
+            },
+        }),
+        "TimedOut" => Ok(ProbeOutcome::Failed {
+            message: format!(
+                "command did not finish within {}",
+                humantime::format_duration(timeout)
+            ),
+            via,
+        }),
+        other => Err(ProviderError::Other(format!(
+            "{via} ended `{other}`: {}",
+            inv.stderr.trim()
+        ))),
+    }
+}
+
 fn parse_http(stdout: &str) -> Option<(u16, String)> {
     let (first, rest) = stdout.split_once('\n').unwrap_or((stdout, ""));
     let status = first.trim().strip_prefix(HTTP_MARKER)?;
@@ -881,40 +941,11 @@ impl Provider for AwsProvider {
                     ssm::quote(url)
                 ));
                 let inv = ssm::run(&c, &instance, &comment, &cmd, req.timeout, &cancel).await?;
-                let via = inv.via(&instance);
-                match parse_http(&inv.stdout) {
-                    Some((status, body)) if inv.exit_code == 0 => Ok(ProbeOutcome::Remote {
-                        answer: ProbeAnswer::Http { status, body },
-                        via,
-                    }),
-                    Some(_) => Err(ProviderError::Other(format!(
-                        "{method} {url} from {instance}: curl exit code {}: {}",
-                        inv.exit_code,
-                        inv.stderr.trim()
-                    ))),
-                    None => Err(ProviderError::Other(format!(
-                        "{via} ended `{}` with exit code {} but printed no result: the script did not run on the instance (an emulator such as moto accepts commands without running them)",
-                        inv.status, inv.exit_code
-                    ))),
-                }
+                http_outcome(&inv, &instance, &format!("{method} {url}"))
             }
             Probe::Command { run: script } => {
                 let inv = ssm::run(&c, &instance, &comment, script, req.timeout, &cancel).await?;
-                if !matches!(inv.status.as_str(), "Success" | "Failed") {
-                    return Err(ProviderError::Other(format!(
-                        "{} ended `{}`: {}",
-                        inv.via(&instance),
-                        inv.status,
-                        inv.stderr.trim()
-                    )));
-                }
-                Ok(ProbeOutcome::Remote {
-                    via: inv.via(&instance),
-                    answer: ProbeAnswer::Command {
-                        exit_code: Some(inv.exit_code),
-                        output: format!("{}{}", inv.stdout, inv.stderr),
-                    },
-                })
+                command_outcome(&inv, &instance, req.timeout)
             }
             Probe::Sql { .. } => Ok(ProbeOutcome::Local),
         }
@@ -1015,6 +1046,95 @@ mod tests {
             Some("http://127.0.0.1:9".into()),
         ))
         .unwrap()
+    }
+
+    fn invocation(status: &str, exit_code: i32, stdout: &str, stderr: &str) -> ssm::Invocation {
+        ssm::Invocation {
+            command_id: "c-1".into(),
+            status: status.into(),
+            exit_code,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn a_copy_that_does_not_answer_fails_the_check_a_script_that_did_not_run_is_an_error() {
+        let answered = invocation(
+            "Success",
+            0,
+            &format!("{HTTP_MARKER}503 curl_exit=0\nbusy"),
+            "",
+        );
+        assert_eq!(
+            http_outcome(&answered, "i-1", "GET http://10.0.0.5/").unwrap(),
+            ProbeOutcome::Remote {
+                answer: ProbeAnswer::Http {
+                    status: 503,
+                    body: "busy".into()
+                },
+                via: "SSM command c-1 on i-1".into()
+            }
+        );
+        let refused = invocation(
+            "Failed",
+            7,
+            &format!("{HTTP_MARKER}000 curl_exit=7\n"),
+            "curl: (7) Failed to connect to 10.0.0.5 port 8080: Connection refused",
+        );
+        match http_outcome(&refused, "i-1", "GET http://10.0.0.5:8080/").unwrap() {
+            ProbeOutcome::Failed { message, via } => {
+                assert!(
+                    message.contains("curl exit code 7") && message.contains("Connection refused"),
+                    "{message}"
+                );
+                assert_eq!(via, "SSM command c-1 on i-1");
+            }
+            other => panic!("{other:?}"),
+        }
+        let not_run = http_outcome(&invocation("Success", 0, "", ""), "i-1", "GET /").unwrap_err();
+        assert_eq!(not_run.blame(), crate::provider::Blame::Environment);
+        assert!(
+            not_run.to_string().contains("printed no result"),
+            "{not_run}"
+        );
+
+        let hung = command_outcome(
+            &invocation("TimedOut", -1, "", ""),
+            "i-1",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(
+            matches!(&hung, ProbeOutcome::Failed { message, .. } if message == "command did not finish within 30s"),
+            "{hung:?}"
+        );
+        let exited = command_outcome(
+            &invocation("Failed", 3, "out", "err"),
+            "i-1",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(matches!(
+            exited,
+            ProbeOutcome::Remote {
+                answer: ProbeAnswer::Command {
+                    exit_code: Some(3),
+                    ..
+                },
+                ..
+            }
+        ));
+        let undelivered = command_outcome(
+            &invocation("Undeliverable", -1, "", ""),
+            "i-1",
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert!(
+            undelivered.to_string().contains("ended `Undeliverable`"),
+            "{undelivered}"
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@ use super::names::{sdk_code, sdk_message};
 use super::wait::{self, Pace, Poll};
 use crate::provider::ProviderError;
 
+/// How long after a script's execution timeout SSM may take to report the invocation's end.
+const REPORT_GRACE: Duration = Duration::from_secs(30);
+
 /// How an invocation ended.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -39,8 +42,10 @@ impl Invocation {
     }
 }
 
-/// Runs `script` with `sh` on `instance` and waits for it to end, at most `max`. A
-/// SendCommand refused because the agent has not registered yet is retried within `max`.
+/// Runs `script` with `sh` on `instance` and waits for it to end. The script may run `max`
+/// (at least 30 s, SSM's minimum), after which SSM stops it and reports `TimedOut`; the wait for
+/// that answer allows [`REPORT_GRACE`] more. A SendCommand refused because the agent has not
+/// registered yet is retried within `max`.
 ///
 /// # Errors
 /// API errors, [`ProviderError::Timeout`], [`ProviderError::Cancelled`].
@@ -92,7 +97,7 @@ pub async fn run(
     .await?;
     wait::until(
         &format!("SSM command {command_id} on {instance} to finish"),
-        max,
+        Duration::from_secs(exec_secs) + REPORT_GRACE,
         Pace::FAST,
         Some(cancel),
         || async {
