@@ -32,7 +32,8 @@ Exit codes:
   0  every check passed and nothing was left behind
   1  a check, a migration or a health check failed: the release would break
   2  blueprint or usage error (nothing was created)
-  3  infrastructure error: provisioning, restore or install failed for reasons of the environment
+  3  infrastructure error: provisioning, restore or install failed for reasons of the environment,
+     or a check could not be run (its status is `error`)
   4  teardown left something behind (listed at the end; `dryrun cleanup` finishes it)
 
 Ctrl-C or SIGTERM stops new work and tears the copy down; a second one stops waiting, flushes the
