@@ -53,21 +53,22 @@ pub struct CheckEnv<'a> {
     pub records: &'a [ResourceRecord],
 }
 
-/// Why an attempt did not produce a verdict.
+/// Why an attempt gave no verdict, and who is to blame. The release (a template that does not
+/// render, a refused connection, a timeout): the check fails. The environment (an API that kept
+/// failing, a provider that never answered): nothing was learnt about the release, so the check
+/// is an error — the run exits 3, not 1, and does not claim the release would break.
 #[derive(Debug)]
-enum NoVerdict {
-    /// The check ran and failed in a way the release is blamed for (a template that does not
-    /// render, a refused connection, a timeout): the check fails.
-    Failed(String),
-    /// The provider could not run the check (an API that kept failing, an agent that never
-    /// answered): nothing was learnt about the release, so the check is an error — the run
-    /// exits 3, not 1, and does not claim the release would break.
-    Environment(String),
+struct NoVerdict {
+    blame: Blame,
+    message: String,
 }
 
 impl From<String> for NoVerdict {
-    fn from(m: String) -> Self {
-        NoVerdict::Failed(m)
+    fn from(message: String) -> Self {
+        NoVerdict {
+            blame: Blame::Release,
+            message,
+        }
     }
 }
 
@@ -102,7 +103,7 @@ pub async fn run(
         attempts += 1;
         let attempt = tokio::select! {
             v = attempt(check, env) => v,
-            () = env.cancel.cancelled() => Err(NoVerdict::Failed("cancelled".to_string())),
+            () = env.cancel.cancelled() => Err(NoVerdict::from("cancelled".to_string())),
         };
         last = match attempt {
             _ if env.cancel.is_cancelled() => (
@@ -121,10 +122,18 @@ pub async fn run(
                 v.message,
                 v.output,
             ),
-            Err(NoVerdict::Failed(e)) => (Status::Failed, Some(e), None),
-            Err(NoVerdict::Environment(e)) => {
-                (Status::Error, Some(format!("could not run: {e}")), None)
-            }
+            Err(NoVerdict {
+                blame: Blame::Release,
+                message,
+            }) => (Status::Failed, Some(message), None),
+            Err(NoVerdict {
+                blame: Blame::Environment,
+                message,
+            }) => (
+                Status::Error,
+                Some(format!("could not run: {message}")),
+                None,
+            ),
         };
         if matches!(last.0, Status::Passed | Status::Skipped)
             || attempts > check.retries
@@ -168,31 +177,32 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict
     let outer = check.timeout + PROBE_GRACE;
     let probed = tokio::time::timeout(outer, env.provider.probe(env.run, req))
         .await
-        .map_err(|_| {
-            NoVerdict::Environment(format!(
+        .map_err(|_| NoVerdict {
+            blame: Blame::Environment,
+            message: format!(
                 "the {} provider did not run it within {}",
                 env.provider.name(),
                 humantime::format_duration(outer)
-            ))
+            ),
         })?;
-    let (answer, via) = match probed.map_err(|e| match e.blame() {
-        Blame::Environment => NoVerdict::Environment(e.to_string()),
-        Blame::Release => NoVerdict::Failed(e.to_string()),
+    let (answer, via) = match probed.map_err(|e| NoVerdict {
+        blame: e.blame(),
+        message: e.to_string(),
     })? {
         ProbeOutcome::Local => {
             let local = tokio::time::timeout(check.timeout, run_local(&check.name, &probe, env))
                 .await
                 .map_err(|_| {
-                    NoVerdict::Failed(format!(
+                    format!(
                         "timed out after {}",
                         humantime::format_duration(check.timeout)
-                    ))
+                    )
                 })?;
             (local?, None)
         }
         ProbeOutcome::Remote { answer, via } => (answer, Some(via)),
         ProbeOutcome::Failed { message, via } => {
-            return Err(NoVerdict::Failed(format!("{message} (ran through {via})")));
+            return Err(format!("{message} (ran through {via})").into());
         }
         ProbeOutcome::Skipped(reason) => {
             return Ok(Verdict {

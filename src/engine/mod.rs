@@ -32,8 +32,8 @@ use crate::checks::{self, CheckEnv};
 use crate::graph::Graph;
 use crate::journal::{Entry, Journal, JournalError};
 use crate::provider::{
-    BackupInfo, BackupPick, Blame, Deleted, InstallRequest, Outputs, Provider, ProviderError,
-    RecordSink, ResourceRecord, ResourceRequest, RunInfo,
+    BackupInfo, BackupPick, Deleted, InstallRequest, Outputs, Provider, ProviderError, RecordSink,
+    ResourceRecord, ResourceRequest, RunInfo,
 };
 use crate::release::Release;
 use crate::report::{
@@ -254,12 +254,8 @@ struct Failure {
 }
 
 fn failure(address: &str, step: &str, e: &ProviderError, redactor: &Redactor) -> Failure {
-    let status = match e.blame() {
-        Blame::Release => Status::Failed,
-        Blame::Environment => Status::Error,
-    };
     Failure {
-        status,
+        status: e.blame().into(),
         message: redactor.redact(&format!("{step} of {address} failed: {e}")),
     }
 }
@@ -578,25 +574,24 @@ pub async fn run(
         Some(format!("interrupted by {signal_name}"))
     } else {
         failures.first().map(|f| f.message.clone()).or_else(|| {
-            // The check that decides the exit code: one that could not run (3) before one
-            // that failed (1).
-            let first = |s: Status| check_reports.iter().find(|c| c.status == s);
-            first(Status::Error)
+            // The first check of the worst status decides the exit code: one that could not
+            // run (3; its message says so) before one that failed (1).
+            check_reports
+                .iter()
+                .rev()
+                .filter(|c| matches!(c.status, Status::Failed | Status::Error))
+                .max_by_key(|c| c.status)
                 .map(|c| {
                     format!(
-                        "check `{}` {}",
+                        "check `{}` {}{}",
                         c.name,
-                        c.message.clone().unwrap_or_default()
+                        if c.status == Status::Failed {
+                            "failed: "
+                        } else {
+                            ""
+                        },
+                        c.message.as_deref().unwrap_or_default()
                     )
-                })
-                .or_else(|| {
-                    first(Status::Failed).map(|c| {
-                        format!(
-                            "check `{}` failed: {}",
-                            c.name,
-                            c.message.clone().unwrap_or_default()
-                        )
-                    })
                 })
         })
     };

@@ -53,6 +53,17 @@ impl Status {
     }
 }
 
+impl From<crate::provider::Blame> for Status {
+    /// A failure the release is to blame for is `failed` (exit 1); one of the environment is
+    /// `error` (exit 3).
+    fn from(b: crate::provider::Blame) -> Status {
+        match b {
+            crate::provider::Blame::Release => Status::Failed,
+            crate::provider::Blame::Environment => Status::Error,
+        }
+    }
+}
+
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

@@ -477,7 +477,7 @@ fn command_outcome(
         "TimedOut" => Ok(ProbeOutcome::Failed {
             message: format!(
                 "command did not finish within {}",
-                humantime::format_duration(timeout)
+                humantime::format_duration(timeout.max(ssm::MIN_EXECUTION))
             ),
             via,
         }),
@@ -1108,6 +1108,17 @@ mod tests {
         assert!(
             matches!(&hung, ProbeOutcome::Failed { message, .. } if message == "command did not finish within 30s"),
             "{hung:?}"
+        );
+        // SSM lets a command run at least 30 s, whatever the check's timeout.
+        let hung_short = command_outcome(
+            &invocation("TimedOut", -1, "", ""),
+            "i-1",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(
+            matches!(&hung_short, ProbeOutcome::Failed { message, .. } if message == "command did not finish within 30s"),
+            "{hung_short:?}"
         );
         let exited = command_outcome(
             &invocation("Failed", 3, "out", "err"),

@@ -16,6 +16,9 @@ use super::names::{sdk_code, sdk_message};
 use super::wait::{self, Pace, Poll};
 use crate::provider::ProviderError;
 
+/// The shortest execution timeout SSM accepts; a shorter limit is raised to it.
+pub const MIN_EXECUTION: Duration = Duration::from_secs(30);
+
 /// How long after a script's execution timeout SSM may take to report the invocation's end.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
 
@@ -43,7 +46,7 @@ impl Invocation {
 }
 
 /// Runs `script` with `sh` on `instance` and waits for it to end. The script may run `max`
-/// (at least 30 s, SSM's minimum), after which SSM stops it and reports `TimedOut`; the wait for
+/// (at least [`MIN_EXECUTION`]), after which SSM stops it and reports `TimedOut`; the wait for
 /// that answer allows [`REPORT_GRACE`] more. A SendCommand refused because the agent has not
 /// registered yet is retried within `max`.
 ///
@@ -57,7 +60,7 @@ pub async fn run(
     max: Duration,
     cancel: &CancellationToken,
 ) -> Result<Invocation, ProviderError> {
-    let exec_secs = max.as_secs().max(30);
+    let exec_secs = max.max(MIN_EXECUTION).as_secs();
     let comment: String = comment.chars().take(100).collect();
     let command_id = wait::until(
         &format!("the SSM agent on {instance} to accept a command"),
@@ -71,7 +74,7 @@ pub async fn run(
                 .instance_ids(instance)
                 .document_name("AWS-RunShellScript")
                 .comment(&comment)
-                .timeout_seconds(i32::try_from(exec_secs.max(30)).unwrap_or(i32::MAX))
+                .timeout_seconds(i32::try_from(exec_secs).unwrap_or(i32::MAX))
                 .parameters("commands", vec![script.to_string()])
                 .parameters("executionTimeout", vec![exec_secs.to_string()])
                 .send()
