@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::blueprint::template::Position;
 use crate::blueprint::{Check, CheckSpec};
 use crate::provider::local::process;
 use crate::provider::{
@@ -51,6 +52,10 @@ pub struct CheckEnv<'a> {
     pub run: &'a RunInfo,
     /// Records of the run's resources.
     pub records: &'a [ResourceRecord],
+    /// Values of params with a declared `pattern`/`values` ([`crate::blueprint::Blueprint::vetted`]).
+    pub vetted: &'a [String],
+    /// Environment of command checks run on this machine ([`process::ChildEnv`]).
+    pub child_env: &'a process::ChildEnv,
 }
 
 /// Why an attempt gave no verdict, and who is to blame. The release (a template that does not
@@ -242,13 +247,13 @@ fn render_probe(spec: &CheckSpec, env: &CheckEnv<'_>) -> Result<Probe, String> {
             body: body.as_ref().map(|b| b.render(env.ctx)).transpose()?,
         },
         CheckSpec::Command { run, .. } => Probe::Command {
-            run: run.render(env.ctx)?,
+            run: run.render_in(env.ctx, Position::Shell, env.vetted)?,
         },
         CheckSpec::Sql {
             database, query, ..
         } => Probe::Sql {
             database: database.clone(),
-            query: query.render(env.ctx)?,
+            query: query.render_in(env.ctx, Position::Sql, env.vetted)?,
         },
     })
 }
@@ -287,9 +292,14 @@ async fn run_local(name: &str, probe: &Probe, env: &CheckEnv<'_>) -> Result<Prob
             Ok(ProbeAnswer::Http { status, body })
         }
         Probe::Command { run } => {
+            if let Some(home) = env.child_env.home() {
+                crate::state::create_private_dir(&home)
+                    .map_err(|e| format!("create {}: {e}", home.display()))?;
+            }
             let mut cmd = process::shell(
                 run,
                 env.cwd,
+                env.child_env,
                 &BTreeMap::new(),
                 env.run_id,
                 &format!("check.{name}"),

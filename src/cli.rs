@@ -91,6 +91,24 @@ enum ProviderName {
     Aws,
 }
 
+impl ProviderName {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProviderName::Local => "local",
+            #[cfg(feature = "aws")]
+            ProviderName::Aws => "aws",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TokenRole {
+    /// See the dashboard and the API.
+    Read,
+    /// Also start dry runs from the dashboard.
+    Run,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum PlanFormat {
     Text,
@@ -191,6 +209,30 @@ Configuration reference: docs/server.md.\n\nExample:\n  DRYRUN_WEBHOOK_SECRET=..
         #[arg(long, value_name = "N")]
         concurrency: Option<usize>,
     },
+    /// Make an API/dashboard token for `dryrun serve`: prints the token once and the config
+    /// lines that hold only its SHA-256.
+    #[command(
+        after_long_help = "Example:\n  dryrun token --name ops-alice --role run >> /tmp/token.txt\n\n\
+The token goes to its holder (an `Authorization: Bearer TOKEN` header, or the dashboard's /login page);\n\
+the [[auth.tokens]] block goes into the server's config. Roles: read (dashboard, API, logs, metrics),\n\
+run (also start dry runs from the dashboard). See docs/security.md."
+    )]
+    Token {
+        /// Who will hold it (shown in the server's log and on the dashboard).
+        #[arg(long, default_value = "ops")]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value_t = TokenRole::Read)]
+        role: TokenRole,
+    },
+    /// Remove the history of old runs: journals, reports and logs of closed runs, and their
+    /// rows in the history database. Runs that left something behind or are kept stay.
+    /// `dryrun serve` does this by itself (config `retention`).
+    Prune {
+        /// Remove runs that started longer ago than this.
+        #[arg(long, default_value = "90d", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Duration,
+    },
     /// List past runs, newest first.
     Runs {
         /// At most this many.
@@ -254,6 +296,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
         }
     };
+    // Copies of production, logs and reports are owner-only from the moment they exist, and so
+    // is everything the release's processes create.
+    crate::state::private_umask();
     init_logging(matches!(cli.command, Command::Serve { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -381,6 +426,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cleanup_cmd(&state, provider, &target, yes, endpoint).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
+        Command::Prune { older_than } => {
+            let h = crate::server::history::History::open(&state.root().join("history.sqlite"))
+                .context("open the history database")?;
+            let n = crate::server::prune(&state, &h, older_than);
+            println!(
+                "removed {n} run(s) older than {}",
+                humantime::format_duration(older_than)
+            );
+            Ok(exit::PASSED)
+        }
+        Command::Token { name, role } => {
+            if name.is_empty() || name.contains(['"', '\\', '\n']) {
+                eprintln!("error: --name `{name}`: use a plain name such as ops-alice");
+                return Ok(exit::USAGE);
+            }
+            let (token, hash) = crate::server::auth::new_token();
+            let role = match role {
+                TokenRole::Read => "read",
+                TokenRole::Run => "run",
+            };
+            println!("token: {}", token.expose());
+            println!();
+            println!("# for the server's config (it holds only the token's SHA-256):");
+            println!("[[auth.tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{hash}\"");
+            Ok(exit::PASSED)
+        }
         Command::Serve {
             config,
             listen,
@@ -558,8 +629,22 @@ async fn run(
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
     let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
-    std::fs::create_dir_all(state.root())
-        .with_context(|| format!("create state directory {}", state.root().display()))?;
+    // The operator's own path may be anywhere; a URL must be one the provider fetches.
+    if let Err(e) = crate::reference::classify(
+        release_ref,
+        "--release",
+        crate::provider::remote_schemes(common.provider.as_str()),
+    ) {
+        eprintln!("error: {e}");
+        return Err(Exit(exit::USAGE).into());
+    }
+    if let Some(w) = state
+        .ensure()
+        .with_context(|| format!("create state directory {}", state.root().display()))?
+        && !quiet
+    {
+        eprintln!("warning: {w}");
+    }
     let provider = provider_for(common.provider, state, Some(&bp), endpoint).await?;
     match provider.describe_target().await {
         Ok(Some(line)) if !quiet => eprintln!("{line}"),
@@ -639,6 +724,7 @@ async fn run(
         run_id: Some(run_id.clone()),
         compile_ms,
         teardown_timeout,
+        secrets: Vec::new(),
     };
     let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
     drop(held);
@@ -951,11 +1037,20 @@ async fn serve_cmd(
         );
         std::process::exit(exit::LEFT_BEHIND);
     });
+    if let Err(e) = cfg.validate() {
+        eprintln!("error: {e}");
+        return Err(Exit(exit::USAGE).into());
+    }
     let stopped = crate::server::serve(cfg, state, root, shutdown, None)
         .await
         .map_err(|e| {
             eprintln!("error: {e}");
-            Exit(exit::INFRA)
+            Exit(match e {
+                crate::server::ServeError::Config(_) | crate::server::ServeError::Auth(_) => {
+                    exit::USAGE
+                }
+                _ => exit::INFRA,
+            })
         })?;
     Ok(if stopped.abandoned.is_empty() {
         exit::PASSED

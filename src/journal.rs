@@ -14,6 +14,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -123,7 +124,7 @@ impl Journal {
     /// I/O errors, or [`JournalError::Locked`] if the run is held elsewhere.
     pub fn create(state: &StateDir, run_id: &str) -> Result<Journal, JournalError> {
         let dir = state.run_dir(run_id);
-        fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
+        crate::state::create_private_dir(&dir).map_err(|source| JournalError::Io {
             path: dir.clone(),
             source,
         })?;
@@ -143,14 +144,10 @@ impl Journal {
 
     fn open_locked(dir: &Path, lock: File) -> Result<Journal, JournalError> {
         let path = dir.join("journal.jsonl");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| JournalError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        let file = crate::state::append_private_file(&path).map_err(|source| JournalError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Journal {
             path,
             file: Mutex::new(file),
@@ -210,6 +207,7 @@ pub fn try_lock(run_dir: &Path) -> Result<Option<File>, JournalError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| JournalError::Io {
             path: path.clone(),
@@ -362,9 +360,78 @@ pub fn list_runs(state: &StateDir) -> Result<Vec<RunState>, JournalError> {
     Ok(out)
 }
 
+/// Removes the history directories (journal, report, logs) of runs that started before
+/// `before` and are closed — nothing of them remains anywhere — and whose process is gone.
+/// Runs that left something behind or are kept are never removed: their journals are what
+/// `dryrun cleanup` needs. Returns the run ids removed.
+///
+/// # Errors
+/// I/O errors listing the directory.
+pub fn prune(state: &StateDir, before: DateTime<Utc>) -> Result<Vec<String>, JournalError> {
+    let mut removed = Vec::new();
+    for r in list_runs(state)? {
+        let old = r.started_at.is_some_and(|t| t < before);
+        if !old || !r.closed || r.run_id.is_empty() || r.run_id.contains(['/', '.']) {
+            continue;
+        }
+        let dir = state.run_dir(&r.run_id);
+        if try_lock(&dir).ok().flatten().is_none() {
+            continue;
+        }
+        if fs::remove_dir_all(&dir).is_ok() {
+            removed.push(r.run_id);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_removes_only_old_closed_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let started = |id: &str, when: &str| Entry::Started {
+            run_id: id.into(),
+            blueprint: "b".into(),
+            blueprint_path: "b.yaml".into(),
+            provider: "local".into(),
+            release: "r".into(),
+            at: at(when),
+            expires_at: at(when),
+            pid: 1,
+        };
+        let closed = Entry::Closed {
+            at: at("2026-01-01T00:00:00Z"),
+            by: "run".into(),
+        };
+        for (id, when, entries) in [
+            ("old-closed", "2026-01-01T00:00:00Z", vec![closed.clone()]),
+            (
+                "old-left",
+                "2026-01-01T00:00:00Z",
+                vec![Entry::Creating { record: rec("a") }],
+            ),
+            ("new-closed", "2026-11-29T00:00:00Z", vec![closed]),
+        ] {
+            let j = Journal::create(&state, id).unwrap();
+            j.append(&started(id, when)).unwrap();
+            for e in entries {
+                j.append(&e).unwrap();
+            }
+        }
+        let removed = prune(&state, at("2026-09-01T00:00:00Z")).unwrap();
+        assert_eq!(removed, ["old-closed"]);
+        assert!(!state.run_dir("old-closed").exists());
+        assert!(
+            state.run_dir("old-left").exists(),
+            "a run that left something keeps its journal"
+        );
+        assert!(state.run_dir("new-closed").exists());
+    }
 
     fn rec(a: &str) -> ResourceRecord {
         ResourceRecord {

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -84,12 +85,13 @@ pub fn try_acquire(state: &StateDir, env: &str) -> Result<Option<Lease>, LeaseEr
         path: p.clone(),
         source,
     };
-    std::fs::create_dir_all(p.parent().unwrap_or(state.root())).map_err(io)?;
+    crate::state::create_private_dir(p.parent().unwrap_or(state.root())).map_err(io)?;
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
         .open(&p)
         .map_err(io)?;
     match file.try_lock() {

@@ -11,6 +11,7 @@
 //! | crash safety | [`journal`] | the write-ahead journal per run; `dryrun cleanup` replays it |
 //! | backends | [`provider`] | the one [`provider::Provider`] trait; [`provider::local`] is the embedded default |
 //! | release | [`release`] | loads the candidate release and its manifest |
+//! | references | [`reference`] | the rules for `blueprint`/`release` values from outside: paths stay in the root, only known remote forms |
 //! | checks | [`checks`] | http / command / sql checks with timeouts and retries |
 //! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
 //! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
@@ -29,6 +30,7 @@ pub mod graph;
 pub mod journal;
 pub mod lease;
 pub mod provider;
+pub mod reference;
 pub mod release;
 pub mod report;
 pub mod secret;

@@ -209,13 +209,15 @@ impl Release {
             reference: self.reference.clone(),
             source,
         };
-        fs::create_dir_all(dest).map_err(io)?;
+        crate::state::create_private_dir(dest).map_err(io)?;
         match &self.source {
             Source::Dir(dir) => copy_dir(dir, dest).map_err(io),
             Source::Tarball(file) => {
                 // tar's unpack refuses entries that would escape the staging directory.
                 let staging = dest.join(".unpack");
                 let mut ar = tar::Archive::new(GzDecoder::new(File::open(file).map_err(io)?));
+                // Owner-only, whatever modes the tarball carries (execute bits are kept).
+                ar.set_mask(0o077);
                 ar.unpack(&staging).map_err(io)?;
                 let root = match tarball_prefix(file).map_err(io)? {
                     Some(p) => staging.join(p),
@@ -329,9 +331,13 @@ fn tarball_prefix(file: &Path) -> std::io::Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// Recursive copy that keeps permissions and symlinks (a directory release may carry scripts).
+/// Recursive copy that keeps symlinks and the owner's permission bits (a directory release may
+/// carry scripts) and makes everything owner-only from the moment it exists: directories 0700,
+/// files the source's owner bits (0600, 0700 for executables). A copy of production data must
+/// not be readable by other users, whatever the source's modes were.
 pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(to)?;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    crate::state::create_private_dir(to)?;
     for ent in fs::read_dir(from)? {
         let ent = ent?;
         let ft = ent.file_type()?;
@@ -342,7 +348,14 @@ pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
         } else {
-            fs::copy(&src, &dst)?;
+            let mode = ent.metadata()?.permissions().mode() & 0o700 | 0o600;
+            let mut input = File::open(&src)?;
+            let mut output = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&dst)?;
+            std::io::copy(&mut input, &mut output)?;
         }
     }
     Ok(())

@@ -119,6 +119,83 @@ impl Redactor {
     }
 }
 
+impl Redactor {
+    /// `bytes` with every registered value replaced by `[redacted]`. Works on bytes, so output
+    /// that is not valid UTF-8 is redacted too.
+    #[must_use]
+    pub fn redact_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut s = self.stream();
+        let mut out = s.push(bytes);
+        out.extend(s.finish());
+        out
+    }
+
+    /// A redactor for a stream of bytes (a child's output on its way to a log file).
+    #[must_use]
+    pub fn stream(&self) -> StreamRedactor {
+        StreamRedactor {
+            values: self.values.clone(),
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// Redacts a byte stream chunk by chunk. Everything is passed on at once except a tail that
+/// could be the start of a secret (at most the longest secret form minus one byte), which waits
+/// for the next chunk. A secret split over two writes is therefore redacted whole, and nothing
+/// unredacted is ever handed out. Values registered with the [`Redactor`] later apply from then
+/// on.
+#[derive(Debug)]
+pub struct StreamRedactor {
+    values: Arc<RwLock<Vec<String>>>,
+    pending: Vec<u8>,
+}
+
+impl StreamRedactor {
+    /// Adds a chunk; returns the redacted bytes that are final.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        self.drain(false)
+    }
+
+    /// The stream ended: returns the rest, redacted.
+    pub fn finish(&mut self) -> Vec<u8> {
+        self.drain(true)
+    }
+
+    fn drain(&mut self, last: bool) -> Vec<u8> {
+        let Ok(values) = self.values.read() else {
+            // A poisoned lock: hand out nothing rather than something unredacted.
+            self.pending.clear();
+            return b"[redacted]".to_vec();
+        };
+        let b = &self.pending;
+        let n = b.len();
+        let mut out = Vec::with_capacity(n);
+        let mut i = 0;
+        'scan: while i < n {
+            let rest = &b[i..];
+            // Longest first (the list is sorted so): a longer secret that this could still
+            // become wins over a shorter one that is complete.
+            for v in values.iter() {
+                let v = v.as_bytes();
+                if rest.starts_with(v) {
+                    out.extend_from_slice(b"[redacted]");
+                    i += v.len();
+                    continue 'scan;
+                }
+                if !last && v.len() > rest.len() && v.starts_with(rest) {
+                    break 'scan;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        self.pending.drain(..i);
+        out
+    }
+}
+
 fn url_encode(s: &str) -> String {
     percent_encode(s, b"")
 }
@@ -163,6 +240,40 @@ mod tests {
         r.register(&Secret::new("canary-123"));
         let text = "a 63616e6172792d313233 b Y2FuYXJ5LTEyMw== c";
         assert_eq!(r.redact(text), "a [redacted] b [redacted] c");
+    }
+
+    #[test]
+    fn a_stream_never_hands_out_a_secret_even_split_across_chunks() {
+        let r = Redactor::new();
+        r.register(&Secret::new("hunter2-secret"));
+        let mut s = r.stream();
+        let mut out = Vec::new();
+        for chunk in [
+            &b"log: hun"[..],
+            b"ter2-sec",
+            b"ret done\n",
+            b"\xff\xfehunter2-secret\xff",
+        ] {
+            let part = s.push(chunk);
+            assert!(
+                !String::from_utf8_lossy(&part).contains("hunter2"),
+                "{part:?}"
+            );
+            out.extend(part);
+        }
+        out.extend(s.finish());
+        assert_eq!(
+            out,
+            b"log: [redacted] done\n\xff\xfe[redacted]\xff".to_vec()
+        );
+        // What cannot be a secret's start is passed on at once.
+        let mut s = r.stream();
+        assert_eq!(s.push(b"plain line\nh"), b"plain line\n".to_vec());
+        assert_eq!(s.finish(), b"h".to_vec());
+        assert_eq!(
+            r.redact_bytes(b"a\xffhunter2-secret"),
+            b"a\xff[redacted]".to_vec()
+        );
     }
 
     #[test]

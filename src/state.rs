@@ -12,8 +12,66 @@
 //!
 //! Chosen by `--state-dir`, else `DRYRUN_STATE_DIR`, else `$XDG_STATE_HOME/dryrun`, else
 //! `~/.local/state/dryrun`.
+//!
+//! # Privacy
+//! The state directory holds copies of production data, logs and reports: it is created 0700
+//! (0711 when dryrun runs as root, so that the unprivileged PostgreSQL user can walk to its
+//! clusters — it still cannot list anything), and every file and directory under it is created
+//! owner-only from the start ([`create_private_file`], [`create_private_dir`]; `dryrun` also sets
+//! its umask to 077, which its children inherit). Nothing is chmod-ed after it was written.
 
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
+
+/// Creates `dir` and its missing parents, each new one with mode 0700.
+///
+/// # Errors
+/// I/O errors.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Creates (or truncates) a file with mode 0600.
+///
+/// # Errors
+/// I/O errors.
+pub fn create_private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Opens a file for appending, creating it with mode 0600.
+///
+/// # Errors
+/// I/O errors.
+pub fn append_private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Sets the process umask to 077: every file and directory dryrun and its children create is
+/// owner-only. Called first thing by the CLI.
+pub fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// Whether dryrun runs as root (then PostgreSQL clusters run as an unprivileged user who must be
+/// able to walk to them).
+#[must_use]
+pub fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
 
 /// A state directory.
 #[derive(Debug, Clone)]
@@ -49,6 +107,31 @@ impl StateDir {
     #[must_use]
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Creates the root if it is missing: 0700, or 0711 when running as root (see the module
+    /// doc). Returns a warning when an existing root is readable or writable by others (dryrun
+    /// does not change the mode of a directory it did not create).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn ensure(&self) -> io::Result<Option<String>> {
+        if !self.root.exists() {
+            create_private_dir(&self.root)?;
+            if running_as_root() {
+                std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))?;
+            }
+            return Ok(None);
+        }
+        let md = std::fs::metadata(&self.root)?;
+        let mode = md.mode() & 0o777;
+        Ok((mode & 0o066 != 0).then(|| {
+            format!(
+                "state directory {} is open to other users (mode {mode:o}); dryrun creates everything inside it owner-only, but `chmod 700 {}` keeps even the names private",
+                self.root.display(),
+                self.root.display()
+            )
+        }))
     }
 
     /// History directory of a run.

@@ -163,25 +163,35 @@ async fn dashboard_works_without_javascript() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let index = http
-        .get(format!("{}/", srv.url))
-        .send()
-        .await
+    let index = http.get(format!("{}/", srv.url)).send().await.unwrap();
+    // The page sets the cookie its form's CSRF token is bound to, as for any browser.
+    let cookie = index.headers()["set-cookie"]
+        .to_str()
         .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let index = index.text().await.unwrap();
+    let csrf = index
+        .split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_string();
     assert!(
         index.contains(r#"<form class="start" method="post" action="/ui/runs""#)
             && index.contains(r#"<option value="demo/shop.yaml">"#),
         "{index}"
     );
-    let form = "blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=";
+    let form =
+        format!("blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=&csrf={csrf}");
     let post = |site: Option<&'static str>| {
         let mut r = http
             .post(format!("{}/ui/runs", srv.url))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form);
+            .header("cookie", &cookie)
+            .body(form.clone());
         if let Some(s) = site {
             r = r.header("sec-fetch-site", s);
         }
@@ -197,6 +207,16 @@ async fn dashboard_works_without_javascript() {
             .len(),
         0
     );
+    // Without the page's CSRF token the form is refused.
+    let r = http
+        .post(format!("{}/ui/runs", srv.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &cookie)
+        .body("blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     // A plain form post answers 303 to the run page.
     let r = post(None).await.unwrap();
     assert_eq!(r.status(), 303);

@@ -18,6 +18,7 @@ fn provider(state: &std::path::Path) -> LocalProvider {
         Some(LocalSettings {
             backups: prod.join("backups"),
             buckets: prod.join("buckets"),
+            pass_env: Vec::new(),
         }),
     )
 }

@@ -26,9 +26,11 @@ fuzz_target!(|data: &[u8]| {
     let h = HookHeaders { signature: Some(sig), timestamp, delivery, event };
     if let Ok(Verified::Run { body, .. }) = webhook::verify(SECRET, &h, body, 1_700_000_000, 300) {
         for p in [&body.blueprint, &body.release] {
-            let inside = dryrun::server::jobs::lexically_inside(p);
-            if inside {
+            if dryrun::reference::lexically_inside(p) {
                 assert!(!p.starts_with('/') && !p.split('/').any(|c| c == ".."), "{p:?} passed the path rules");
+            }
+            if let Ok(dryrun::reference::Resolved::Local(_)) = dryrun::reference::classify(p, "release", &[]) {
+                assert!(!p.contains("://"), "{p:?} passed as a path");
             }
         }
     }

@@ -14,10 +14,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::diag::{Diagnostic, Diagnostics, SourceMap, did_you_mean, find_key};
-use super::template;
+use super::template::{self, Position};
 use super::{
     AwsSettings, Blueprint, BucketSpec, Check, CheckSpec, DatabaseSpec, Engine, LocalSettings,
-    Resource, ResourceSpec, SecretSource, ServiceAws, ServiceSpec, TeardownPolicy, Template,
+    ParamRule, Resource, ResourceSpec, SecretSource, ServiceAws, ServiceSpec, TeardownPolicy,
+    Template,
 };
 
 /// Why a blueprint did not compile.
@@ -111,6 +112,8 @@ struct RawParam {
     default: Option<String>,
     #[serde(default)]
     required: bool,
+    pattern: Option<Spanned<String>>,
+    values: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +161,8 @@ struct RawServiceAws {
 struct RawLocal {
     backups: Option<String>,
     buckets: Option<String>,
+    #[serde(default)]
+    pass_env: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -281,7 +286,21 @@ struct TplUse {
     at: Option<Marker>,
     /// Whether resource outputs may be referenced here (false for params and resource sources).
     resources_allowed: bool,
+    /// What parses the rendered text (decides which param values may go in).
+    position: Position,
 }
+
+/// Variables `providers.local.pass_env` may not name: dryrun's own credentials.
+const NEVER_PASSED: &[&str] = &[
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "DRYRUN_WEBHOOK_SECRET",
+    "DRYRUN_DATABASE_URL",
+];
+
+/// Largest compiled size of a param `pattern` (regex's own limit is 10 MiB).
+const MAX_PATTERN_BYTES: usize = 1 << 20;
 
 struct Compiler<'a> {
     map: SourceMap<'a>,
@@ -436,6 +455,7 @@ impl Compiler<'_> {
         // params
         let mut params = BTreeMap::new();
         let mut declared_params: Vec<String> = Vec::new();
+        let mut rules: BTreeMap<String, ParamRule> = BTreeMap::new();
         if let Some(pnode) = top.get_node("params")
             && let Some(pmap) = self.mapping(pnode, "params")
         {
@@ -446,10 +466,11 @@ impl Compiler<'_> {
                     continue;
                 };
                 let _ = p.description;
-                if let Some(val) = cli_params.get(&pname) {
-                    params.insert(pname, val.clone());
+                let rule = self.param_rule(&pname, &p);
+                let value = if let Some(val) = cli_params.get(&pname) {
+                    Some(val.clone())
                 } else if let Some(d) = p.default {
-                    params.insert(pname, d);
+                    Some(d)
                 } else if p.required {
                     self.diag_at(
                         k.span().start(),
@@ -457,8 +478,25 @@ impl Compiler<'_> {
                         "declared here",
                         Some(format!("pass --param {pname}=VALUE")),
                     );
+                    None
                 } else {
-                    params.insert(pname, String::new());
+                    Some(String::new())
+                };
+                if let (Some(value), Some(rule)) = (&value, &rule)
+                    && let Err(why) = rule.check(value)
+                {
+                    self.diag_at(
+                        k.span().start(),
+                        format!("param `{pname}`: the value {} {why}", shown(value)),
+                        "declared here",
+                        Some(format!("pass a value that {}", rule.describe())),
+                    );
+                }
+                if let Some(rule) = rule {
+                    rules.insert(pname.clone(), rule);
+                }
+                if let Some(value) = value {
+                    params.insert(pname, value);
                 }
             }
         }
@@ -519,9 +557,11 @@ impl Compiler<'_> {
             .unwrap_or_else(|| Path::new("."))
             .to_path_buf();
         let local_raw = providers.local.unwrap_or_default();
+        let pass_env = self.pass_env(&local_raw.pass_env);
         let local = LocalSettings {
             backups: resolve(&dir, local_raw.backups.as_deref().unwrap_or("backups")),
             buckets: resolve(&dir, local_raw.buckets.as_deref().unwrap_or("buckets")),
+            pass_env,
         };
         let aws = self.aws_settings(&providers.aws.unwrap_or_default(), &params);
 
@@ -679,6 +719,7 @@ impl Compiler<'_> {
             .collect();
         for u in &tpl_uses {
             self.check_template(u, &declared_params, &secrets, &kinds, &all_names);
+            self.check_position(u, &params, &rules);
         }
         if self.diags.is_empty() {
             self.cycles(&resources, &res_marks);
@@ -694,7 +735,20 @@ impl Compiler<'_> {
                 ResourceSpec::Service(_) => continue,
             };
             if source.contains("{{") {
-                match template::render(source, &pctx) {
+                match template::render_in(source, &pctx, Position::Name, &[]) {
+                    Ok(v) if template::unsafe_in(&v, Position::Name).is_some() || v.is_empty() => {
+                        let at = res_marks.get(&r.name).copied().flatten();
+                        self.diag_at(
+                            at.as_ref(),
+                            format!(
+                                "resource `{}`: source `{source}` renders to {}, which is not a plain name",
+                                r.name,
+                                shown(&v)
+                            ),
+                            "in this resource",
+                            Some(format!("a production source rendered from params may hold only {} and no `/`", template::SAFE_CHARS)),
+                        );
+                    }
                     Ok(v) => *source = v,
                     Err(e) => {
                         let at = res_marks.get(&r.name).copied().flatten();
@@ -716,6 +770,7 @@ impl Compiler<'_> {
             description,
             path: path.to_path_buf(),
             params,
+            param_rules: rules,
             secrets,
             local,
             aws,
@@ -724,6 +779,142 @@ impl Compiler<'_> {
             teardown,
             ttl,
         })
+    }
+
+    /// `providers.local.pass_env`: environment variable names; dryrun's own credentials and
+    /// the server's secret may not be passed.
+    fn pass_env(&mut self, raw: &[Spanned<String>]) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in raw {
+            let name = n.as_str();
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                self.diag_at(
+                    n.span().start(),
+                    format!(
+                        "providers.local.pass_env: `{name}` is not an environment variable name"
+                    ),
+                    "here",
+                    Some("use letters, digits and `_`, not starting with a digit".into()),
+                );
+            } else if NEVER_PASSED.contains(&name) {
+                self.diag_at(
+                    n.span().start(),
+                    format!("providers.local.pass_env: `{name}` holds dryrun's own credentials and is never passed to the release"),
+                    "here",
+                    Some("give the release what it needs through `secrets:` and the service `env`".into()),
+                );
+            } else if !out.iter().any(|x| x == name) {
+                out.push(name.to_string());
+            }
+        }
+        out
+    }
+
+    /// A param's `pattern` and `values`, compiled; `None` when it declares neither (or they
+    /// are broken, which is reported).
+    fn param_rule(&mut self, name: &str, p: &RawParam) -> Option<ParamRule> {
+        if p.pattern.is_none() && p.values.is_none() {
+            return None;
+        }
+        let mut ok = true;
+        let regex = match &p.pattern {
+            None => None,
+            Some(pat) => match regex::RegexBuilder::new(&format!("^(?:{})$", pat.as_str()))
+                .size_limit(MAX_PATTERN_BYTES)
+                .dfa_size_limit(MAX_PATTERN_BYTES)
+                .build()
+            {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    ok = false;
+                    let msg = e.to_string();
+                    let first = msg.lines().last().unwrap_or(&msg).trim().to_string();
+                    self.diag_at(
+                        pat.span().start(),
+                        format!("param `{name}`: `pattern` is not a regular expression: {first}"),
+                        "here",
+                        Some("write a full-match regex such as `[a-z][a-z0-9-]{0,62}` (it is anchored for you)".into()),
+                    );
+                    None
+                }
+            },
+        };
+        let values: Option<Vec<String>> = p
+            .values
+            .as_ref()
+            .map(|v| v.iter().map(|x| x.as_str().to_string()).collect());
+        if values.as_ref().is_some_and(Vec::is_empty) {
+            ok = false;
+            self.diag_at(
+                None,
+                format!("param `{name}`: `values` is empty, so no value is allowed"),
+                "here",
+                Some("list the allowed values, or remove `values`".into()),
+            );
+        }
+        ok.then(|| ParamRule {
+            pattern: p.pattern.as_ref().map(|x| x.as_str().to_string()),
+            values,
+            regex,
+        })
+    }
+
+    /// In a shell command, an SQL query or a production source name, a param without a
+    /// declared `pattern` or `values` may hold only safe characters; raw output
+    /// (`{{{…}}}`, `{{& …}}`) is not allowed there at all.
+    fn check_position(
+        &mut self,
+        u: &TplUse,
+        params: &BTreeMap<String, String>,
+        rules: &BTreeMap<String, ParamRule>,
+    ) {
+        if u.position == Position::Plain {
+            return;
+        }
+        if template::has_raw_output(&u.src) {
+            self.diag_at(
+                u.at.as_ref(),
+                format!(
+                    "`{{{{{{…}}}}}}` and `{{{{& …}}}}` are not allowed in {}: every value there is checked for safety",
+                    u.position.describe()
+                ),
+                "in this value",
+                Some("write `{{…}}`".into()),
+            );
+        }
+        let Ok(refs) = template::references(&u.src) else {
+            return;
+        };
+        let mut seen = Vec::new();
+        for r in refs {
+            let [root, name, ..] = r.segments.as_slice() else {
+                continue;
+            };
+            if root != "params" || rules.contains_key(name) || seen.contains(name) {
+                continue;
+            }
+            seen.push(name.clone());
+            let Some(value) = params.get(name) else {
+                continue;
+            };
+            if let Some(why) = template::unsafe_in(value, u.position) {
+                self.diag_at(
+                    u.at.as_ref(),
+                    format!(
+                        "param `{name}` is used in {} here and its value {} is not safe there: {why}",
+                        u.position.describe(),
+                        shown(value)
+                    ),
+                    "in this value",
+                    Some(format!(
+                        "without a declared `pattern` or `values`, a param there may hold only {} (not starting with `-`, without `--`); declare a `pattern` for `{name}` to allow exactly what it needs",
+                        template::SAFE_CHARS
+                    )),
+                );
+            }
+        }
     }
 
     fn mapping<'n>(
@@ -906,6 +1097,7 @@ impl Compiler<'_> {
                     src: r.source.as_str().to_string(),
                     at: r.source.span().start().copied(),
                     resources_allowed: false,
+                    position: Position::Name,
                 });
                 (
                     ResourceSpec::Database(DatabaseSpec {
@@ -923,6 +1115,7 @@ impl Compiler<'_> {
                     src: r.source.as_str().to_string(),
                     at: r.source.span().start().copied(),
                     resources_allowed: false,
+                    position: Position::Name,
                 });
                 (
                     ResourceSpec::Bucket(BucketSpec {
@@ -945,6 +1138,7 @@ impl Compiler<'_> {
                         src: v.as_str().to_string(),
                         at: v.span().start().copied(),
                         resources_allowed: true,
+                        position: Position::Plain,
                     });
                     env.insert(
                         k.clone(),
@@ -958,6 +1152,7 @@ impl Compiler<'_> {
                         src: s.as_str().to_string(),
                         at: s.span().start().copied(),
                         resources_allowed: true,
+                        position: Position::Shell,
                     });
                 }
                 let aws = r.aws.map(|a| self.service_aws(a, params));
@@ -1044,11 +1239,12 @@ impl Compiler<'_> {
             );
             return None;
         };
-        let tpl = |s: &Spanned<String>, tpls: &mut Vec<TplUse>| {
+        let tpl = |s: &Spanned<String>, tpls: &mut Vec<TplUse>, position: Position| {
             tpls.push(TplUse {
                 src: s.as_str().to_string(),
                 at: s.span().start().copied(),
                 resources_allowed: true,
+                position,
             });
             Template {
                 src: s.as_str().to_string(),
@@ -1063,18 +1259,19 @@ impl Compiler<'_> {
                         src: v.clone(),
                         at,
                         resources_allowed: true,
+                        position: Position::Plain,
                     });
                 }
                 let headers = r
                     .headers
                     .iter()
-                    .map(|(k, v)| (k.clone(), tpl(v, tpls)))
+                    .map(|(k, v)| (k.clone(), tpl(v, tpls, Position::Plain)))
                     .collect();
                 let spec = CheckSpec::Http {
-                    url: tpl(&r.url, tpls),
+                    url: tpl(&r.url, tpls, Position::Plain),
                     method: r.method.unwrap_or_else(|| "GET".into()).to_uppercase(),
                     headers,
-                    body: r.body.as_ref().map(|b| tpl(b, tpls)),
+                    body: r.body.as_ref().map(|b| tpl(b, tpls, Position::Plain)),
                     status: r.expect.status.unwrap_or(200),
                     body_contains: r.expect.body_contains,
                     json: r.expect.json,
@@ -1088,10 +1285,11 @@ impl Compiler<'_> {
                         src: v.clone(),
                         at: r.name.span().start().copied(),
                         resources_allowed: true,
+                        position: Position::Plain,
                     });
                 }
                 let spec = CheckSpec::Command {
-                    run: tpl(&r.run, tpls),
+                    run: tpl(&r.run, tpls, Position::Shell),
                     exit_code: r.expect.exit_code.unwrap_or(0),
                     output_contains: r.expect.output_contains,
                 };
@@ -1104,12 +1302,13 @@ impl Compiler<'_> {
                         src: v.clone(),
                         at: r.name.span().start().copied(),
                         resources_allowed: true,
+                        position: Position::Plain,
                     });
                 }
                 dbs.push(r.database.clone());
                 let spec = CheckSpec::Sql {
                     database: r.database.as_str().to_string(),
-                    query: tpl(&r.query, tpls),
+                    query: tpl(&r.query, tpls, Position::Sql),
                     value: r.expect.value,
                     rows: r.expect.rows,
                 };
@@ -1343,6 +1542,15 @@ pub(crate) fn load_error(e: &marked_yaml::LoadError) -> (Option<Marker>, String)
             format!("duplicate key `{}`", d.key.as_str()),
         ),
     }
+}
+
+/// A value for a message: quoted and escaped, at most 60 characters (values may be hostile).
+fn shown(value: &str) -> String {
+    let mut v: String = value.chars().take(60).collect();
+    if v.len() < value.len() {
+        v.push('…');
+    }
+    format!("{v:?}")
 }
 
 fn valid_name(s: &str) -> bool {

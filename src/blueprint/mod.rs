@@ -36,6 +36,20 @@ impl Template {
         template::render(&self.src, ctx)
     }
 
+    /// Renders for a position that parses the text (a shell command, an SQL query): see
+    /// [`template::render_in`]. `vetted` are the values of params with a declared rule.
+    ///
+    /// # Errors
+    /// Handlebars' message, or the value that is not safe there.
+    pub fn render_in(
+        &self,
+        ctx: &Value,
+        pos: template::Position,
+        vetted: &[String],
+    ) -> Result<String, String> {
+        template::render_in(&self.src, ctx, pos, vetted)
+    }
+
     /// Resource names this template reads outputs of.
     #[must_use]
     pub fn resource_refs(&self) -> Vec<String> {
@@ -57,8 +71,11 @@ pub struct Blueprint {
     pub description: Option<String>,
     /// The file it came from.
     pub path: PathBuf,
-    /// Parameter values after defaults and `--param` were applied.
+    /// Parameter values after defaults and `--param` were applied (and validated).
     pub params: BTreeMap<String, String>,
+    /// Params that declare a `pattern` or `values`: their values were validated against it at
+    /// compile time and may go anywhere a template can put them.
+    pub param_rules: BTreeMap<String, ParamRule>,
     /// Declared secrets: name → where the value comes from.
     pub secrets: BTreeMap<String, SecretSource>,
     /// Local provider settings (paths already resolved against the blueprint's directory).
@@ -79,6 +96,16 @@ pub struct Blueprint {
 }
 
 impl Blueprint {
+    /// Values of the params that declare a `pattern` or `values` (already validated): what
+    /// [`template::render_in`] lets through in shell and SQL positions as the author declared.
+    #[must_use]
+    pub fn vetted(&self) -> Vec<String> {
+        self.param_rules
+            .keys()
+            .filter_map(|k| self.params.get(k).cloned())
+            .collect()
+    }
+
     /// The resource of that name.
     #[must_use]
     pub fn resource(&self, name: &str) -> Option<&Resource> {
@@ -91,6 +118,48 @@ impl Blueprint {
         match self.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
+        }
+    }
+}
+
+/// A param's declared `pattern` (full match) and `values` (an enum).
+#[derive(Debug, Clone, Serialize)]
+pub struct ParamRule {
+    /// The regular expression as written (anchored when compiled).
+    pub pattern: Option<String>,
+    /// The allowed values.
+    pub values: Option<Vec<String>>,
+    #[serde(skip)]
+    pub(crate) regex: Option<regex::Regex>,
+}
+
+impl ParamRule {
+    /// Whether `value` is allowed.
+    ///
+    /// # Errors
+    /// What it fails (for a message that follows the value).
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        if let Some(vals) = &self.values
+            && !vals.iter().any(|v| v == value)
+        {
+            return Err(format!("is not one of: {}", vals.join(", ")));
+        }
+        if let (Some(re), Some(p)) = (&self.regex, &self.pattern)
+            && !re.is_match(value)
+        {
+            return Err(format!("does not match its pattern `{p}`"));
+        }
+        Ok(())
+    }
+
+    /// What an allowed value is, for a hint.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match (&self.pattern, &self.values) {
+            (Some(p), Some(v)) => format!("matches `{p}` and is one of: {}", v.join(", ")),
+            (Some(p), None) => format!("matches `{p}` (whole value)"),
+            (None, Some(v)) => format!("is one of: {}", v.join(", ")),
+            (None, None) => "is allowed".into(),
         }
     }
 }
@@ -114,6 +183,9 @@ pub struct LocalSettings {
     pub backups: PathBuf,
     /// Production buckets: one directory per bucket.
     pub buckets: PathBuf,
+    /// Variables of dryrun's environment that install steps, services and command checks may
+    /// see besides the minimal set (`PATH`, `LANG`, `LC_*`, `TZ`): `providers.local.pass_env`.
+    pub pass_env: Vec<String>,
 }
 
 /// AWS provider settings from `providers.aws`. Every field is optional; docs/providers/aws.md

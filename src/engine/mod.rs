@@ -27,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::blueprint::template::Position;
 use crate::blueprint::{Blueprint, ResourceSpec, TeardownPolicy};
 use crate::checks::{self, CheckEnv};
 use crate::graph::Graph;
@@ -78,6 +79,11 @@ pub struct RunOptions {
     /// How long teardown may take in all before what remains is reported as left behind
     /// (exit 4; `dryrun cleanup` finishes it). Default [`TEARDOWN_TIMEOUT`].
     pub teardown_timeout: Duration,
+    /// Secrets the caller holds (the server's webhook secret, API tokens, notification URL):
+    /// registered with the run's redactor before anything runs, so that no log, report or
+    /// message of the run can show them. The provider's own ([`Provider::held_secrets`]) are
+    /// added by the engine.
+    pub secrets: Vec<Secret>,
 }
 
 /// Cancellation of a run.
@@ -165,6 +171,8 @@ struct Shared {
     run: RunInfo,
     release: Release,
     base_ctx: Value,
+    /// Values of params with a declared rule (allowed in shell positions as declared).
+    vetted: Vec<String>,
     outputs: Mutex<BTreeMap<String, Outputs>>,
     records: Mutex<Vec<ResourceRecord>>,
     spans: Mutex<BTreeMap<&'static str, Span>>,
@@ -278,6 +286,9 @@ pub async fn run(
     let t0 = Instant::now();
     let run_id = opts.run_id.clone().unwrap_or_else(|| new_run_id(&bp.name));
     let redactor = Redactor::new();
+    for s in opts.secrets.iter().chain(provider.held_secrets().iter()) {
+        redactor.register(s);
+    }
 
     // Secrets first: a run that cannot get its secrets creates nothing.
     let mut secrets = serde_json::Map::new();
@@ -346,6 +357,7 @@ pub async fn run(
         },
         release: opts.release.clone(),
         base_ctx,
+        vetted: bp.vetted(),
         outputs: Mutex::new(BTreeMap::new()),
         records: Mutex::new(Vec::new()),
         spans: Mutex::new(BTreeMap::new()),
@@ -491,6 +503,12 @@ pub async fn run(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let cwd = bp.dir().to_path_buf();
+        let vetted = bp.vetted();
+        // Command checks run on this machine get the minimal environment, HOME in the copy.
+        let child_env = crate::provider::local::process::ChildEnv::new(
+            &state.work_dir(&run_id).join("checks-home"),
+            &bp.local.pass_env,
+        );
         let check_records = shared
             .records
             .lock()
@@ -510,6 +528,8 @@ pub async fn run(
                 provider: provider.as_ref(),
                 run: &shared.run,
                 records: &check_records,
+                vetted: &vetted,
+                child_env: &child_env,
             };
             let name = c.name.clone();
             let rep = checks::run(c, &env, |attempt, msg| {
@@ -848,20 +868,25 @@ pub async fn run(
     Ok(report)
 }
 
-/// Rewrites the run's log files with every known secret redacted: a release that prints its
-/// token must not leave it in the history (the logs are served by the API).
+/// Rewrites the run's log files with every secret known at the end redacted. Logs are redacted
+/// as they are written ([`crate::provider::local::process::LogPump`]); this second pass covers a
+/// secret that became known after a line was written. Bytes, not text: invalid UTF-8 does not
+/// skip it. The rewrite goes through a private temporary file and a rename.
 fn redact_logs(dir: &std::path::Path, redactor: &Redactor) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for ent in rd.flatten() {
         let p = ent.path();
-        let Ok(text) = std::fs::read_to_string(&p) else {
+        let Ok(bytes) = std::fs::read(&p) else {
             continue;
         };
-        let clean = redactor.redact(&text);
-        if clean != text {
-            let _ = std::fs::write(&p, clean);
+        let clean = redactor.redact_bytes(&bytes);
+        if clean != bytes
+            && let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir)
+            && std::io::Write::write_all(&mut tmp, &clean).is_ok()
+        {
+            let _ = tmp.persist(&p);
         }
     }
 }
@@ -1033,7 +1058,12 @@ async fn provision(
                 }
             }
         }
-        let start = match spec.start.as_ref().map(|s| s.render(&ctx)).transpose() {
+        let start = match spec
+            .start
+            .as_ref()
+            .map(|s| s.render_in(&ctx, Position::Shell, &sh.vetted))
+            .transpose()
+        {
             Ok(s) => s,
             Err(e) => {
                 let f = Failure {
@@ -1164,9 +1194,9 @@ pub(crate) async fn teardown(
             // APIs fail transiently (throttling past the SDK's retries, a dependency still
             // detaching), and leaving the resource behind is the expensive outcome.
             match (&res, pauses.next()) {
-                // A guard refusal will not change by waiting.
+                // A guard refusal or a protection will not change by waiting.
                 (Some(Err(e)), Some(&pause))
-                    if !matches!(e, ProviderError::Guard(_))
+                    if !matches!(e, ProviderError::Guard(_) | ProviderError::Protected(_))
                         && Instant::now() + pause < deadline
                         && !hard.is_cancelled() =>
                 {

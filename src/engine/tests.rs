@@ -84,6 +84,7 @@ impl Rig {
             run_id: Some("chain-test-run".into()),
             compile_ms: 0,
             teardown_timeout: super::TEARDOWN_TIMEOUT,
+            secrets: Vec::new(),
         }
     }
 

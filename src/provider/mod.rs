@@ -40,6 +40,16 @@ use crate::blueprint::{BucketSpec, DatabaseSpec, ServiceSpec};
 use crate::release::Release;
 use crate::secret::Redactor;
 
+/// The remote release schemes the provider named `provider` fetches (see
+/// [`Provider::fetch_release`] and [`crate::reference`]): `s3` for `aws`, none for `local`.
+#[must_use]
+pub fn remote_schemes(provider: &str) -> &'static [&'static str] {
+    match provider {
+        "aws" => &["s3"],
+        _ => &[],
+    }
+}
+
 /// Which backup to restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupPick {
@@ -345,6 +355,9 @@ pub enum ProviderError {
     /// The production guard refused a mutation.
     #[error("refusing to modify {0}: it was not created by this run")]
     Guard(String),
+    /// The resource is protected (deletion protection); dryrun never lowers a protection.
+    #[error("{0}")]
+    Protected(String),
     /// The run was cancelled while this was under way.
     #[error("cancelled")]
     Cancelled,
@@ -480,6 +493,13 @@ pub trait Provider: Send + Sync {
     /// When the backend cannot be reached or the credentials are refused.
     async fn describe_target(&self) -> Result<Option<String>, ProviderError> {
         Ok(None)
+    }
+
+    /// Secrets the provider itself holds (AWS: the secret access key and session token it
+    /// loaded), registered with every run's redactor so that nothing the run shows can hold
+    /// them. Default: none.
+    fn held_secrets(&self) -> Vec<crate::secret::Secret> {
+        Vec::new()
     }
 
     /// Requests made to the backend so far, by operation (AWS: counted by an SDK

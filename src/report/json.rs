@@ -5,6 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,7 +86,7 @@ pub(crate) fn write_atomic(
 fn write_atomic_blocking(dir: &Path, name: &str, contents: &[u8]) -> Result<PathBuf, ReportError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-    fs::create_dir_all(dir).map_err(|source| ReportError::CreateDir {
+    crate::state::create_private_dir(dir).map_err(|source| ReportError::CreateDir {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -96,6 +97,7 @@ fn write_atomic_blocking(dir: &Path, name: &str, contents: &[u8]) -> Result<Path
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&tmp)
         .and_then(|mut file| {
             file.write_all(contents)?;

@@ -67,6 +67,16 @@ pub struct Config {
     /// Nightly rehearsals.
     #[serde(default)]
     pub schedule: Vec<Schedule>,
+    /// Tokens and sessions for the dashboard and the API (see [`super::auth`]).
+    #[serde(default)]
+    pub auth: super::auth::AuthConfig,
+    /// Host names the server answers to besides `localhost`, the listen address and the
+    /// `public_url` host (requests for any other `Host` are refused: DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// How long finished runs' history rows, reports, journals and logs are kept; default 90d.
+    #[serde(default = "default_retention", with = "humantime_de")]
+    pub retention: Duration,
 }
 
 /// `[webhook]`.
@@ -183,8 +193,11 @@ fn default_true() -> bool {
 fn default_tz() -> String {
     "UTC".into()
 }
+fn default_retention() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
+}
 
-mod humantime_de {
+pub(crate) mod humantime_de {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
@@ -232,6 +245,9 @@ fn defaults() -> Config {
         callbacks: CallbackConfig::default(),
         notify: NotifyConfig::default(),
         schedule: Vec::new(),
+        auth: super::auth::AuthConfig::default(),
+        allowed_hosts: Vec::new(),
+        retention: default_retention(),
     }
 }
 
@@ -284,12 +300,33 @@ impl Config {
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
+        if self.auth.tokens.is_empty() && !listens_on_loopback_only(&self.listen) {
+            return Err(format!(
+                "listen = \"{}\" is reachable beyond this machine, and no [[auth.tokens]] are configured: anyone who can reach it could read production's reports and start runs; add a token (`dryrun token` makes one) or listen on 127.0.0.1",
+                self.listen
+            ));
+        }
+        if self.retention < Duration::from_secs(3600) {
+            return Err("retention must be at least 1h".into());
+        }
         for s in &self.schedule {
             super::schedule::parse(&s.cron)
                 .map_err(|e| format!("schedule `{}`: cron `{}`: {e}", s.name, s.cron))?;
             s.timezone.parse::<chrono_tz::Tz>().map_err(|_| format!("schedule `{}`: unknown time zone `{}` (use an IANA name such as Europe/Berlin)", s.name, s.timezone))?;
         }
         Ok(())
+    }
+}
+
+/// Whether every address `listen` resolves to is a loopback address.
+fn listens_on_loopback_only(listen: &str) -> bool {
+    use std::net::ToSocketAddrs as _;
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
     }
 }
 
@@ -306,6 +343,28 @@ mod tests {
             "no callback destination is allowed by default"
         );
         assert_eq!(c.webhook.max_age, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_token() {
+        let mut c = Config {
+            listen: "0.0.0.0:8080".into(),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("[[auth.tokens]]"), "{e}");
+        c.listen = "127.0.0.1:8080".into();
+        assert!(c.validate().is_ok());
+        c.listen = "localhost:8080".into();
+        assert!(c.validate().is_ok());
+        c.listen = "0.0.0.0:8080".into();
+        c.auth.tokens.push(super::super::auth::TokenConfig {
+            name: "ops".into(),
+            role: super::super::auth::Role::Read,
+            sha256: Some("00".repeat(32)),
+            env: None,
+        });
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! The dashboard: server-rendered pages (handlebars templates, HTML-escaped) with a little
 //! JavaScript for live status; every page and the start form work without JavaScript.
 //!
-//! The dashboard has no login of its own: it listens on loopback by default; put it behind the
-//! portal's authenticating proxy to expose it. Its form refuses cross-site posts
-//! (`Sec-Fetch-Site: cross-site`), so another web page cannot start runs through a browser.
+//! With `[[auth.tokens]]` configured, a browser logs in on `/login` with a token and gets a
+//! session cookie; the pages show who is logged in, and the start form only to the `run` role.
+//! Every form carries a CSRF token bound to the visitor's cookie ([`super::auth`]), so another
+//! web page cannot submit it through a browser; `Host` and `Origin` are checked for every
+//! request by [`super::routes`]'s guard.
 
 use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::report::{human_ms, human_secs};
 
+use super::auth::{Principal, Role};
 use super::history::RunRow;
 use super::jobs::{App, RunRequest, SubmitError, Submitted};
 
@@ -28,6 +31,7 @@ static TEMPLATES: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
         ("layout", include_str!("templates/layout.hbs")),
         ("index", include_str!("templates/index.hbs")),
         ("run", include_str!("templates/run.hbs")),
+        ("login", include_str!("templates/login.hbs")),
     ] {
         h.register_template_string(name, src)
             .expect("dashboard templates are valid");
@@ -41,6 +45,51 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/", get(index))
         .route("/runs/{id}", get(run_page))
         .route("/ui/runs", post(start))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+}
+
+/// What the layout shows about the visitor: who is logged in and the CSRF token of the page's
+/// forms (setting the cookie it is bound to when the visitor has none yet).
+struct Visitor {
+    principal: Option<Principal>,
+    csrf: String,
+    set_cookie: Option<String>,
+    auth: bool,
+}
+
+impl Visitor {
+    fn of(app: &App, headers: &HeaderMap) -> Visitor {
+        let (csrf, set_cookie) = app.auth.csrf_for_page(headers);
+        Visitor {
+            principal: app.auth.identify(headers),
+            csrf,
+            set_cookie,
+            auth: app.auth.enabled(),
+        }
+    }
+
+    fn can_run(&self) -> bool {
+        !self.auth || self.principal.as_ref().is_some_and(|p| p.role >= Role::Run)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "csrf": self.csrf,
+            "auth": self.auth,
+            "user": self.principal.as_ref().map(|p| json!({"name": p.name, "role": p.role.as_str()})),
+            "can_run": self.can_run(),
+        })
+    }
+
+    fn finish(&self, mut r: Response) -> Response {
+        if let Some(c) = &self.set_cookie
+            && let Ok(v) = header::HeaderValue::from_str(c)
+        {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+        r
+    }
 }
 
 fn page(title: &str, template: &str, data: &Value, refresh: bool) -> Response {
@@ -56,7 +105,7 @@ fn page(title: &str, template: &str, data: &Value, refresh: bool) -> Response {
     };
     match TEMPLATES.render(
         "layout",
-        &json!({ "title": title, "body": body, "refresh": refresh }),
+        &json!({ "title": title, "body": body, "refresh": refresh, "visitor": data.get("visitor") }),
     ) {
         Ok(html) => Html(html).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("layout: {e}")).into_response(),
@@ -98,7 +147,7 @@ fn releases(app: &App) -> Vec<String> {
     out
 }
 
-fn index_data(app: &App, notice: Option<&str>) -> Value {
+fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
     let rows = app.history.list(None, None, 50).unwrap_or_default();
     let runs: Vec<Value> = rows
         .iter()
@@ -140,14 +189,25 @@ fn index_data(app: &App, notice: Option<&str>) -> Value {
             Some(json!({ "blueprint": b, "points": points }))
         })
         .collect();
-    json!({ "runs": runs, "trends": trends, "blueprints": app.blueprint_files(), "releases": releases(app), "notice": notice })
+    json!({ "runs": runs, "trends": trends, "blueprints": app.blueprint_files(), "releases": releases(app), "notice": notice, "visitor": visitor.json() })
 }
 
-async fn index(State(app): State<Arc<App>>) -> Response {
-    page("Dry runs", "index", &index_data(&app, None), false)
+async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let v = Visitor::of(&app, &headers);
+    v.finish(page(
+        "Dry runs",
+        "index",
+        &index_data(&app, &v, None),
+        false,
+    ))
 }
 
-async fn run_page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+async fn run_page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let visitor = Visitor::of(&app, &headers);
     let (row, rep) = match app.history.get(&id) {
         Ok(Some(x)) => x,
         Ok(None) => {
@@ -170,6 +230,7 @@ async fn run_page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
         "live": live,
         "progress": app.progress(&id),
         "failure": row.failure,
+        "visitor": visitor.json(),
     });
     if let Some(rep) = rep {
         let max = rep
@@ -198,7 +259,7 @@ async fn run_page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
         }
         data["failure"] = json!(rep.failure);
     }
-    page(&format!("Run {id}"), "run", &data, live)
+    visitor.finish(page(&format!("Run {id}"), "run", &data, live))
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +268,16 @@ struct StartForm {
     release: String,
     #[serde(default)]
     backup: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+fn csrf_refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Html("<p>The form's security token is missing or does not match this browser's cookie: reload the page and submit it again.</p><p><a href=\"/\">Dry runs</a></p>"),
+    )
+        .into_response()
 }
 
 async fn start(
@@ -214,9 +285,11 @@ async fn start(
     headers: HeaderMap,
     Form(f): Form<StartForm>,
 ) -> Response {
-    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
-        return (StatusCode::FORBIDDEN, "cross-site form posts are refused").into_response();
+    if !app.auth.check_csrf(&headers, &f.csrf) {
+        app.metrics.rejected("csrf");
+        return csrf_refused();
     }
+    let visitor = Visitor::of(&app, &headers);
     let req = RunRequest {
         blueprint: f.blueprint.trim().to_string(),
         release: f.release.trim().to_string(),
@@ -238,13 +311,86 @@ async fn start(
             let mut r = page(
                 "Dry runs",
                 "index",
-                &index_data(&app, Some(&format!("Not started: {e}"))),
+                &index_data(&app, &visitor, Some(&format!("Not started: {e}"))),
                 false,
             );
             *r.status_mut() = status;
-            r
+            visitor.finish(r)
         }
     }
+}
+
+async fn login_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let v = Visitor::of(&app, &headers);
+    v.finish(page(
+        "Log in",
+        "login",
+        &json!({ "visitor": v.json(), "notice": None::<String> }),
+        false,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn login(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if !app.auth.check_csrf(&headers, &f.csrf) {
+        app.metrics.rejected("csrf");
+        return csrf_refused();
+    }
+    match app.auth.login(&f.token) {
+        Some((p, cookie)) => {
+            tracing::info!(name = %p.name, role = p.role.as_str(), "dashboard login");
+            let mut r = Redirect::to("/").into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            r
+        }
+        None => {
+            app.metrics.rejected("login");
+            let v = Visitor::of(&app, &headers);
+            let mut r = page(
+                "Log in",
+                "login",
+                &json!({ "visitor": v.json(), "notice": "That token is not valid." }),
+                false,
+            );
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            v.finish(r)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(f): Form<LogoutForm>,
+) -> Response {
+    if !app.auth.check_csrf(&headers, &f.csrf) {
+        return csrf_refused();
+    }
+    let cookie = app.auth.logout(&headers);
+    let mut r = Redirect::to("/login").into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    r
 }
 
 fn html_escape(s: &str) -> String {

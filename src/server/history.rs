@@ -1,6 +1,7 @@
 //! Run history in SQLite (`STATE/history.sqlite`): runs, their reports (stages, checks,
 //! resources), delivery ids. Survives restarts; WAL mode so readers never wait for the writer.
 
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -160,6 +161,44 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     })
 }
 
+/// What an outbox message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// The signed summary for a run's `callback_url` (the URL is stored with it).
+    Callback,
+    /// A Slack-compatible `{"text"}` to `[notify] url` (the URL is read from the config at
+    /// delivery time and never stored: chat webhook URLs carry their token).
+    Notify,
+}
+
+impl OutboxKind {
+    /// `callback` or `notify`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Callback => "callback",
+            OutboxKind::Notify => "notify",
+        }
+    }
+}
+
+/// A message in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Id (stable across attempts: receivers deduplicate on it).
+    pub id: i64,
+    /// The run it is about (empty for schedule notices).
+    pub run_id: String,
+    /// Kind.
+    pub kind: OutboxKind,
+    /// Destination, for callbacks.
+    pub url: Option<String>,
+    /// Body (JSON).
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
 /// Outcome of recording a new run with a delivery id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inserted {
@@ -176,7 +215,16 @@ impl History {
     /// SQLite errors.
     pub fn open(path: &Path) -> Result<History, HistoryError> {
         if let Some(p) = path.parent() {
-            let _ = std::fs::create_dir_all(p);
+            let _ = crate::state::create_private_dir(p);
+        }
+        // Created owner-only before SQLite opens it; SQLite gives its -wal and -shm files the
+        // database file's mode.
+        if !path.exists() {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -194,7 +242,13 @@ impl History {
              CREATE INDEX IF NOT EXISTS runs_by_time ON runs(queued_at);
              CREATE INDEX IF NOT EXISTS runs_by_blueprint ON runs(blueprint, queued_at);
              CREATE TABLE IF NOT EXISTS deliveries (
-               id TEXT PRIMARY KEY, run_id TEXT NOT NULL, received_at TEXT NOT NULL);",
+               id TEXT PRIMARY KEY, run_id TEXT NOT NULL, received_at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS outbox (
+               id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, kind TEXT NOT NULL,
+               url TEXT, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+               next_at TEXT NOT NULL, created_at TEXT NOT NULL, last_error TEXT,
+               done_at TEXT, outcome TEXT);
+             CREATE INDEX IF NOT EXISTS outbox_due ON outbox(done_at, next_at);",
         )?;
         Ok(History {
             conn: Mutex::new(conn),
@@ -337,6 +391,153 @@ impl History {
             params![run_id, outcome],
         )?;
         Ok(())
+    }
+
+    /// Puts a message in the outbox (delivered by [`super::outbox`]); returns its id.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_add(
+        &self,
+        run_id: &str,
+        kind: OutboxKind,
+        url: Option<&str>,
+        body: &str,
+    ) -> Result<i64, HistoryError> {
+        let now = Utc::now();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO outbox (run_id, kind, url, body, next_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            params![run_id, kind.as_str(), url, body, now],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Messages due at `now` that are not delivered or given up yet, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, HistoryError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT id, run_id, kind, url, body, attempts FROM outbox WHERE done_at IS NULL AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                let kind: String = r.get(2)?;
+                Ok(OutboxItem {
+                    id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    kind: if kind == "callback" {
+                        OutboxKind::Callback
+                    } else {
+                        OutboxKind::Notify
+                    },
+                    url: r.get(3)?,
+                    body: r.get(4)?,
+                    attempts: r.get(5)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// When the next pending message is due, if any.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_next(&self) -> Result<Option<DateTime<Utc>>, HistoryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT min(next_at) FROM outbox WHERE done_at IS NULL",
+                [],
+                |r| r.get::<_, Option<DateTime<Utc>>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Records a failed attempt and when to try again.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_retry(
+        &self,
+        id: i64,
+        attempts: u32,
+        next_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), HistoryError> {
+        self.conn().execute(
+            "UPDATE outbox SET attempts = ?2, next_at = ?3, last_error = ?4 WHERE id = ?1",
+            params![id, attempts, next_at, error],
+        )?;
+        Ok(())
+    }
+
+    /// Records that a message was delivered or given up.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_done(&self, id: i64, attempts: u32, outcome: &str) -> Result<(), HistoryError> {
+        self.conn().execute(
+            "UPDATE outbox SET attempts = ?2, done_at = ?3, outcome = ?4 WHERE id = ?1",
+            params![id, attempts, Utc::now(), outcome],
+        )?;
+        Ok(())
+    }
+
+    /// Messages not delivered or given up yet.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_pending(&self) -> Result<i64, HistoryError> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM outbox WHERE done_at IS NULL",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Deletes finished runs (and their deliveries and delivered messages) that ended before
+    /// `before`, except those `keep` names; returns their ids. Runs that are queued or running
+    /// are kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn prune(
+        &self,
+        before: DateTime<Utc>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, HistoryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT run_id FROM runs WHERE status NOT IN ('queued', 'running') AND COALESCE(finished_at, queued_at) < ?1",
+            )?;
+            st.query_map(params![before], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter(|id| !keep(id))
+                .collect()
+        };
+        for id in &ids {
+            tx.execute("DELETE FROM runs WHERE run_id = ?1", params![id])?;
+            tx.execute("DELETE FROM deliveries WHERE run_id = ?1", params![id])?;
+        }
+        tx.execute(
+            "DELETE FROM outbox WHERE done_at IS NOT NULL AND done_at < ?1",
+            params![before],
+        )?;
+        tx.commit()?;
+        Ok(ids)
     }
 
     /// One run and its report.

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::lease;
 use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
+use crate::reference;
 use crate::release::Release;
 use crate::report::{RunReport, Trigger};
 use crate::secret::Secret;
@@ -117,6 +118,10 @@ pub struct App {
     pub base_url: String,
     /// HTTP client for callbacks and notifications.
     pub http: reqwest::Client,
+    /// Tokens, sessions and CSRF.
+    pub auth: super::auth::Auth,
+    /// The `Host` and `Origin` values the server answers.
+    pub hosts: super::auth::Hosts,
     envs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -125,6 +130,8 @@ pub struct App {
     tracker: TaskTracker,
     /// Fires when the server stops accepting.
     pub stop: CancellationToken,
+    /// Wakes the outbox's delivery task ([`super::outbox`]) when a message is queued.
+    pub outbox_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for App {
@@ -149,9 +156,16 @@ impl App {
         let blueprints = blueprints.canonicalize().map_err(|e| {
             ServeError::Other(format!("blueprints root {}: {e}", blueprints.display()))
         })?;
-        std::fs::create_dir_all(state.root()).map_err(|e| {
-            ServeError::Other(format!("state directory {}: {e}", state.root().display()))
-        })?;
+        match state.ensure() {
+            Ok(Some(w)) => eprintln!("dryrun serve: warning: {w}"),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(ServeError::Other(format!(
+                    "state directory {}: {e}",
+                    state.root().display()
+                )));
+            }
+        }
         let history = History::open(&state.root().join("history.sqlite"))?;
         let secret = std::env::var(&cfg.webhook.secret_env)
             .ok()
@@ -172,9 +186,14 @@ impl App {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .no_proxy()
+            // A callback URL passed the allow-list; a redirect to elsewhere would not have.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ServeError::Other(format!("http client: {e}")))?;
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        let auth = super::auth::Auth::from_config(&cfg.auth, base_url.starts_with("https://"))
+            .map_err(ServeError::Auth)?;
+        let hosts = super::auth::Hosts::new(addr, cfg.public_url.as_deref(), &cfg.allowed_hosts);
         Ok(App {
             cfg,
             state,
@@ -184,6 +203,8 @@ impl App {
             secret,
             base_url,
             http,
+            auth,
+            hosts,
             envs: Mutex::new(HashMap::new()),
             slots,
             waiting: AtomicUsize::new(0),
@@ -191,35 +212,29 @@ impl App {
             progress: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
+            outbox_wake: tokio::sync::Notify::new(),
         })
     }
 
-    /// Resolves a path under the blueprints root, refusing anything that escapes it.
+    /// Resolves a `blueprint` or `release` reference from a request against the blueprints
+    /// root with the rules of [`crate::reference`]: a path that stays inside the root, or (for a
+    /// release) a remote object the server's provider fetches.
     ///
     /// # Errors
-    /// [`SubmitError::BadPath`] naming the problem.
-    pub fn resolve(&self, rel: &str, what: &str) -> Result<PathBuf, SubmitError> {
-        let p = Path::new(rel);
-        if rel.is_empty() {
-            return Err(SubmitError::BadPath(format!("{what} is empty")));
-        }
-        if !lexically_inside(rel) {
-            return Err(SubmitError::BadPath(format!(
-                "{what} `{rel}` must be a relative path inside the blueprints root, without `..`"
-            )));
-        }
-        let full = self.blueprints.join(p);
-        let canon = full.canonicalize().map_err(|_| {
-            SubmitError::Invalid(format!(
-                "{what} `{rel}` not found under the blueprints root"
-            ))
-        })?;
-        if !canon.starts_with(&self.blueprints) {
-            return Err(SubmitError::BadPath(format!(
-                "{what} `{rel}` leaves the blueprints root (through a symlink)"
-            )));
-        }
-        Ok(canon)
+    /// [`SubmitError::BadPath`] (400) or [`SubmitError::Invalid`] (422, not found).
+    pub fn resolve(
+        &self,
+        value: &str,
+        what: &str,
+        remote: &[&str],
+    ) -> Result<reference::Resolved, SubmitError> {
+        reference::resolve_under(&self.blueprints, value, what, remote).map_err(|e| {
+            if e.status() == 422 {
+                SubmitError::Invalid(e.to_string())
+            } else {
+                SubmitError::BadPath(e.to_string())
+            }
+        })
     }
 
     /// Blueprint files under the root (for the dashboard's form), relative paths.
@@ -259,6 +274,33 @@ impl App {
         out
     }
 
+    /// Whether a callback URL starts with one of `[callbacks] allow` (and has no user info or
+    /// control characters that could make it mean something else to the HTTP client).
+    #[must_use]
+    pub fn callback_allowed(&self, url: &str) -> bool {
+        let parsed_ok = reqwest::Url::parse(url)
+            .is_ok_and(|u| u.username().is_empty() && u.password().is_none());
+        parsed_ok
+            && !url.chars().any(char::is_control)
+            && self
+                .cfg
+                .callbacks
+                .allow
+                .iter()
+                .any(|p| !p.is_empty() && url.starts_with(p.as_str()))
+    }
+
+    /// Every secret the server holds, registered with each run's redactor: the webhook secret
+    /// (which also signs callbacks) and the notification URL (chat webhook URLs carry their
+    /// token).
+    #[must_use]
+    pub fn held_secrets(&self) -> Vec<Secret> {
+        let mut v: Vec<Secret> = self.secret.iter().cloned().collect();
+        v.extend(self.cfg.notify.url.iter().map(Secret::new));
+        v.extend(self.auth.held_secrets());
+        v
+    }
+
     fn env_lock(&self, env: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.envs
             .lock()
@@ -282,16 +324,18 @@ impl App {
             return Ok(Submitted::Duplicate(orig));
         }
         if let Some(cb) = &req.callback_url
-            && !self
-                .cfg
-                .callbacks
-                .allow
-                .iter()
-                .any(|p| !p.is_empty() && cb.starts_with(p.as_str()))
+            && !self.callback_allowed(cb)
         {
             return Err(SubmitError::CallbackNotAllowed(cb.clone()));
         }
-        let bp_path = self.resolve(&req.blueprint, "blueprint")?;
+        let bp_path = match self.resolve(&req.blueprint, "blueprint", &[])? {
+            reference::Resolved::Local(p) => p,
+            reference::Resolved::Remote(r) => {
+                return Err(SubmitError::BadPath(format!(
+                    "blueprint `{r}` must be a path"
+                )));
+            }
+        };
         let bp = match blueprint::compile_file(&bp_path, &req.params) {
             Ok(bp) => bp,
             Err(CompileError::Invalid(d)) => {
@@ -304,10 +348,13 @@ impl App {
             }
             Err(e) => return Err(SubmitError::Invalid(e.to_string())),
         };
-        let release_ref = if req.release.contains("://") {
-            req.release.clone()
-        } else {
-            self.resolve(&req.release, "release")?.display().to_string()
+        let release_ref = match self.resolve(
+            &req.release,
+            "release",
+            crate::provider::remote_schemes(&self.cfg.provider),
+        )? {
+            reference::Resolved::Local(p) => p.display().to_string(),
+            reference::Resolved::Remote(r) => r,
         };
         let release = Release::load(&release_ref).map_err(|e| {
             SubmitError::Invalid(
@@ -375,11 +422,11 @@ impl App {
         };
         // Wait in order for the environment, then a slot, then the cross-process lease.
         let env_lock = self.env_lock(&env);
-        let _env_guard = tokio::select! {
+        let env_guard = tokio::select! {
             g = env_lock.lock_owned() => g,
             () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
         };
-        let _slot = tokio::select! {
+        let slot = tokio::select! {
             p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => { dequeue(); return self.cancelled(&run_id, trigger); } },
             () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
         };
@@ -441,11 +488,20 @@ impl App {
             run_id: Some(run_id.clone()),
             compile_ms: 0,
             teardown_timeout: engine::TEARDOWN_TIMEOUT,
+            secrets: self
+                .held_secrets()
+                .into_iter()
+                .chain(job.callback_url.iter().map(Secret::new))
+                .collect(),
         };
         let started = Instant::now();
         let result = engine::run(&job.bp, provider, &self.state, opts, tx, shutdown).await;
         let _ = progress.await;
+        // Teardown has ended: the environment, the slot and the lease are free before any
+        // message goes out (the outbox delivers them in the background).
         drop(held);
+        drop(slot);
+        drop(env_guard);
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -458,7 +514,7 @@ impl App {
                 }
                 self.metrics.finished(&rep, trigger_name(trigger));
                 tracing::info!(run_id = %run_id, status = %rep.status, ms = started.elapsed().as_millis() as u64, "run finished");
-                self.after_run(&job, &rep).await;
+                self.after_run(&job, &rep);
             }
             Err(e) => {
                 let _ = self
@@ -482,12 +538,11 @@ impl App {
         self.metrics.ended("cancelled", trigger_name(trigger));
     }
 
-    async fn after_run(&self, job: &Job, rep: &RunReport) {
+    fn after_run(&self, job: &Job, rep: &RunReport) {
         if let Some(url) = &job.callback_url {
-            let outcome = notify::callback(self, url, rep).await;
-            let _ = self.history.set_callback(&rep.run_id, &outcome);
+            notify::callback(self, url, rep);
         }
-        notify::notify(self, rep).await;
+        notify::notify(self, rep);
     }
 
     fn push_progress(&self, run_id: &str, line: String) {
@@ -614,22 +669,6 @@ impl App {
     }
 }
 
-/// Whether `rel` is a relative path without `..`, root or prefix components (the lexical half
-/// of the path rule; [`App::resolve`] adds the symlink-aware half).
-#[must_use]
-pub fn lexically_inside(rel: &str) -> bool {
-    let p = Path::new(rel);
-    !rel.is_empty()
-        && !rel.contains('\0')
-        && !p.is_absolute()
-        && !p.components().any(|c| {
-            matches!(
-                c,
-                Component::ParentDir | Component::RootDir | Component::Prefix(_)
-            )
-        })
-}
-
 /// History name of a trigger.
 #[must_use]
 pub fn trigger_name(t: Trigger) -> &'static str {
@@ -714,7 +753,7 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
                     Err(e) => {
                         tracing::error!(schedule = %s.name, error = %e, "scheduled rehearsal not started");
                         eprintln!("dryrun serve: schedule {}: not started: {e}", s.name);
-                        notify::text(&app, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name)).await;
+                        notify::text(&app, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name));
                     }
                 }
                 // Never fire twice for the same instant.
@@ -726,19 +765,4 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
         }));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::lexically_inside;
-
-    #[test]
-    fn path_rule_refuses_absolute_parent_and_empty_paths() {
-        for ok in ["demo/shop.yaml", "a", "a/./b.yaml", "releases/v2"] {
-            assert!(lexically_inside(ok), "{ok}");
-        }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\0b"] {
-            assert!(!lexically_inside(bad), "{bad:?}");
-        }
-    }
 }

@@ -3,6 +3,7 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`auth`] | tokens, sessions and roles; CSRF tokens; the `Host` and `Origin` rules |
 //! | [`config`] | the TOML config file |
 //! | [`signature`] | HMAC-SHA256 in GitHub's scheme, for webhooks and callbacks |
 //! | [`webhook`] | the webhook's checks as a pure function (signature, timestamp, delivery, body) |
@@ -11,17 +12,20 @@
 //! | [`routes`] | the HTTP API and the webhook |
 //! | [`dashboard`] | the server-rendered pages |
 //! | [`notify`] | signed callbacks and Slack-compatible notifications |
+//! | [`outbox`] | their persistent queue and the task that delivers it |
 //! | [`schedule`] | cron schedules |
 //! | [`metrics`] | Prometheus metrics |
 //!
 //! Docs: docs/server.md.
 
+pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod history;
 pub mod jobs;
 pub mod metrics;
 pub mod notify;
+pub mod outbox;
 pub mod routes;
 pub mod schedule;
 pub mod signature;
@@ -44,6 +48,9 @@ pub enum ServeError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// Bad `[auth]` settings (a token variable that is not set, a malformed hash).
+    #[error("{0}")]
+    Auth(String),
     /// History database.
     #[error(transparent)]
     History(#[from] history::HistoryError),
@@ -66,6 +73,41 @@ pub enum ServeError {
 pub struct Stopped {
     /// Runs that were still tearing down when the grace period ended.
     pub abandoned: Vec<String>,
+}
+
+/// Removes what is older than `retention`: finished runs' history rows, their delivery ids and
+/// delivered messages, and the history directories (journal, report, logs) of closed runs.
+/// Returns how many runs went.
+pub fn prune(state: &StateDir, history: &history::History, retention: Duration) -> usize {
+    let before = chrono::Utc::now()
+        - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(90));
+    let dirs = crate::journal::prune(state, before).unwrap_or_default();
+    // A run whose journal stays (it left something, or is kept) keeps its history row too.
+    let rows = history
+        .prune(before, |id| state.run_dir(id).exists())
+        .unwrap_or_default();
+    let n = dirs.len().max(rows.len());
+    if n > 0 {
+        tracing::info!(
+            runs = n,
+            retention = %humantime::format_duration(retention),
+            "pruned old runs"
+        );
+    }
+    n
+}
+
+/// Prunes at start and then every hour.
+fn start_retention(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        loop {
+            let (state, retention) = (app.state.clone(), app.cfg.retention);
+            let a = app.clone();
+            let _ = tokio::task::spawn_blocking(move || prune(&state, &a.history, retention)).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    })
 }
 
 /// Runs the server until `shutdown` fires, then drains: stops accepting, lets running dry runs
@@ -94,6 +136,9 @@ pub async fn serve(
     app.recover_interrupted().await;
     let app = Arc::new(app);
     let schedules = jobs::start_schedules(&app);
+    let retention = start_retention(&app);
+    let outbox_stop = CancellationToken::new();
+    let outbox = outbox::start(&app, outbox_stop.clone());
     eprintln!(
         "dryrun serve: listening on http://{addr} (blueprints in {})",
         app.blueprints.display()
@@ -114,7 +159,13 @@ pub async fn serve(
     for s in schedules {
         s.abort();
     }
+    retention.abort();
     let abandoned = app.drain(app.cfg.shutdown_grace).await;
+    // Messages of the runs that just ended get a few seconds; what is still queued then is
+    // sent at the next start.
+    outbox::flush(&app, Duration::from_secs(5)).await;
+    outbox_stop.cancel();
+    let _ = outbox.await;
     // Open HTTP connections (a dashboard polling) must not keep the process alive.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if abandoned.is_empty() {

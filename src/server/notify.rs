@@ -1,5 +1,7 @@
 //! Outgoing messages: the signed callback a webhook asked for, and Slack-compatible
-//! notifications (`{"text": …}`) on failure and on old backups.
+//! notifications (`{"text": …}`) on failure and on old backups. They are queued in the
+//! persistent outbox (the history database) and delivered by [`super::outbox`], so a slow or
+//! dead receiver never holds a run's environment or concurrency slot, and a restart loses none.
 
 use std::time::Duration;
 
@@ -7,6 +9,7 @@ use serde_json::json;
 
 use crate::report::{RunReport, Status, human_secs};
 
+use super::history::{OutboxItem, OutboxKind};
 use super::jobs::App;
 use super::signature;
 
@@ -43,51 +46,28 @@ fn origin(url: &str) -> String {
     )
 }
 
-/// POSTs the signed summary with retries and exponential backoff; returns the outcome for
-/// the history (`delivered (attempt N)` or `failed: …`).
-pub async fn callback(app: &App, url: &str, rep: &RunReport) -> String {
-    let body = serde_json::to_vec(&summary(app, rep)).unwrap_or_default();
-    let sig = app
-        .secret
-        .as_ref()
-        .map(|s| signature::sign(s.expose().as_bytes(), &body));
-    let attempts = app.cfg.callbacks.attempts.max(1);
-    let mut backoff = app.cfg.callbacks.backoff;
-    let mut last = String::new();
-    for attempt in 1..=attempts {
-        let mut req = app
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("x-dryrun-event", "run.finished")
-            .header("x-dryrun-delivery", format!("{}-{attempt}", rep.run_id))
-            .body(body.clone());
-        if let Some(s) = &sig {
-            req = req.header(signature::HEADER, s);
+/// Queues the signed summary for the run's callback URL ([`super::outbox`] delivers it).
+pub fn callback(app: &App, url: &str, rep: &RunReport) {
+    let body = serde_json::to_string(&summary(app, rep)).unwrap_or_default();
+    match app
+        .history
+        .outbox_add(&rep.run_id, OutboxKind::Callback, Some(url), &body)
+    {
+        Ok(_) => {
+            let _ = app.history.set_callback(&rep.run_id, "pending");
+            app.outbox_wake.notify_one();
         }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => return format!("delivered (attempt {attempt})"),
-            Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => {
-                last = if e.is_connect() {
-                    "connection refused".into()
-                } else {
-                    // Without the URL: callback URLs may carry tokens.
-                    e.without_url().to_string()
-                }
-            }
-        }
-        if attempt < attempts {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(60));
+        Err(e) => {
+            tracing::error!(run_id = %rep.run_id, error = %e, "cannot queue the callback");
+            let _ = app
+                .history
+                .set_callback(&rep.run_id, &format!("not sent: {e}"));
         }
     }
-    tracing::warn!(run_id = %rep.run_id, to = %origin(url), last, "callback failed");
-    format!("failed after {attempts} attempts: {last}")
 }
 
-/// Sends the notifications a finished run calls for.
-pub async fn notify(app: &App, rep: &RunReport) {
+/// Queues the notifications a finished run calls for.
+pub fn notify(app: &App, rep: &RunReport) {
     let mut lines = Vec::new();
     if app.cfg.notify.on_failure && rep.status != Status::Passed {
         lines.push(format!(
@@ -130,21 +110,101 @@ pub async fn notify(app: &App, rep: &RunReport) {
     }
     let mut text = lines.join("\n");
     text.push_str(&format!("\n{}/runs/{}", app.base_url, rep.run_id));
-    self::text(app, &text).await;
+    queue_text(app, &rep.run_id, &text);
 }
 
-/// POSTs `{"text": …}` to the notification URL, if configured (three attempts).
-pub async fn text(app: &App, text: &str) {
-    let Some(url) = &app.cfg.notify.url else {
+/// Queues `{"text": …}` for the notification URL, if one is configured.
+pub fn text(app: &App, text: &str) {
+    queue_text(app, "", text);
+}
+
+fn queue_text(app: &App, run_id: &str, text: &str) {
+    if app.cfg.notify.url.is_none() {
         return;
-    };
-    let body = json!({ "text": text });
-    for attempt in 1..=3u32 {
-        match app.http.post(url).json(&body).send().await {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!(status = %r.status(), attempt, "notification refused"),
-            Err(e) => tracing::warn!(error = %e.without_url(), attempt, "notification failed"),
-        }
-        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
     }
+    let body = json!({ "text": text }).to_string();
+    match app
+        .history
+        .outbox_add(run_id, OutboxKind::Notify, None, &body)
+    {
+        Ok(_) => app.outbox_wake.notify_one(),
+        Err(e) => tracing::error!(error = %e, "cannot queue a notification"),
+    }
+}
+
+/// Attempts and first backoff of a message kind: callbacks as `[callbacks]` says,
+/// notifications three times from 500 ms.
+#[must_use]
+pub fn policy(app: &App, kind: OutboxKind) -> (u32, Duration) {
+    match kind {
+        OutboxKind::Callback => (app.cfg.callbacks.attempts.max(1), app.cfg.callbacks.backoff),
+        OutboxKind::Notify => (3, Duration::from_millis(500)),
+    }
+}
+
+/// One delivery attempt of an outbox message. Redirects are not followed (the client is built
+/// so): a callback URL passed the allow-list, where a redirect would lead has not. A callback
+/// URL is checked against `[callbacks] allow` again, as the config may have changed since it
+/// was queued.
+///
+/// # Errors
+/// What went wrong, without the URL (it may hold a token).
+pub async fn deliver(app: &App, item: &OutboxItem) -> Result<(), String> {
+    let (url, signed) = match item.kind {
+        OutboxKind::Callback => {
+            let url = item.url.clone().unwrap_or_default();
+            if !app.callback_allowed(&url) {
+                return Err("the callback URL is no longer in [callbacks] allow".into());
+            }
+            (url, true)
+        }
+        OutboxKind::Notify => match &app.cfg.notify.url {
+            Some(u) => (u.clone(), false),
+            None => return Err("[notify] url is no longer configured".into()),
+        },
+    };
+    let mut req = app
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(item.body.clone());
+    if signed {
+        req = req
+            .header("x-dryrun-event", "run.finished")
+            .header("x-dryrun-delivery", format!("{}-{}", item.run_id, item.id))
+            .header("x-dryrun-attempt", (item.attempts + 1).to_string());
+        if let Some(s) = &app.secret {
+            req = req.header(
+                signature::HEADER,
+                signature::sign(s.expose().as_bytes(), item.body.as_bytes()),
+            );
+        }
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) if r.status().is_redirection() => Err(format!(
+            "HTTP {} (redirects are not followed: give the final URL)",
+            r.status()
+        )),
+        Ok(r) => Err(format!("HTTP {}", r.status())),
+        Err(e) => Err(if e.is_connect() {
+            "connection refused".into()
+        } else if e.is_timeout() {
+            "no answer within 10 s".into()
+        } else {
+            // Without the URL: callback URLs may carry tokens.
+            e.without_url().to_string()
+        }),
+    }
+}
+
+/// Logs a message given up on (origin only).
+pub fn gave_up(item: &OutboxItem, url: Option<&str>, last: &str) {
+    tracing::warn!(
+        run_id = %item.run_id,
+        kind = item.kind.as_str(),
+        to = %url.map(origin).unwrap_or_default(),
+        last,
+        "delivery failed"
+    );
 }

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -20,7 +21,7 @@ use super::webhook::{self, HookHeaders, Verified};
 /// Largest webhook body accepted; larger ones get 413 without being read whole.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// The whole router.
+/// The whole router, behind [`guard`].
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route(
@@ -36,7 +37,97 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(super::dashboard::routes())
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
+}
+
+/// What every request passes before its handler (rules in [`super::auth`]): the `Host` must be
+/// one of the server's (DNS rebinding), an `Origin` must be too, a state-changing request may
+/// not be cross-site, and with tokens configured the caller needs the route's role. The signed
+/// webhook authenticates with its HMAC instead; `/healthz` is open.
+async fn guard(
+    State(app): State<Arc<App>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !app.hosts.allows(host) {
+        app.metrics.rejected("host");
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this server does not answer to that Host; reach it by its listen address, localhost or public_url, or add the name to allowed_hosts",
+        );
+    }
+    if path == "/v1/hooks/dryrun" {
+        return next.run(req).await;
+    }
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+        && !app.hosts.allows_origin(origin)
+    {
+        app.metrics.rejected("origin");
+        return error(
+            StatusCode::FORBIDDEN,
+            "requests from another origin are refused",
+        );
+    }
+    let changes = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if changes && headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site")
+    {
+        app.metrics.rejected("cross_site");
+        return error(StatusCode::FORBIDDEN, "cross-site requests are refused");
+    }
+    if !app.auth.enabled() || path == "/login" || path == "/logout" {
+        return next.run(req).await;
+    }
+    let need = if changes {
+        super::auth::Role::Run
+    } else {
+        super::auth::Role::Read
+    };
+    match app.auth.identify(headers) {
+        Some(p) if p.role >= need => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Some(p) => {
+            app.metrics.rejected("role");
+            error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "`{}` has the {} role; this needs {}",
+                    p.name,
+                    p.role.as_str(),
+                    need.as_str()
+                ),
+            )
+        }
+        None if !changes && (path == "/" || path.starts_with("/runs/")) => {
+            axum::response::Redirect::to("/login").into_response()
+        }
+        None => {
+            app.metrics.rejected("unauthenticated");
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "authentication required: send `Authorization: Bearer TOKEN`, or log in on /login",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"dryrun\""),
+            );
+            r
+        }
+    }
 }
 
 pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -207,24 +298,62 @@ async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     }
     let dir = app.state.run_dir(&id).join("logs");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
-    let mut out = String::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        out.push_str(&format!(
-            "==> {} <==\n{}\n",
-            f.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            crate::provider::local::process::tail(&text, 256 * 1024)
-        ));
+    files.truncate(MAX_LOG_FILES);
+    if files.is_empty() {
+        return (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "(no logs)\n",
+        )
+            .into_response();
     }
-    if out.is_empty() {
-        out.push_str("(no logs)\n");
+    // One file at a time, and of each only its tail is read: a huge log costs no memory.
+    let body = futures_util::stream::iter(files).then(|f| async move {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(log_tail(&f, LOG_TAIL).await))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Bytes of each log file the logs endpoint shows (its end).
+const LOG_TAIL: u64 = 256 * 1024;
+/// Log files shown at most.
+const MAX_LOG_FILES: usize = 200;
+
+/// `==> NAME <==` and the last `max` bytes of a log file (from a line start), read with a seek.
+async fn log_tail(path: &std::path::Path, max: u64) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = async {
+        let mut f = tokio::fs::File::open(path).await?;
+        let len = f.metadata().await?.len();
+        let start = len.saturating_sub(max);
+        f.seek(std::io::SeekFrom::Start(start)).await?;
+        let mut buf = Vec::with_capacity(usize::try_from(len - start).unwrap_or(0));
+        f.take(max).read_to_end(&mut buf).await?;
+        let mut text = String::from_utf8_lossy(&buf).into_owned();
+        if start > 0 {
+            let cut = text.find('\n').map_or(0, |i| i + 1);
+            text = format!("[… {} bytes cut …]\n{}", start + cut as u64, &text[cut..]);
+        }
+        Ok::<_, std::io::Error>(text)
     }
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response()
+    .await
+    .unwrap_or_else(|e| format!("(cannot read: {e})"));
+    format!("==> {name} <==\n{}\n", text.trim_end())
 }
 
 #[derive(Debug, Deserialize)]

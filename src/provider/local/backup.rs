@@ -138,8 +138,8 @@ pub fn copy_verified(backup: &BackupInfo, dest: &Path) -> Result<u64, ProviderEr
         .and_then(|t| serde_json::from_str(&t).ok());
     let mut input =
         fs::File::open(src).map_err(ProviderError::io(format!("open backup {}", src.display())))?;
-    let mut output =
-        fs::File::create(dest).map_err(ProviderError::io(format!("create {}", dest.display())))?;
+    let mut output = crate::state::create_private_file(dest)
+        .map_err(ProviderError::io(format!("create {}", dest.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;

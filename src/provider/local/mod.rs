@@ -17,6 +17,7 @@ pub mod process;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,16 @@ use crate::state::StateDir;
 
 /// Grace period between SIGTERM and SIGKILL for services.
 const GRACE: Duration = Duration::from_secs(5);
+
+/// How long to wait for a finished process's output to reach its log file.
+const PUMP_SETTLE: Duration = Duration::from_secs(2);
+
+/// A log file as text (lossy: it is shown, and it was redacted as it was written).
+fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
 
 /// The local provider.
 pub struct LocalProvider {
@@ -80,6 +91,45 @@ impl LocalProvider {
         self.settings.as_ref().ok_or_else(|| {
             ProviderError::Other("the local provider has no blueprint settings here".into())
         })
+    }
+
+    /// Whether `dir` is provably inside this state directory's work area (`copies/RUN/…`): no
+    /// `.` or `..` components, under the work root lexically, and — symlinks followed — under
+    /// it on disk too. Records come from journals, which are files: a crafted one must not make
+    /// teardown or cleanup remove anything else.
+    fn in_work_area(&self, dir: &Path) -> bool {
+        use std::path::Component;
+        let root = self.state.work_root();
+        if dir
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            || !dir.starts_with(&root)
+            || dir == root
+        {
+            return false;
+        }
+        let Ok(canon_root) = root.canonicalize() else {
+            // No work area on disk: nothing under it exists to be removed.
+            return !dir.exists();
+        };
+        // The deepest part of the path that exists must resolve inside the work area.
+        let mut existing = dir;
+        while std::fs::symlink_metadata(existing).is_err() {
+            match existing.parent() {
+                Some(p) => existing = p,
+                None => return false,
+            }
+        }
+        existing
+            .canonicalize()
+            .is_ok_and(|c| c.starts_with(&canon_root) && (c != canon_root || existing == root))
+    }
+
+    /// Variables the blueprint passes to children (`providers.local.pass_env`).
+    fn pass_env(&self) -> &[String] {
+        self.settings
+            .as_ref()
+            .map_or(&[], |s| s.pass_env.as_slice())
     }
 
     fn key(run_id: &str, address: &str) -> String {
@@ -166,8 +216,7 @@ impl Provider for LocalProvider {
         req: &ResourceRequest,
     ) -> Result<Created, ProviderError> {
         let dir = rec_dir(record);
-        tokio::fs::create_dir_all(&dir)
-            .await
+        crate::state::create_private_dir(&dir)
             .map_err(ProviderError::io(format!("create {}", dir.display())))?;
         let mut record = record.clone();
         let mut outputs = Outputs::new();
@@ -185,6 +234,18 @@ impl Provider for LocalProvider {
                         }
                     }
                     Engine::Postgres => {
+                        if postgres::run_as()?.is_some() {
+                            // As root, the cluster runs as an unprivileged user who must walk
+                            // down to it: traverse-only (0711) on the directories above it,
+                            // which still cannot be listed.
+                            for d in [self.state.work_root(), self.state.work_dir(&run.run_id)] {
+                                std::fs::set_permissions(
+                                    &d,
+                                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                                )
+                                .map_err(ProviderError::io(format!("chmod {}", d.display())))?;
+                            }
+                        }
                         let port =
                             process::free_port().map_err(ProviderError::io("find a free port"))?;
                         let password = Secret::generate(24);
@@ -386,9 +447,13 @@ impl Provider for LocalProvider {
             req.release.manifest.version.clone(),
         );
         let name = record.address.trim_start_matches("service.").to_string();
-        tokio::fs::create_dir_all(&run.log_dir)
-            .await
+        crate::state::create_private_dir(&run.log_dir)
             .map_err(ProviderError::io("create log directory"))?;
+
+        let home = dir.join("home");
+        crate::state::create_private_dir(&home)
+            .map_err(ProviderError::io(format!("create {}", home.display())))?;
+        let base = process::ChildEnv::new(&home, self.pass_env());
 
         let mut steps = Vec::new();
         for step in &req.release.manifest.install {
@@ -396,28 +461,32 @@ impl Provider for LocalProvider {
             let log_path = run
                 .log_dir
                 .join(format!("{name}.install.{}.log", sanitize(&step.name)));
-            let log = std::fs::File::create(&log_path)
-                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
-            let log2 = log
-                .try_clone()
-                .map_err(ProviderError::io("clone log handle"))?;
-            let mut cmd = process::shell(&step.run, &rel_dir, &env, &run.run_id, &record.address);
-            cmd.stdout(log).stderr(log2);
+            let mut cmd = process::shell(
+                &step.run,
+                &rel_dir,
+                &base,
+                &env,
+                &run.run_id,
+                &record.address,
+            );
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             let mut child = cmd.spawn().map_err(ProviderError::io(format!(
                 "start install step `{}`",
                 step.name
             )))?;
+            let mut pump = process::LogPump::start(&mut child, &log_path, &run.redactor)
+                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
             let status = tokio::select! {
                 s = child.wait() => s.map_err(ProviderError::io(format!("wait for install step `{}`", step.name)))?,
                 () = tokio::time::sleep(step.timeout) => {
                     process::end_tagged(&run.run_id, Some(&record.address), GRACE).await;
+                    pump.settle(PUMP_SETTLE).await;
                     // A step that outlives its limit is the release's problem (a migration too
                     // slow for production data), so it is reported like a failing step.
-                    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
                     return Err(ProviderError::InstallStep {
                         step: step.name.clone(),
                         status: format!("still running after its timeout of {}; ended it", humantime::format_duration(step.timeout)),
-                        output: run.redactor.redact(&process::tail(&output, 4000)),
+                        output: run.redactor.redact(&process::tail(&read_log(&log_path), 4000)),
                     });
                 }
                 () = req.cancel.cancelled() => {
@@ -425,14 +494,16 @@ impl Provider for LocalProvider {
                     return Err(ProviderError::Cancelled);
                 }
             };
-            let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+            pump.settle(PUMP_SETTLE).await;
             if !status.success() {
                 return Err(ProviderError::InstallStep {
                     step: step.name.clone(),
                     status: status
                         .code()
                         .map_or_else(|| "killed by a signal".into(), |c| format!("exit code {c}")),
-                    output: run.redactor.redact(&process::tail(&output, 4000)),
+                    output: run
+                        .redactor
+                        .redact(&process::tail(&read_log(&log_path), 4000)),
                 });
             }
             steps.push((step.name.clone(), started.elapsed()));
@@ -447,16 +518,15 @@ impl Provider for LocalProvider {
             .or_else(|| req.release.manifest.start.clone());
         if let Some(start) = start {
             let log_path = run.log_dir.join(format!("{name}.log"));
-            let log = std::fs::File::create(&log_path)
-                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
-            let log2 = log
-                .try_clone()
-                .map_err(ProviderError::io("clone log handle"))?;
-            let mut cmd = process::shell(&start, &rel_dir, &env, &run.run_id, &record.address);
-            cmd.stdout(log).stderr(log2);
+            let mut cmd =
+                process::shell(&start, &rel_dir, &base, &env, &run.run_id, &record.address);
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             let mut child = cmd
                 .spawn()
                 .map_err(ProviderError::io(format!("start {}", record.address)))?;
+            // Lives as long as the service: it ends when the service's output closes.
+            let mut pump = process::LogPump::start(&mut child, &log_path, &run.redactor)
+                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
             let pid = child.id().unwrap_or(0);
             record.data.insert("pid".into(), pid.to_string());
             record
@@ -481,7 +551,8 @@ impl Provider for LocalProvider {
             let mut last = "not started".to_string();
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    pump.settle(PUMP_SETTLE).await;
+                    let log = read_log(&log_path);
                     return Err(ProviderError::Unhealthy {
                         address: record.address.clone(),
                         reason: format!(
@@ -521,7 +592,7 @@ impl Provider for LocalProvider {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    let log = read_log(&log_path);
                     return Err(ProviderError::Unhealthy {
                         address: record.address.clone(),
                         reason: format!(
@@ -548,7 +619,7 @@ impl Provider for LocalProvider {
     async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError> {
         let run_id = record.data.get("run_id").cloned().unwrap_or_default();
         let dir = rec_dir(record);
-        if !dir.starts_with(self.state.work_root()) {
+        if !self.in_work_area(&dir) {
             return Err(ProviderError::Guard(format!(
                 "{} ({}): outside this state directory's work area",
                 record.address,
@@ -558,6 +629,13 @@ impl Provider for LocalProvider {
         let mut had_process = false;
         if let Some(pgdata) = record.data.get("pgdata") {
             let p = PathBuf::from(pgdata);
+            if !p.starts_with(&dir) || !self.in_work_area(&p) {
+                return Err(ProviderError::Guard(format!(
+                    "{}: its PostgreSQL data directory {} is not inside its own directory",
+                    record.address,
+                    p.display()
+                )));
+            }
             if p.join("postmaster.pid").exists() {
                 had_process = true;
             }

@@ -119,8 +119,11 @@ pub fn check_reachable(dir: &Path, user: &RunAs) -> Result<(), ProviderError> {
     Ok(())
 }
 
-fn command(bin: &Path, user: Option<&RunAs>) -> tokio::process::Command {
+/// A PostgreSQL tool with the minimal child environment ([`process::ChildEnv`], `HOME` = the
+/// cluster's directory), run as `user` when dryrun is root.
+fn command(bin: &Path, user: Option<&RunAs>, home: &Path) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(bin);
+    c.env_clear().envs(process::ChildEnv::new(home, &[]).vars());
     if let Some(u) = user {
         c.uid(u.uid).gid(u.gid);
     }
@@ -192,21 +195,23 @@ impl Cluster {
         let initdb = binary("initdb")?;
         let pg_ctl = binary("pg_ctl")?;
         if let Some(u) = &user {
-            check_reachable(&self.dir, u)?;
+            // The cluster's directory is the user's own (0700); every directory above it must
+            // let the user pass.
             nix::unistd::chown(&self.dir, Some(u.uid.into()), Some(u.gid.into())).map_err(|e| {
                 ProviderError::Other(format!("chown {} to {}: {e}", self.dir.display(), u.name))
             })?;
+            check_reachable(&self.dir, u)?;
         }
         let pwfile = self.dir.join(".pw");
-        std::fs::write(&pwfile, password.expose())
+        crate::state::create_private_file(&pwfile)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, password.expose().as_bytes()))
             .map_err(ProviderError::io("write password file"))?;
-        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600))
-            .map_err(ProviderError::io("chmod password file"))?;
         if let Some(u) = &user {
             let _ = nix::unistd::chown(&pwfile, Some(u.uid.into()), Some(u.gid.into()));
         }
-        let mut c = command(&initdb, user.as_ref());
-        process::tagged(&mut c, &BTreeMap::new(), run_id, address);
+        let base = process::ChildEnv::new(&self.dir, &[]);
+        let mut c = command(&initdb, user.as_ref(), &self.dir);
+        process::tagged(&mut c, &base, &BTreeMap::new(), run_id, address);
         c.arg("-D")
             .arg(self.data())
             .args([
@@ -222,13 +227,13 @@ impl Cluster {
         let res = run_checked(c, "initdb", Duration::from_secs(120)).await;
         let _ = std::fs::remove_file(&pwfile);
         res?;
-        let mut c = command(&pg_ctl, user.as_ref());
+        let mut c = command(&pg_ctl, user.as_ref(), &self.dir);
         c.arg("-D").arg(self.data()).arg("-l").arg(self.dir.join("postgres.log"))
             .arg("-o").arg(format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c synchronous_commit=off", self.port))
             .args(["-w", "-t", "60", "start"]);
         let mut env = BTreeMap::new();
         env.insert("LC_ALL".to_string(), "C".to_string());
-        process::tagged(&mut c, &env, run_id, address);
+        process::tagged(&mut c, &base, &env, run_id, address);
         if let Err(e) = run_checked(c, "pg_ctl start", Duration::from_secs(90)).await {
             let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
             return Err(ProviderError::Other(format!(
@@ -275,7 +280,7 @@ impl Cluster {
         drop(client);
         let _ = h.await;
         let pg_restore = binary("pg_restore")?;
-        let mut c = tokio::process::Command::new(pg_restore);
+        let mut c = command(&pg_restore, None, &self.dir);
         c.args([
             "--no-owner",
             "--no-privileges",
@@ -293,7 +298,13 @@ impl Cluster {
         let mut env = BTreeMap::new();
         env.insert("PGPASSWORD".to_string(), password.expose().to_string());
         env.insert("PGCONNECT_TIMEOUT".to_string(), "10".to_string());
-        process::tagged(&mut c, &env, run_id, address);
+        process::tagged(
+            &mut c,
+            &process::ChildEnv::new(&self.dir, &[]),
+            &env,
+            run_id,
+            address,
+        );
         run_checked(c, "pg_restore", Duration::from_secs(3600))
             .await
             .map(|_| ())
@@ -307,7 +318,7 @@ impl Cluster {
         }
         let Ok(pg_ctl) = binary("pg_ctl") else { return };
         let user = run_as().ok().flatten();
-        let mut c = command(&pg_ctl, user.as_ref());
+        let mut c = command(&pg_ctl, user.as_ref(), data.parent().unwrap_or(data));
         c.arg("-D")
             .arg(data)
             .args(["-m", "immediate", "-w", "-t", "20", "stop"]);

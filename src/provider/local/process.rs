@@ -4,11 +4,71 @@
 //! process group. The environment is the local provider's "tag": after a SIGKILL of dryrun,
 //! `cleanup` scans /proc for processes that carry the run's id and ends exactly those, so a
 //! recycled pid of someone else's process is never signalled.
+//!
+//! Children inherit nothing else of dryrun's environment ([`ChildEnv`]): the webhook secret,
+//! cloud credentials and production passwords that dryrun's own process holds stay with it.
+//! Their output reaches the run's log files only through [`LogPump`], which redacts secrets as
+//! it writes.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt as _;
+
+use crate::secret::Redactor;
+
+/// Variables a child inherits from dryrun's own environment (the rest it does not see):
+/// `PATH`, `LANG`, `TZ` and every `LC_*`.
+pub const INHERITED: &[&str] = &["PATH", "LANG", "TZ"];
+
+/// `PATH` for children when dryrun has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The environment a child process starts from: `PATH`, `LANG`, `LC_*` and `TZ` from
+/// dryrun's environment, `HOME` set to a directory inside the copy, and the variables a
+/// blueprint names in `providers.local.pass_env`. Nothing else is inherited; the caller adds
+/// the documented `DRYRUN_*` variables and the blueprint's `env`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildEnv {
+    vars: BTreeMap<String, String>,
+}
+
+impl ChildEnv {
+    /// The base environment with `HOME` = `home` and the named variables passed through
+    /// (those that are set).
+    #[must_use]
+    pub fn new(home: &Path, pass: &[String]) -> ChildEnv {
+        let mut vars = BTreeMap::new();
+        for (k, v) in std::env::vars_os() {
+            let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+                continue;
+            };
+            if INHERITED.contains(&k) || k.starts_with("LC_") || pass.iter().any(|p| p == k) {
+                vars.insert(k.to_string(), v.to_string());
+            }
+        }
+        vars.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.to_string());
+        vars.insert("HOME".into(), home.display().to_string());
+        ChildEnv { vars }
+    }
+
+    /// The variables.
+    #[must_use]
+    pub fn vars(&self) -> &BTreeMap<String, String> {
+        &self.vars
+    }
+
+    /// `HOME` of the children.
+    #[must_use]
+    pub fn home(&self) -> Option<PathBuf> {
+        self.vars.get("HOME").map(PathBuf::from)
+    }
+}
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -18,34 +78,101 @@ pub const RUN_ENV: &str = "DRYRUN_RUN_ID";
 /// Environment variable carrying the resource address.
 pub const RESOURCE_ENV: &str = "DRYRUN_RESOURCE";
 
-/// A `sh -c` command in its own process group, tagged with the run and resource.
+/// A `sh -c` command in its own process group, tagged with the run and resource, with the
+/// environment `base` + `env` and nothing else.
 #[must_use]
 pub fn shell(
     cmdline: &str,
     cwd: &Path,
+    base: &ChildEnv,
     env: &BTreeMap<String, String>,
     run_id: &str,
     address: &str,
 ) -> tokio::process::Command {
     let mut c = tokio::process::Command::new("sh");
     c.arg("-c").arg(cmdline).current_dir(cwd);
-    tagged(&mut c, env, run_id, address);
+    tagged(&mut c, base, env, run_id, address);
     c
 }
 
-/// Adds the tag and `env` to a command and puts it in its own process group.
+/// Gives a command the environment `base` + `env` + the tag (clearing everything it would
+/// inherit) and puts it in its own process group.
 pub fn tagged(
     c: &mut tokio::process::Command,
+    base: &ChildEnv,
     env: &BTreeMap<String, String>,
     run_id: &str,
     address: &str,
 ) {
-    c.envs(env)
+    c.env_clear()
+        .envs(&base.vars)
+        .envs(env)
         .env(RUN_ENV, run_id)
         .env(RESOURCE_ENV, address)
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
+}
+
+/// Copies a child's stdout and stderr into one log file, redacting every secret the run's
+/// [`Redactor`] knows before a byte is written: a secret never reaches the disk, not even
+/// when dryrun is killed mid-run (only a possible secret's first bytes are held back, see
+/// [`crate::secret::StreamRedactor`]). Invalid UTF-8 is redacted like any other bytes.
+#[derive(Debug)]
+pub struct LogPump {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LogPump {
+    /// Starts copying the child's piped stdout and stderr to `path` (created 0600).
+    ///
+    /// # Errors
+    /// When the log file cannot be created.
+    pub fn start(
+        child: &mut tokio::process::Child,
+        path: &Path,
+        redactor: &Redactor,
+    ) -> std::io::Result<LogPump> {
+        let file = Arc::new(Mutex::new(crate::state::create_private_file(path)?));
+        let mut tasks = Vec::new();
+        let mut spawn = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+            let file = file.clone();
+            let mut stream = redactor.stream();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let write = |bytes: &[u8]| {
+                    if !bytes.is_empty()
+                        && let Ok(mut f) = file.lock()
+                    {
+                        let _ = f.write_all(bytes);
+                    }
+                };
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => write(&stream.push(&buf[..n])),
+                    }
+                }
+                write(&stream.finish());
+            }));
+        };
+        if let Some(o) = child.stdout.take() {
+            spawn(Box::new(o));
+        }
+        if let Some(e) = child.stderr.take() {
+            spawn(Box::new(e));
+        }
+        Ok(LogPump { tasks })
+    }
+
+    /// Waits until both streams ended, at most `limit` (a process the child left in the
+    /// background may keep them open; its later output still goes to the log).
+    pub async fn settle(&mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        for t in &mut self.tasks {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
+    }
 }
 
 /// A process found in /proc.

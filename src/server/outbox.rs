@@ -1,0 +1,129 @@
+//! The outbox: callbacks and notifications are rows in the history database, delivered by one
+//! background task with retries and exponential backoff.
+//!
+//! # Guarantees
+//! - A run hands its messages to the outbox and ends: its environment, its concurrency slot and
+//!   its lease are free before anything is sent, so a slow receiver stalls no queue.
+//! - Messages survive a restart (and a crash): what was not delivered is sent when the server
+//!   starts again. Delivery is at least once; a callback carries the same `X-Dryrun-Delivery`
+//!   on every attempt, so a receiver can drop repeats.
+//! - At most [`PARALLEL`] messages are in flight; each attempt has the HTTP client's 10 s limit.
+//! - Redirects are never followed.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::history::OutboxKind;
+use super::jobs::App;
+use super::notify;
+
+/// Messages delivered at once.
+pub const PARALLEL: usize = 4;
+
+/// Longest wait between two attempts of one message.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Starts the delivery task; it ends when `stop` fires (undelivered messages stay queued).
+pub fn start(app: &Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let inflight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let due = app.history.outbox_due(Utc::now(), 64).unwrap_or_default();
+            for item in due {
+                if !inflight
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(item.id)
+                {
+                    continue;
+                }
+                let app = app.clone();
+                let inflight = inflight.clone();
+                let slots = slots.clone();
+                tasks.spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    attempt(&app, item.clone()).await;
+                    inflight
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&item.id);
+                    app.outbox_wake.notify_one();
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+            // Sleep until the next message is due (at most a second: a message queued by
+            // another process sharing the database is picked up too), a new one is queued, or
+            // the server stops.
+            let wait = app
+                .history
+                .outbox_next()
+                .ok()
+                .flatten()
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(20), Duration::from_secs(1));
+            tokio::select! {
+                () = app.outbox_wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        tasks.abort_all();
+    })
+}
+
+/// Waits until no message is due now, at most `limit`.
+pub async fn flush(app: &App, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline
+        && app
+            .history
+            .outbox_due(Utc::now(), 1)
+            .is_ok_and(|d| !d.is_empty())
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn attempt(app: &App, item: super::history::OutboxItem) {
+    let (max, first) = notify::policy(app, item.kind);
+    let n = item.attempts + 1;
+    match notify::deliver(app, &item).await {
+        Ok(()) => {
+            let _ = app.history.outbox_done(item.id, n, "delivered");
+            if item.kind == OutboxKind::Callback {
+                let _ = app
+                    .history
+                    .set_callback(&item.run_id, &format!("delivered (attempt {n})"));
+            }
+        }
+        Err(e) if n >= max => {
+            let outcome = format!("failed after {n} attempts: {e}");
+            notify::gave_up(&item, item.url.as_deref(), &e);
+            let _ = app.history.outbox_done(item.id, n, &outcome);
+            if item.kind == OutboxKind::Callback {
+                let _ = app.history.set_callback(&item.run_id, &outcome);
+            }
+        }
+        Err(e) => {
+            let backoff = first
+                .checked_mul(2u32.saturating_pow(n - 1))
+                .unwrap_or(MAX_BACKOFF)
+                .min(MAX_BACKOFF);
+            let next = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
+            let _ = app.history.outbox_retry(item.id, n, next, &e);
+            if item.kind == OutboxKind::Callback {
+                let _ = app
+                    .history
+                    .set_callback(&item.run_id, &format!("retrying (attempt {n}: {e})"));
+            }
+        }
+    }
+}
