@@ -787,6 +787,13 @@ fn production_guard_refuses_decoys_named_in_a_forged_journal() {
                             .build()
                             .unwrap(),
                     )
+                    .tag_set(
+                        aws_sdk_s3::types::Tag::builder()
+                            .key("dryrun:created-by")
+                            .value("dryrun 0.1.0")
+                            .build()
+                            .unwrap(),
+                    )
                     .build()
                     .unwrap(),
             )
@@ -896,6 +903,157 @@ fn production_guard_refuses_decoys_named_in_a_forged_journal() {
     });
 }
 
+/// A production-like RDS instance carrying (forged or mistaken) dryrun tags.
+fn tagged_db(m: &Moto, id: &str, run_id: &str, protected: bool) {
+    m.rt.block_on(async {
+        let tag = |k: &str, v: &str| aws_sdk_rds::types::Tag::builder().key(k).value(v).build();
+        m.rds
+            .create_db_instance()
+            .db_instance_identifier(id)
+            .engine("postgres")
+            .db_instance_class("db.t3.micro")
+            .master_username("x")
+            .master_user_password("tagged-password-123")
+            .allocated_storage(20)
+            .deletion_protection(protected)
+            .tags(tag("dryrun:run-id", run_id))
+            .tags(tag("dryrun:created-by", "dryrun 0.1.0"))
+            .tags(tag("dryrun:blueprint", "shop"))
+            .tags(tag("dryrun:expires-at", "2026-11-22T05:00:00Z"))
+            .send()
+            .await
+            .unwrap();
+    });
+}
+
+fn db_state(m: &Moto, id: &str) -> Option<(String, bool)> {
+    m.rt.block_on(async {
+        let d = m
+            .rds
+            .describe_db_instances()
+            .db_instance_identifier(id)
+            .send()
+            .await
+            .ok()?;
+        let d = d.db_instances().first()?;
+        Some((
+            d.db_instance_status().unwrap_or("").to_string(),
+            d.deletion_protection().unwrap_or(false),
+        ))
+    })
+}
+
+#[test]
+fn cleanup_by_tag_never_touches_what_is_not_provably_dryruns() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let old_run = "shop-20261122-025412-0503";
+    // Production, tagged as if dryrun made it (the attack the tag alone would let through),
+    // with deletion protection on; a `dryrun-` copy that is protected; and a `dryrun-` copy
+    // that existed before the run its tag names started.
+    tagged_db(&m, "shop-orders-prod", old_run, true);
+    tagged_db(&m, "shop-reports-prod", old_run, false);
+    tagged_db(&m, "dryrun-protected-copy", old_run, true);
+    tagged_db(
+        &m,
+        "dryrun-older-than-its-run",
+        "shop-20991231-000000-0000",
+        false,
+    );
+    let prod_instance = m.rt.block_on(async {
+        let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+        let i = m
+            .ec2
+            .run_instances()
+            .image_id(&m.ami)
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(tag("dryrun:run-id", old_run))
+                    .tags(tag("dryrun:created-by", "dryrun 0.1.0"))
+                    .tags(tag("dryrun:expires-at", "2026-11-22T05:00:00Z"))
+                    .tags(tag("Name", "shop-web-prod"))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        i.instances()[0].instance_id().unwrap().to_string()
+    });
+    for target in ["--expired", "--all"] {
+        let out = run(dryrun_aws(&m, state.path()).args([
+            "cleanup",
+            target,
+            "--provider",
+            "aws",
+            "--yes",
+        ]));
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{target}: refusals are reported left behind"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        for needle in [
+            "rds instance shop-orders-prod: its name `shop-orders-prod` does not start with `dryrun-`",
+            "rds instance shop-reports-prod: its name `shop-reports-prod` does not start with `dryrun-`",
+            "rds instance dryrun-protected-copy has deletion protection on; dryrun never turns it off",
+            "rds instance dryrun-older-than-its-run: it was created at",
+            &format!(
+                "ec2 instance {prod_instance}: its name `shop-web-prod` does not start with `dryrun-`"
+            ),
+        ] {
+            assert!(
+                text.contains(needle),
+                "{target}: missing `{needle}` in:\n{text}"
+            );
+        }
+    }
+    for id in [
+        "shop-orders-prod",
+        "shop-reports-prod",
+        "dryrun-protected-copy",
+        "dryrun-older-than-its-run",
+    ] {
+        let (status, protected) = db_state(&m, id).unwrap_or_else(|| panic!("{id} was deleted"));
+        assert_eq!(status, "available", "{id}");
+        if id.contains("orders") || id.contains("protected") {
+            assert!(protected, "{id}: deletion protection was turned off");
+        }
+    }
+    let mutations: Vec<String> = m
+        .requests()
+        .into_iter()
+        .filter(|q| {
+            matches!(
+                q.action.as_str(),
+                "ModifyDBInstance" | "DeleteDBInstance" | "TerminateInstances"
+            )
+        })
+        .map(|q| format!("{} {:?}", q.action, q.params))
+        .collect();
+    assert!(
+        mutations.is_empty(),
+        "mutating requests were sent: {mutations:?}"
+    );
+    let state_of = m.rt.block_on(async {
+        let d = m
+            .ec2
+            .describe_instances()
+            .instance_ids(&prod_instance)
+            .send()
+            .await
+            .unwrap();
+        d.reservations()[0].instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+    });
+    assert_eq!(state_of.as_deref(), Some("running"));
+}
+
 #[test]
 fn a_retried_run_adopts_its_tagged_instance_instead_of_launching_another() {
     let Some(m) = Moto::start() else { return };
@@ -930,6 +1088,19 @@ fn a_retried_run_adopts_its_tagged_instance_instead_of_launching_another() {
                             aws_sdk_ec2::types::Tag::builder()
                                 .key("dryrun:resource")
                                 .value("service.app")
+                                .build(),
+                        )
+                        // The rest of the tag set every dryrun launch carries.
+                        .tags(
+                            aws_sdk_ec2::types::Tag::builder()
+                                .key("dryrun:created-by")
+                                .value("dryrun 0.1.0")
+                                .build(),
+                        )
+                        .tags(
+                            aws_sdk_ec2::types::Tag::builder()
+                                .key("Name")
+                                .value(format!("dryrun-{run_id}-app"))
                                 .build(),
                         )
                         .build(),

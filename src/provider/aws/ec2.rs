@@ -15,7 +15,7 @@ use aws_sdk_ec2::types::{
 use tokio_util::sync::CancellationToken;
 
 use super::clients::Clients;
-use super::names::{self, TAG_RESOURCE, TAG_RUN, api, guard, sdk_code, sdk_message};
+use super::names::{self, TAG_RESOURCE, TAG_RUN, api, sdk_code, sdk_message};
 use super::wait::{self, Pace, Poll};
 use crate::provider::{Deleted, ProviderError};
 
@@ -113,6 +113,8 @@ pub async fn subnet_vpc(c: &Clients, subnet: &str) -> Result<String, ProviderErr
 pub struct Group {
     /// Id.
     pub id: String,
+    /// Name.
+    pub name: String,
     /// Tags.
     pub tags: Vec<(String, String)>,
     /// Ingress CIDRs (for reports and tests).
@@ -145,6 +147,7 @@ pub async fn groups(
         .iter()
         .map(|g| Group {
             id: g.group_id().unwrap_or_default().to_string(),
+            name: g.group_name().unwrap_or_default().to_string(),
             tags: tags_of(g.tags()),
             ingress_cidrs: g
                 .ip_permissions()
@@ -199,10 +202,12 @@ pub async fn create_group(
             })?;
             let t = tags_of(g.tags());
             let id = g.group_id().unwrap_or_default().to_string();
-            guard(
+            names::owned(
                 &format!("security group {id} ({name})"),
+                g.group_name().unwrap_or_default(),
                 run_id,
-                tag(&t, TAG_RUN),
+                &t,
+                None,
             )?;
             // The answer to the first attempt was lost: the rules below may be missing.
             id
@@ -257,11 +262,7 @@ pub async fn create_group(
 /// # Errors
 /// The guard, API errors, a timeout naming the last error.
 pub async fn delete_group(c: &Clients, g: &Group, run_id: &str) -> Result<Deleted, ProviderError> {
-    guard(
-        &format!("security group {}", g.id),
-        run_id,
-        tag(&g.tags, TAG_RUN),
-    )?;
+    g.owned_by(run_id)?;
     let mut first = true;
     wait::until(
         &format!("security group {} to be deleted", g.id),
@@ -308,6 +309,8 @@ pub struct Instance {
     pub private_ip: Option<String>,
     /// Tags.
     pub tags: Vec<(String, String)>,
+    /// When it was launched.
+    pub launched: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Instance {
@@ -315,6 +318,36 @@ impl Instance {
     #[must_use]
     pub fn run_tag(&self) -> Option<&str> {
         tag(&self.tags, TAG_RUN)
+    }
+
+    /// The ownership proof ([`names::owned`]; an instance's name is its `Name` tag).
+    ///
+    /// # Errors
+    /// [`ProviderError::Guard`].
+    pub fn owned_by(&self, run_id: &str) -> Result<(), ProviderError> {
+        names::owned(
+            &format!("ec2 instance {}", self.id),
+            tag(&self.tags, "Name").unwrap_or_default(),
+            run_id,
+            &self.tags,
+            self.launched,
+        )
+    }
+}
+
+impl Group {
+    /// The ownership proof ([`names::owned`]; the API gives no creation time).
+    ///
+    /// # Errors
+    /// [`ProviderError::Guard`].
+    pub fn owned_by(&self, run_id: &str) -> Result<(), ProviderError> {
+        names::owned(
+            &format!("security group {}", self.id),
+            &self.name,
+            run_id,
+            &self.tags,
+            None,
+        )
     }
 }
 
@@ -332,6 +365,7 @@ fn instances_of(
                 .map_or_else(|| "unknown".into(), |n| n.as_str().to_string()),
             private_ip: i.private_ip_address().map(ToString::to_string),
             tags: tags_of(i.tags()),
+            launched: i.launch_time().and_then(names::time_of),
         })
         .collect()
 }
@@ -430,6 +464,7 @@ pub async fn launch(c: &Clients, l: &Launch<'_>) -> Result<Instance, ProviderErr
             .map_or_else(|| "pending".into(), |n| n.as_str().to_string()),
         private_ip: i.private_ip_address().map(ToString::to_string),
         tags: tags_of(i.tags()),
+        launched: i.launch_time().and_then(names::time_of),
     })
 }
 
@@ -498,7 +533,7 @@ pub async fn terminate(c: &Clients, found: &[Instance], run_id: &str) -> Result<
         return Ok(());
     }
     for i in found {
-        guard(&format!("ec2 instance {}", i.id), run_id, i.run_tag())?;
+        i.owned_by(run_id)?;
     }
     let ids: Vec<String> = found.iter().map(|i| i.id.clone()).collect();
     c.ec2

@@ -65,9 +65,7 @@ pub const DEFAULT_USER_DATA: &str = r#"#!/bin/sh
 mkdir -p /opt/dryrun/release /var/log/dryrun /var/lib/dryrun
 finish() { echo "$1 $2" > /var/lib/dryrun/status; exit 0; }
 umask 077
-cat > /opt/dryrun/env <<'DRYRUN_ENV'
-{{{env_exports}}}
-DRYRUN_ENV
+printf '%s' '{{env_b64}}' | base64 -d > /opt/dryrun/env || finish fetch $?
 curl -fsS --retry 5 -o /opt/dryrun/release.tar.gz '{{{release.url}}}' > /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
 tar -xzf /opt/dryrun/release.tar.gz -C /opt/dryrun/release >> /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
 rel=/opt/dryrun/release
@@ -388,6 +386,9 @@ impl AwsProvider {
                 "git_sha": req.release.manifest.git_sha.clone().unwrap_or_default(),
                 "url": url,
             },
+            // The exports as base64: no value, whatever it holds, can end a heredoc or a quote
+            // of the script. `env_exports` is the plain text, for custom templates.
+            "env_b64": names::base64(format!("{}\n", env_exports.join("\n")).as_bytes()),
             "env_exports": env_exports.join("\n"),
             "install_steps": steps.join("\n"),
             "start": start,
@@ -833,7 +834,15 @@ impl Provider for AwsProvider {
                 reason: r.err().map(|e| e.to_string()),
             });
         };
-        // Dependency order: instances, databases, buckets, then the group they used.
+        // Dependency order: instances, databases, buckets, then the group they used. A
+        // resource that carries the run's tag but fails the rest of the ownership proof (a
+        // production instance someone tagged) is reported, never touched.
+        let (instances, foreign): (Vec<_>, Vec<_>) = instances
+            .into_iter()
+            .partition(|i| i.owned_by(run_id).is_ok());
+        for i in &foreign {
+            push(format!("ec2 instance {}", i.id), i.owned_by(run_id));
+        }
         let ids: Vec<String> = instances
             .iter()
             .map(|i| {
@@ -1202,6 +1211,94 @@ mod tests {
         assert_eq!(parse_http(""), None);
     }
 
+    /// The env file the user data writes, decoded.
+    fn env_of(user_data: &str) -> String {
+        let b64 = user_data
+            .lines()
+            .find_map(|l| l.strip_prefix("printf '%s' '"))
+            .and_then(|l| l.split('\'').next())
+            .unwrap();
+        use base64::Engine as _;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn render_with_env(env: BTreeMap<String, String>) -> String {
+        let rel = tempfile::tempdir().unwrap();
+        std::fs::write(rel.path().join("dryrun-release.yaml"), "version: \"1\"\n").unwrap();
+        let release = crate::release::Release::load(rel.path().to_str().unwrap()).unwrap();
+        let run = RunInfo {
+            run_id: "shop-1".into(),
+            blueprint: "shop".into(),
+            expires_at: Utc::now(),
+            log_dir: rel.path().into(),
+            redactor: crate::secret::Redactor::new(),
+        };
+        let record = ResourceRecord {
+            address: "service.app".into(),
+            kind: "service".into(),
+            id: "t".into(),
+            data: BTreeMap::new(),
+        };
+        let spec = crate::blueprint::ServiceSpec {
+            env: BTreeMap::new(),
+            start: None,
+            ready_timeout: Duration::from_secs(60),
+            aws: None,
+        };
+        let req = InstallRequest {
+            record: &record,
+            spec: &spec,
+            release: &release,
+            env,
+            start: None,
+            ready_timeout: Duration::from_secs(60),
+            cancel: CancellationToken::new(),
+        };
+        AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r", 8080).unwrap()
+    }
+
+    #[test]
+    fn an_env_value_cannot_end_the_env_file_and_run_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pwned");
+        let m = marker.display();
+        let evil = format!("x\nDRYRUN_ENV\ntouch {m}\n'; touch {m}; '\n$(touch {m})\n`touch {m}`");
+        let text = render_with_env(BTreeMap::from([("EVIL".to_string(), evil.clone())]));
+        assert!(
+            !text.contains("touch"),
+            "a value reached the script as text:\n{text}"
+        );
+        // Run the line that writes the env file, for real, then source the file.
+        let line = text
+            .lines()
+            .find(|l| l.contains("base64 -d"))
+            .unwrap()
+            .replace(
+                "/opt/dryrun/env",
+                &dir.path().join("env").display().to_string(),
+            );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "finish() {{ exit 9; }}\n{line}\n. {}/env\nprintf '%s' \"$EVIL\"",
+                dir.path().display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), evil);
+        assert!(!marker.exists(), "a value ran code");
+    }
+
     #[test]
     fn default_user_data_renders_with_quoted_env_and_steps() {
         let rel = tempfile::tempdir().unwrap();
@@ -1246,9 +1343,10 @@ mod tests {
             AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r?a=1&b=2", 8080)
                 .unwrap();
         assert!(text.starts_with("#!/bin/sh\n"), "{text}");
+        let env = env_of(&text);
         assert!(
-            text.contains(r"export DATABASE_URL='postgres://u:p'\''w@h/db'"),
-            "{text}"
+            env.contains(r"export DATABASE_URL='postgres://u:p'\''w@h/db'"),
+            "{env}"
         );
         assert!(text.contains(r"timeout 600 sh -c './migrate '\''x'\''' > /var/log/dryrun/step-migrate.log 2>&1 || finish migrate $?"), "{text}");
         assert!(text.contains("nohup setsid sh -c './serve'"), "{text}");

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::provider::{ProviderError, RunInfo};
@@ -141,6 +142,76 @@ pub fn guard(what: &str, run_id: &str, tag: Option<&str>) -> Result<(), Provider
     }
 }
 
+/// How much earlier than its run's start a resource may say it was created (clocks differ).
+const CLOCK_SKEW_SECS: i64 = 600;
+
+/// When a run started, read from its id (`BLUEPRINT-YYYYMMDD-HHMMSS-XXXX`, UTC); `None` for an
+/// id of another shape (a `--run-id` given by hand).
+#[must_use]
+pub fn run_started(run_id: &str) -> Option<DateTime<Utc>> {
+    let mut parts = run_id.rsplitn(4, '-');
+    let _suffix = parts.next()?;
+    let time = parts.next()?;
+    let date = parts.next()?;
+    parts.next()?;
+    if date.len() != 8 || time.len() != 6 {
+        return None;
+    }
+    chrono::NaiveDateTime::parse_from_str(&format!("{date}{time}"), "%Y%m%d%H%M%S")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// The ownership proof before any change to a resource: it is this run's only if
+/// - it carries `dryrun:run-id` = the run (checked first, so the usual refusal names the tag),
+/// - its name or identifier starts with [`PREFIX`] (a production resource that merely got
+///   tagged — by mistake or by an attacker — has its own name),
+/// - it carries `dryrun:created-by` (every tag set dryrun writes has it),
+/// - and, where the cloud reports a creation time and the run id holds a start time, it was
+///   not created before the run started (give or take clock skew).
+///
+/// `what` names the resource in the refusal (`rds instance prod-db`), `name` is its name or
+/// identifier (for an EC2 instance its `Name` tag).
+///
+/// # Errors
+/// [`ProviderError::Guard`] saying which condition failed.
+pub fn owned(
+    what: &str,
+    name: &str,
+    run_id: &str,
+    tags: &[(String, String)],
+    created: Option<DateTime<Utc>>,
+) -> Result<(), ProviderError> {
+    let get = |k: &str| tag_value(tags.iter().map(|(a, b)| (a.as_str(), b.as_str())), k);
+    guard(what, run_id, get(TAG_RUN))?;
+    if !name.starts_with(PREFIX) {
+        return Err(ProviderError::Guard(format!(
+            "{what}: its name `{name}` does not start with `{PREFIX}`, so it is not a copy dryrun made, whatever its tags say"
+        )));
+    }
+    if !get(TAG_CREATED_BY).is_some_and(|v| v.starts_with("dryrun")) {
+        return Err(ProviderError::Guard(format!(
+            "{what}: it has no {TAG_CREATED_BY} tag"
+        )));
+    }
+    if let (Some(c), Some(s)) = (created, run_started(run_id))
+        && c < s - chrono::Duration::seconds(CLOCK_SKEW_SECS)
+    {
+        return Err(ProviderError::Guard(format!(
+            "{what}: it was created at {}, before run {run_id} started ({})",
+            c.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            s.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )));
+    }
+    Ok(())
+}
+
+/// An AWS timestamp as a chrono time.
+#[must_use]
+pub fn time_of(t: &aws_sdk_s3::primitives::DateTime) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
 /// Error codes the SDK's standard retry mode treats as throttling.
 const THROTTLING: [&str; 8] = [
     "Throttling",
@@ -265,6 +336,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`r2`"), "{e}");
+    }
+
+    #[test]
+    fn ownership_needs_the_prefix_the_tags_and_a_creation_after_the_run_started() {
+        let run = "shop-20261122-025412-0503";
+        let tags = |run_id: &str, creator: bool| {
+            let mut t = vec![(TAG_RUN.to_string(), run_id.to_string())];
+            if creator {
+                t.push((TAG_CREATED_BY.to_string(), "dryrun 0.1.0".to_string()));
+            }
+            t
+        };
+        let at = |s: &str| Some(s.parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(run_started(run), at("2026-11-22T02:54:12Z"));
+        assert_eq!(run_started("other-run"), None);
+        let ok = owned(
+            "rds instance dryrun-x",
+            "dryrun-x",
+            run,
+            &tags(run, true),
+            at("2026-11-22T03:00:00Z"),
+        );
+        assert!(ok.is_ok());
+        for (name, t, created, want) in [
+            (
+                "shop-prod",
+                tags(run, true),
+                at("2026-11-22T03:00:00Z"),
+                "does not start with `dryrun-`",
+            ),
+            (
+                "dryrun-x",
+                tags(run, false),
+                None,
+                "no dryrun:created-by tag",
+            ),
+            ("dryrun-x", tags("other", true), None, "tag is `other`"),
+            ("dryrun-x", Vec::new(), None, "has no dryrun:run-id tag"),
+            (
+                "dryrun-x",
+                tags(run, true),
+                at("2024-01-01T00:00:00Z"),
+                "before run",
+            ),
+        ] {
+            let e = owned("rds instance x", name, run, &t, created)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        // A few minutes of clock skew are tolerated.
+        assert!(
+            owned(
+                "x",
+                "dryrun-x",
+                run,
+                &tags(run, true),
+                at("2026-11-22T02:50:00Z")
+            )
+            .is_ok()
+        );
     }
 
     #[test]

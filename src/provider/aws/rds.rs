@@ -41,6 +41,24 @@ pub struct Instance {
     pub password_pending: bool,
     /// Whether the instance is publicly accessible (None: the API did not say).
     pub public: Option<bool>,
+    /// When it was created, as RDS reports it.
+    pub created: Option<DateTime<Utc>>,
+}
+
+impl Instance {
+    /// The ownership proof ([`names::owned`]) for this instance and run.
+    ///
+    /// # Errors
+    /// [`ProviderError::Guard`].
+    pub fn owned_by(&self, run_id: &str) -> Result<(), ProviderError> {
+        names::owned(
+            &format!("rds instance {}", self.id),
+            &self.id,
+            run_id,
+            &self.tags,
+            self.created,
+        )
+    }
 }
 
 impl Instance {
@@ -79,6 +97,7 @@ impl Instance {
                 .and_then(|p| p.master_user_password())
                 .is_some(),
             public: d.publicly_accessible(),
+            created: d.instance_create_time().and_then(names::time_of),
             tags,
         }
     }
@@ -283,13 +302,11 @@ pub async fn restore(
                 sdk_message(&e)
             )));
         }
-        // A retried restore: the instance is ours only if it carries our tag.
-        let found = describe(c, r.id).await?;
-        guard(
-            &format!("rds instance {}", r.id),
-            r.run_id,
-            found.as_ref().and_then(|i| i.run_tag.as_deref()),
-        )?;
+        // A retried restore: the instance is ours only if it proves it.
+        match describe(c, r.id).await? {
+            Some(found) => found.owned_by(r.run_id)?,
+            None => guard(&format!("rds instance {}", r.id), r.run_id, None)?,
+        }
     }
     wait_available(c, r.id, r.timeout, cancel, false).await
 }
@@ -346,11 +363,7 @@ pub async fn set_password(
     password: &crate::secret::Secret,
     cancel: &CancellationToken,
 ) -> Result<Instance, ProviderError> {
-    guard(
-        &format!("rds instance {}", inst.id),
-        run_id,
-        inst.run_tag.as_deref(),
-    )?;
+    inst.owned_by(run_id)?;
     c.rds
         .modify_db_instance()
         .db_instance_identifier(&inst.id)
@@ -365,32 +378,25 @@ pub async fn set_password(
     wait_available(c, &inst.id, MODIFY_TIMEOUT, cancel, true).await
 }
 
-/// Deletes an instance of this run: no final snapshot, automated backups deleted, deletion
-/// protection turned off first; instances still `creating`, `modifying` or `backing-up` are
-/// retried until they accept the delete; waits until the instance is gone.
+/// Deletes an instance of this run — one that passes [`Instance::owned_by`] — without a final
+/// snapshot (it is a throw-away copy; a snapshot of it would be one more thing to leak) and
+/// with its automated backups; instances still `creating`, `modifying` or `backing-up` are
+/// retried until they accept the delete; waits until the instance is gone. Deletion
+/// protection is never turned off: an instance that has it is refused and stays (reported left
+/// behind with the reason).
 ///
 /// # Errors
-/// The guard (the instance lacks the run's tag), API errors, a timeout naming the last state.
+/// The guard (the instance is not provably this run's), deletion protection, API errors, a
+/// timeout naming the last state.
 pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, ProviderError> {
     let Some(first) = describe(c, id).await? else {
         return Ok(Deleted::AlreadyGone);
     };
-    guard(
-        &format!("rds instance {id}"),
-        run_id,
-        first.run_tag.as_deref(),
-    )?;
+    first.owned_by(run_id)?;
     if first.deletion_protection {
-        c.rds
-            .modify_db_instance()
-            .db_instance_identifier(id)
-            .deletion_protection(false)
-            .apply_immediately(true)
-            .send()
-            .await
-            .map_err(api(format!(
-                "turn off deletion protection of rds instance {id}"
-            )))?;
+        return Err(ProviderError::Protected(format!(
+            "rds instance {id} has deletion protection on; dryrun never turns it off. If it is really this run's copy, turn it off yourself and run `dryrun cleanup {run_id} --provider aws --yes`"
+        )));
     }
     let mut seen = Some(first);
     wait::until(
@@ -411,7 +417,12 @@ pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, Prov
                 if inst.status == "deleting" {
                     return Ok(Poll::Pending("deleting".into()));
                 }
-                guard(&format!("rds instance {id}"), run_id, inst.run_tag.as_deref())?;
+                inst.owned_by(run_id)?;
+                if inst.deletion_protection {
+                    return Err(ProviderError::Protected(format!(
+                        "rds instance {id} got deletion protection while it was being deleted; dryrun never turns it off"
+                    )));
+                }
                 match c
                     .rds
                     .delete_db_instance()

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::clients::Clients;
-use super::names::{self, PREFIX, TAG_RUN, api, guard, sdk_code, sdk_message};
+use super::names::{self, PREFIX, TAG_RUN, api, sdk_code, sdk_message};
 use crate::provider::{Deleted, ProviderError};
 
 /// Server-side copies in flight at once.
@@ -65,7 +65,7 @@ pub async fn create(
 ) -> Result<(), ProviderError> {
     let what = format!("s3 bucket {bucket}");
     if let Some(existing) = tags(c, bucket).await? {
-        guard(&what, run_id, run_tag(&existing))?;
+        names::owned(&what, bucket, run_id, &existing, None)?;
         return Ok(());
     }
     let s3_tags: Vec<Tag> = tag_list
@@ -87,7 +87,7 @@ pub async fn create(
         Ok(_) => {}
         Err(e) if sdk_code(&e) == Some("BucketAlreadyOwnedByYou") => {
             let existing = tags(c, bucket).await?.unwrap_or_default();
-            guard(&what, run_id, run_tag(&existing))?;
+            names::owned(&what, bucket, run_id, &existing, None)?;
         }
         Err(e) => {
             return Err(ProviderError::Other(format!(
@@ -242,7 +242,7 @@ pub async fn delete(
             ))),
         };
     }
-    guard(&what, run_id, run_tag(&existing))?;
+    names::owned(&what, bucket, run_id, &existing, None)?;
     let mut key_marker: Option<String> = None;
     let mut version_marker: Option<String> = None;
     loop {
