@@ -233,6 +233,12 @@ run (also start dry runs from the dashboard). See docs/security.md."
         #[arg(long, default_value = "90d", value_name = "DURATION", value_parser = humantime::parse_duration)]
         older_than: Duration,
     },
+    /// Internal: a service's log pump (started by the local provider).
+    #[command(name = "__log-pump", hide = true)]
+    LogPump {
+        /// Log file to write.
+        file: PathBuf,
+    },
     /// List past runs, newest first.
     Runs {
         /// At most this many.
@@ -299,6 +305,12 @@ pub fn main() -> ExitCode {
     // Copies of production, logs and reports are owner-only from the moment they exist, and so
     // is everything the release's processes create.
     crate::state::private_umask();
+    if let Command::LogPump { file } = &cli.command {
+        return match crate::provider::local::process::log_pump_main(file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(exit::INFRA as u8),
+        };
+    }
     init_logging(matches!(cli.command, Command::Serve { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -426,6 +438,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cleanup_cmd(&state, provider, &target, yes, endpoint).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
+        Command::LogPump { .. } => Ok(exit::PASSED),
         Command::Prune { older_than } => {
             let h = crate::server::history::History::open(&state.root().join("history.sqlite"))
                 .context("open the history database")?;

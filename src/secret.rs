@@ -120,6 +120,23 @@ impl Redactor {
 }
 
 impl Redactor {
+    /// Every registered form, longest first (what a log pump in another process needs).
+    #[must_use]
+    pub fn forms(&self) -> Vec<String> {
+        self.values.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// A redactor that knows exactly `forms` (as [`Redactor::forms`] returned them).
+    #[must_use]
+    pub fn from_forms(mut forms: Vec<String>) -> Redactor {
+        forms.retain(|f| !f.is_empty());
+        forms.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        forms.dedup();
+        Redactor {
+            values: Arc::new(RwLock::new(forms)),
+        }
+    }
+
     /// `bytes` with every registered value replaced by `[redacted]`. Works on bytes, so output
     /// that is not valid UTF-8 is redacted too.
     #[must_use]
@@ -169,11 +186,23 @@ impl StreamRedactor {
             self.pending.clear();
             return b"[redacted]".to_vec();
         };
+        // Bytes no secret starts with are passed on after one table lookup.
+        let mut first = [false; 256];
+        for v in values.iter() {
+            if let Some(&c) = v.as_bytes().first() {
+                first[usize::from(c)] = true;
+            }
+        }
         let b = &self.pending;
         let n = b.len();
         let mut out = Vec::with_capacity(n);
         let mut i = 0;
         'scan: while i < n {
+            if !first[usize::from(b[i])] {
+                out.push(b[i]);
+                i += 1;
+                continue;
+            }
             let rest = &b[i..];
             // Longest first (the list is sorted so): a longer secret that this could still
             // become wins over a shorter one that is complete.

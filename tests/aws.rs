@@ -1166,6 +1166,7 @@ fn the_copys_password_and_productions_never_appear_in_any_form() {
     assert_eq!(fresh.len(), 32);
     let mut forms = canary_forms(&fresh);
     forms.extend(canary_forms(PROD_PASSWORD));
+    forms.extend(canary_forms(moto::SECRET_KEY));
     assert_no_canary("stdout", &out.stdout, &forms);
     assert_no_canary("stderr", &out.stderr, &forms);
     let files = assert_no_canary_in_dir(state.path(), &forms);

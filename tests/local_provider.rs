@@ -199,6 +199,19 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
     let bin_dir = common::bin().parent().unwrap().to_path_buf();
     let p = provider(state.path()).with_bin_dir(bin_dir);
     let run = run_info(state.path(), "svc-1");
+    // Ends the run's processes also when an assertion below fails.
+    struct EndTagged;
+    impl Drop for EndTagged {
+        fn drop(&mut self) {
+            for t in dryrun::provider::local::process::find_tagged("svc-1", None) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(t.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _end = EndTagged;
     // A release that starts demo-shop without a health path: readiness = the port accepts.
     let rel_dir = state.path().join("rel");
     std::fs::create_dir_all(&rel_dir).unwrap();
@@ -241,12 +254,17 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
         )
         .await
         .unwrap();
+    // The service, and its log pump (a `dryrun __log-pump` process): both tagged, so that
+    // delete and cleanup end both.
     let procs = dryrun::provider::local::process::find_tagged("svc-1", Some("service.app"));
-    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    let svc: Vec<_> = procs.iter().filter(|p| p.comm == "demo-shop").collect();
+    assert_eq!(svc.len(), 1, "{procs:?}");
     assert_eq!(
-        procs[0].pgid, procs[0].pid,
+        svc[0].pgid, svc[0].pid,
         "a service runs in its own process group"
     );
+    assert!(procs.iter().any(|p| p.comm == "dryrun"), "{procs:?}");
     let url = format!("{}/healthz", inst.outputs["url"].value);
     let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
     assert_eq!(body.trim(), "ok");

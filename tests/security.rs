@@ -1463,3 +1463,49 @@ fn iam_policies_constrain_mutations_and_the_instance_reads_no_secrets() {
         }
     }
 }
+
+#[test]
+fn a_kept_copys_service_keeps_logging_redacted_after_dryrun_exits() {
+    let fixtures = fixture_root();
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    write(
+        &fixtures.path().join("tick.yaml"),
+        "name: tick\nsecrets:\n  token:\n    env: DRYRUN_TEST_TOKEN\nresources:\n  svc:\n    type: service\n    env:\n      TOKEN: \"{{secrets.token}}\"\n    ready_timeout: 10s\n",
+    );
+    // A service that logs its token every 50 ms and listens on its port (readiness).
+    write(
+        &fixtures.path().join("releases/tick/dryrun-release.yaml"),
+        "version: \"1\"\nstart: 'while :; do echo \"tick $TOKEN\"; sleep 0.05; done & exec python3 -m http.server \"$PORT\" --bind 127.0.0.1'\n",
+    );
+    let canary = "tick-canary-7e6d5c4b3a";
+    let out = run(dryrun(state.path())
+        .env("DRYRUN_TEST_TOKEN", canary)
+        .arg("run")
+        .arg(fixtures.path().join("tick.yaml"))
+        .arg("--release")
+        .arg(fixtures.path().join("releases/tick"))
+        .args(["--keep", "10m"]));
+    assert_eq!(out.status.code(), Some(0));
+    let run_id = run_ids(state.path()).pop().unwrap();
+    let log = state.path().join("runs").join(&run_id).join("logs/svc.log");
+    // dryrun has exited; the kept service goes on, and so does its (redacted) log.
+    let before = std::fs::metadata(&log).unwrap().len();
+    std::thread::sleep(Duration::from_millis(800));
+    let after = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        after > before,
+        "the kept service stopped logging ({before} → {after} bytes)"
+    );
+    let procs = dryrun::provider::local::process::find_tagged(&run_id, Some("service.svc"));
+    assert!(
+        procs.iter().any(|p| p.comm == "sh"),
+        "the service's loop died: {procs:?}"
+    );
+    let text = std::fs::read(&log).unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("tick [redacted]"));
+    assert_no_canary("the kept service's log", &text, &canary_forms(canary));
+    let out = run(dryrun(state.path()).args(["cleanup", &run_id, "--yes"]));
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_left(state.path(), &run_id);
+}

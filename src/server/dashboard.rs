@@ -82,14 +82,20 @@ impl Visitor {
         })
     }
 
-    fn finish(&self, mut r: Response) -> Response {
-        if let Some(c) = &self.set_cookie
-            && let Ok(v) = header::HeaderValue::from_str(c)
-        {
-            r.headers_mut().append(header::SET_COOKIE, v);
+    fn finish(&self, r: Response) -> Response {
+        match &self.set_cookie {
+            Some(c) => with_cookie(r, c),
+            None => r,
         }
-        r
     }
+}
+
+/// `r` with a `Set-Cookie` header.
+fn with_cookie(mut r: Response, cookie: &str) -> Response {
+    if let Ok(v) = header::HeaderValue::from_str(cookie) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    r
 }
 
 fn page(title: &str, template: &str, data: &Value, refresh: bool) -> Response {
@@ -350,11 +356,7 @@ async fn login(
     match app.auth.login(&f.token) {
         Some((p, cookie)) => {
             tracing::info!(name = %p.name, role = p.role.as_str(), "dashboard login");
-            let mut r = Redirect::to("/").into_response();
-            if let Ok(v) = header::HeaderValue::from_str(&cookie) {
-                r.headers_mut().append(header::SET_COOKIE, v);
-            }
-            r
+            with_cookie(Redirect::to("/").into_response(), &cookie)
         }
         None => {
             app.metrics.rejected("login");
@@ -386,11 +388,7 @@ async fn logout(
         return csrf_refused();
     }
     let cookie = app.auth.logout(&headers);
-    let mut r = Redirect::to("/login").into_response();
-    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
-        r.headers_mut().append(header::SET_COOKIE, v);
-    }
-    r
+    with_cookie(Redirect::to("/login").into_response(), &cookie)
 }
 
 fn html_escape(s: &str) -> String {

@@ -18,6 +18,8 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 
 /// The production master password of the fixture instance: must never appear anywhere.
 pub const PROD_PASSWORD: &str = "Prod-Master-Pw-8f3a9c1d";
+/// The secret access key dryrun is given: a canary that must never appear anywhere.
+pub const SECRET_KEY: &str = "moto-secret-key-canary-3f9a2c71";
 /// The production RDS instance.
 pub const PROD_DB: &str = "shop-prod";
 /// The production assets bucket.
@@ -189,7 +191,7 @@ impl Moto {
     /// The environment a child `dryrun` needs to talk to this emulator, and nothing else.
     pub fn env(&self, cmd: &mut Command) {
         cmd.env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
             .env("AWS_REGION", REGION)
             .env("AWS_ENDPOINT_URL", &self.endpoint)
             .env("AWS_EC2_METADATA_DISABLED", "true")

@@ -143,6 +143,23 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The secret parts of the credentials the chain resolves to (secret access key, session
+    /// token), for the redactor of every run; none when they cannot be resolved within 10 s
+    /// (the run then fails on its first call anyway, with the SDK's message).
+    pub async fn credential_secrets(&self) -> Vec<crate::secret::Secret> {
+        use aws_sdk_s3::config::ProvideCredentials as _;
+        let Some(p) = self.base.credentials_provider() else {
+            return Vec::new();
+        };
+        match tokio::time::timeout(Duration::from_secs(10), p.provide_credentials()).await {
+            Ok(Ok(c)) => std::iter::once(c.secret_access_key())
+                .chain(c.session_token())
+                .map(crate::secret::Secret::new)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Loads the standard chain (environment, profile, SSO, instance role). `region` overrides
     /// the chain's region; `endpoint` (else `AWS_ENDPOINT_URL`) points every client at an
     /// emulator.

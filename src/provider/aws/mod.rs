@@ -100,6 +100,8 @@ const HTTP_MARKER: &str = "__dryrun_http_status=";
 /// The AWS provider.
 pub struct AwsProvider {
     conn: Connection,
+    /// The secret parts of the loaded credentials (for every run's redactor).
+    held: Vec<Secret>,
     region: String,
     settings: AwsSettings,
     subnet_hint: Option<String>,
@@ -167,8 +169,10 @@ impl AwsProvider {
                 ResourceSpec::Bucket(_) => {}
             }
         }
+        let held = conn.credential_secrets().await;
         Ok(AwsProvider {
             conn,
+            held,
             region,
             settings,
             subnet_hint,
@@ -1031,6 +1035,10 @@ impl Provider for AwsProvider {
             line.push_str(&format!(", endpoint {e}"));
         }
         Ok(Some(line))
+    }
+
+    fn held_secrets(&self) -> Vec<Secret> {
+        self.held.clone()
     }
 
     fn api_calls(&self) -> BTreeMap<String, u64> {

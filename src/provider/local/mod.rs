@@ -520,13 +520,43 @@ impl Provider for LocalProvider {
             let log_path = run.log_dir.join(format!("{name}.log"));
             let mut cmd =
                 process::shell(&start, &rel_dir, &base, &env, &run.run_id, &record.address);
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            // The service's output goes through a pump in its own process, which outlives
+            // dryrun with a kept copy; a library user without the `dryrun` binary next to it
+            // gets a pump inside this process.
+            let exe = self.bin_dir.join("dryrun");
+            let mut detached = None;
+            if exe.is_file() {
+                let (pump, out) = process::spawn_detached_pump(
+                    &exe,
+                    &log_path,
+                    &run.redactor,
+                    &base,
+                    &run.run_id,
+                    &record.address,
+                )
+                .map_err(ProviderError::io(format!(
+                    "start the log pump of {}",
+                    record.address
+                )))?;
+                let err = out
+                    .try_clone()
+                    .map_err(ProviderError::io("clone the log pipe"))?;
+                cmd.stdout(out).stderr(err);
+                detached = Some(pump);
+            } else {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
             let mut child = cmd
                 .spawn()
                 .map_err(ProviderError::io(format!("start {}", record.address)))?;
-            // Lives as long as the service: it ends when the service's output closes.
-            let mut pump = process::LogPump::start(&mut child, &log_path, &run.redactor)
-                .map_err(ProviderError::io(format!("create {}", log_path.display())))?;
+            drop(cmd); // our copies of the pipe's write end
+            let mut pump = match detached {
+                Some(_) => None,
+                None => Some(
+                    process::LogPump::start(&mut child, &log_path, &run.redactor)
+                        .map_err(ProviderError::io(format!("create {}", log_path.display())))?,
+                ),
+            };
             let pid = child.id().unwrap_or(0);
             record.data.insert("pid".into(), pid.to_string());
             record
@@ -551,7 +581,12 @@ impl Provider for LocalProvider {
             let mut last = "not started".to_string();
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
-                    pump.settle(PUMP_SETTLE).await;
+                    if let Some(p) = &mut pump {
+                        p.settle(PUMP_SETTLE).await;
+                    }
+                    if let Some(p) = &mut detached {
+                        let _ = tokio::time::timeout(PUMP_SETTLE, p.wait()).await;
+                    }
                     let log = read_log(&log_path);
                     return Err(ProviderError::Unhealthy {
                         address: record.address.clone(),

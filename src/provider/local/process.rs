@@ -114,6 +114,73 @@ pub fn tagged(
         .kill_on_drop(false);
 }
 
+/// The hidden `dryrun` subcommand that runs a [detached log pump](spawn_detached_pump).
+pub const PUMP_COMMAND: &str = "__log-pump";
+
+/// Starts a log pump in its own process (`dryrun __log-pump FILE`, tagged like the service)
+/// and returns it with the write end of its pipe, to be the service's stdout and stderr. It
+/// outlives dryrun: a kept copy's service goes on logging — redacted — after `dryrun run` has
+/// exited, where a pump inside dryrun would leave it writing into a closed pipe. The secrets
+/// travel through the pipe itself, ahead of the output, never through arguments or the
+/// environment. The pump ends when the service's output closes (or with the service's tag).
+///
+/// # Errors
+/// When the pipe or the process cannot be made.
+pub fn spawn_detached_pump(
+    exe: &Path,
+    path: &Path,
+    redactor: &Redactor,
+    base: &ChildEnv,
+    run_id: &str,
+    address: &str,
+) -> std::io::Result<(tokio::process::Child, std::io::PipeWriter)> {
+    use std::io::Write as _;
+    let (reader, mut writer) = std::io::pipe()?;
+    let mut c = tokio::process::Command::new(exe);
+    c.arg(PUMP_COMMAND).arg(path);
+    tagged(&mut c, base, &BTreeMap::new(), run_id, address);
+    c.stdin(reader).stdout(Stdio::null()).stderr(Stdio::null());
+    let child = c.spawn()?;
+    drop(c);
+    let header = serde_json::to_vec(&redactor.forms()).map_err(std::io::Error::other)?;
+    writer.write_all(format!("{}\n", header.len()).as_bytes())?;
+    writer.write_all(&header)?;
+    Ok((child, writer))
+}
+
+/// The body of `dryrun __log-pump FILE`: reads the secret forms from stdin (a line with their
+/// length, then a JSON list), then copies the rest of stdin into `path` (created 0600),
+/// redacted as it goes, until the writers close it.
+///
+/// # Errors
+/// I/O errors; a malformed header.
+pub fn log_pump_main(path: &Path) -> std::io::Result<()> {
+    use std::io::{BufRead as _, Read as _};
+    let mut input = std::io::BufReader::new(std::io::stdin().lock());
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let n: usize = line
+        .trim()
+        .parse()
+        .map_err(|_| std::io::Error::other("log pump: bad header"))?;
+    let mut header = vec![0u8; n];
+    input.read_exact(&mut header)?;
+    let forms: Vec<String> = serde_json::from_slice(&header).map_err(std::io::Error::other)?;
+    let mut stream = Redactor::from_forms(forms).stream();
+    let mut file = crate::state::create_private_file(path)?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        file.write_all(&stream.push(&buf[..n]))?;
+    }
+    file.write_all(&stream.finish())
+}
+
 /// Copies a child's stdout and stderr into one log file, redacting every secret the run's
 /// [`Redactor`] knows before a byte is written: a secret never reaches the disk, not even
 /// when dryrun is killed mid-run (only a possible secret's first bytes are held back, see
