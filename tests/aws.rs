@@ -1,5 +1,6 @@
 //! The AWS provider end to end against moto server: the real `dryrun` binary, the emulator's
-//! real state read back with describe/list calls and its request recorder.
+//! real state read back with describe/list calls and its request recorder. (tests/aws_sim.rs
+//! runs the instance side for real, with the instance simulator in front of moto.)
 //!
 //! What moto cannot do, and how these tests treat it: SSM commands are accepted and reported
 //! `Success` with exit code 0 and empty output, but nothing runs — so command checks "pass"
@@ -61,35 +62,7 @@ fn report_of(out: &std::process::Output) -> serde_json::Value {
 
 /// A small blueprint like the reference one, with the given checks.
 fn blueprint(dir: &Path, checks: &str) -> PathBuf {
-    let p = dir.join("app.yaml");
-    let text = [
-        "name: app",
-        "params:",
-        "  source_db: {default: shop-prod}",
-        "  assets_bucket: {default: shop-prod-assets}",
-        "  ami: {default: \"\"}",
-        "resources:",
-        "  db:",
-        "    type: database",
-        "    engine: postgres",
-        "    source: \"{{params.source_db}}\"",
-        "    database: shop",
-        "  assets:",
-        "    type: bucket",
-        "    source: \"{{params.assets_bucket}}\"",
-        "    prefix: img/",
-        "  app:",
-        "    type: service",
-        "    env:",
-        "      DATABASE_URL: \"{{resources.db.url}}\"",
-        "    ready_timeout: 2m",
-        "    aws:",
-        "      ami: \"{{params.ami}}\"",
-        "checks:",
-    ]
-    .join("\n");
-    std::fs::write(&p, format!("{text}\n{checks}\nttl: 1h\n")).unwrap();
-    p
+    moto::app_blueprint(dir, checks, "2m")
 }
 
 /// Every text dryrun left in the state directory (journals, reports, logs).

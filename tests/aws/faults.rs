@@ -165,13 +165,21 @@ impl Drop for FaultProxy {
     }
 }
 
-/// `ec2`, `rds`, `s3`, `ssm`, `sts` from the SigV4 credential scope.
-fn service(headers: &HeaderMap) -> String {
+/// `ec2`, `rds`, `s3`, `ssm`, `sts` from the SigV4 credential scope: the `Authorization`
+/// header, or a presigned URL's `X-Amz-Credential` (the release download on an instance).
+fn service(headers: &HeaderMap, uri: &axum::http::Uri) -> String {
     headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|a| a.split("Credential=").nth(1))
         .and_then(|c| c.split('/').nth(3))
+        .or_else(|| {
+            uri.query()?
+                .split('&')
+                .find_map(|p| p.strip_prefix("X-Amz-Credential="))?
+                .split("%2F")
+                .nth(3)
+        })
         .unwrap_or("unknown")
         .to_string()
 }
@@ -287,7 +295,7 @@ async fn handle(
     let body = axum::body::to_bytes(body, 256 << 20)
         .await
         .unwrap_or_default();
-    let svc = service(&parts.headers);
+    let svc = service(&parts.headers, &parts.uri);
     let op = operation(&svc, &parts.headers, parts.method.as_str(), &body);
     let key = format!("{svc}:{op}");
     let (plan, delay, id, upstream) = {

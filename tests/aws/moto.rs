@@ -35,11 +35,18 @@ pub const SNAPSHOTS: [&str; 3] = [
 /// Region of every fixture.
 pub const REGION: &str = "us-east-1";
 
-/// A running moto server and SDK clients pointed at it.
+/// A running moto server and SDK clients pointed at it; with [`Moto::start_sim`], the instance
+/// simulator (scripts/aws_sim.py) in front of it.
 pub struct Moto {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` that dryrun talks to: moto, or the simulator in front of it.
     pub endpoint: String,
+    /// moto itself (the test's own SDK clients and its control API).
+    pub moto_endpoint: String,
+    /// The simulator, when started with [`Moto::start_sim`].
+    sim: Option<Child>,
+    /// Where the simulator keeps its instances' files (and its log, `sim.log`).
+    pub sim_dir: Option<PathBuf>,
     /// Runtime for the SDK calls of the test itself.
     pub rt: tokio::runtime::Runtime,
     /// Clients.
@@ -71,6 +78,29 @@ impl Moto {
     /// Starts moto, or returns `None` (printing why) when it is not installed. In CI (`CI`
     /// set) a missing moto fails the test instead.
     pub fn start() -> Option<Moto> {
+        Self::start_with(false)
+    }
+
+    /// moto with the instance simulator in front (scripts/aws_sim.py): user data and SSM
+    /// commands run for real in a sandbox per instance. `None` (printing why) where it cannot
+    /// run — not root, or `unshare`/`nsenter` missing; in CI that fails the test instead.
+    pub fn start_sim() -> Option<Moto> {
+        let root = nix::unistd::geteuid().is_root();
+        let tools = ["unshare", "nsenter", "ip", "setpriv", "python3", "curl"]
+            .iter()
+            .all(|t| which(t));
+        if !root || !tools {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the AWS instance simulator needs root and unshare, nsenter, ip, setpriv, python3, curl in CI"
+            );
+            eprintln!("skipping: the AWS instance simulator needs root and util-linux/iproute2");
+            return None;
+        }
+        Self::start_with(true)
+    }
+
+    fn start_with(sim: bool) -> Option<Moto> {
         let bin = venv_bin();
         if !bin.is_file() {
             assert!(
@@ -135,7 +165,10 @@ impl Moto {
         );
         let mut m = Moto {
             child,
+            moto_endpoint: endpoint.clone(),
             endpoint,
+            sim: None,
+            sim_dir: None,
             rt,
             rds,
             s3,
@@ -146,10 +179,93 @@ impl Moto {
         };
         m.wait_ready(port);
         m.fixtures();
+        if sim {
+            m.start_simulator();
+        }
         // Record only what the tests' runs ask, not the fixtures.
         m.http("POST", "/moto-api/recorder/reset-recording");
         m.http("POST", "/moto-api/recorder/start-recording");
         Some(m)
+    }
+
+    fn start_simulator(&mut self) {
+        let dir = self._recording.path().join("sim");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("sim.log")).unwrap();
+        let child = Command::new("python3")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/aws_sim.py"))
+            .args([
+                "--upstream",
+                &self.moto_endpoint,
+                "--port",
+                &port.to_string(),
+                "--dir",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start scripts/aws_sim.py");
+        self.sim = Some(child);
+        self.sim_dir = Some(dir.clone());
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = self.sim.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "the simulator exited at start ({status}):\n{}",
+                    std::fs::read_to_string(dir.join("sim.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the simulator did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.endpoint = format!("http://127.0.0.1:{port}");
+    }
+
+    /// The simulator's live sandboxes (instance ids); empty without the simulator.
+    pub fn sandboxes(&self) -> Vec<String> {
+        if self.sim.is_none() {
+            return Vec::new();
+        }
+        let raw = http_get(&self.endpoint, "/__sim/instances");
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        v["instances"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| i["id"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The simulator's log (what it did), for failure messages.
+    pub fn sim_log(&self) -> String {
+        self.sim_dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.join("sim.log")).ok())
+            .unwrap_or_default()
+    }
+
+    /// Puts a release tarball into the releases bucket; returns its `s3://` reference.
+    pub fn put_release(&self, key: &str, tarball: Vec<u8>) -> String {
+        self.rt.block_on(async {
+            self.s3
+                .put_object()
+                .bucket(RELEASES)
+                .key(key)
+                .body(tarball.into())
+                .send()
+                .await
+                .unwrap();
+        });
+        format!("s3://{RELEASES}/{key}")
     }
 
     fn wait_ready(&mut self, port: u16) {
@@ -173,8 +289,23 @@ impl Moto {
 
     /// A raw HTTP/1.0 request to the emulator (its control API); returns the whole response.
     pub fn http(&self, method: &str, path: &str) -> String {
+        http_request(&self.moto_endpoint, method, path)
+    }
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn http_get(endpoint: &str, path: &str) -> String {
+    http_request(endpoint, "GET", path)
+}
+
+fn http_request(endpoint: &str, method: &str, path: &str) -> String {
+    {
         use std::io::{Read, Write};
-        let addr = self.endpoint.trim_start_matches("http://");
+        let addr = endpoint.trim_start_matches("http://");
         let Ok(mut s) = TcpStream::connect(addr) else {
             return String::new();
         };
@@ -187,7 +318,9 @@ impl Moto {
         let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
     }
+}
 
+impl Moto {
     /// The environment a child `dryrun` needs to talk to this emulator, and nothing else.
     pub fn env(&self, cmd: &mut Command) {
         cmd.env("AWS_ACCESS_KEY_ID", "testing")
@@ -418,6 +551,20 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        // The simulator first: SIGTERM ends its sandboxes; its process group (and the sandboxes'
+        // parent-death signal) covers a simulator that does not answer.
+        if let Some(mut sim) = self.sim.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(sim.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while sim.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = sim.wait();
+        }
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
@@ -547,20 +694,97 @@ pub fn prod_objects() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A release tarball with a manifest under one top-level directory.
+/// A small blueprint like the reference one (a database, a bucket, a service), with the given
+/// checks and the service's `ready_timeout`.
+pub fn app_blueprint(dir: &std::path::Path, checks: &str, ready_timeout: &str) -> PathBuf {
+    let p = dir.join("app.yaml");
+    let text = [
+        "name: app",
+        "params:",
+        "  source_db: {default: shop-prod}",
+        "  assets_bucket: {default: shop-prod-assets}",
+        "  ami: {default: \"\"}",
+        "resources:",
+        "  db:",
+        "    type: database",
+        "    engine: postgres",
+        "    source: \"{{params.source_db}}\"",
+        "    database: shop",
+        "  assets:",
+        "    type: bucket",
+        "    source: \"{{params.assets_bucket}}\"",
+        "    prefix: img/",
+        "  app:",
+        "    type: service",
+        "    env:",
+        "      DATABASE_URL: \"{{resources.db.url}}\"",
+        "      APP_VERSION: \"{{release.version}}\"",
+        &format!("    ready_timeout: {ready_timeout}"),
+        "    aws:",
+        "      ami: \"{{params.ami}}\"",
+        "checks:",
+    ]
+    .join("\n");
+    std::fs::write(&p, format!("{text}\n{checks}\nttl: 1h\n")).unwrap();
+    p
+}
+
+/// The release's small web server (Python, standard library only): `/` is the shop's front
+/// page, `/healthz` answers `ok` (500 with `--unhealthy`), `/api/stats` the version it was
+/// started with (`APP_VERSION`); every request is logged on stderr.
+pub const SERVER_PY: &str = r#"import http.server, json, os, sys
+VERSION = os.environ.get("APP_VERSION", "unknown")
+UNHEALTHY = "--unhealthy" in sys.argv
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/healthz":
+            code, ctype, body = (500, "text/plain", b"not ready") if UNHEALTHY else (200, "text/plain", b"ok")
+        elif self.path == "/api/stats":
+            code, ctype, body = 200, "application/json", json.dumps({"version": VERSION}).encode()
+        elif self.path == "/":
+            code, ctype, body = 200, "text/html", b"<h1>Demo Shop</h1>"
+        else:
+            code, ctype, body = 404, "text/plain", b"not found"
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+print(f"shop {VERSION} listening on {os.environ['PORT']}", flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// A release tarball with a manifest under one top-level directory: a migrate step and the
+/// small web server ([`SERVER_PY`]) with a health check.
 pub fn release_tarball(version: &str) -> Vec<u8> {
+    release_tarball_with(
+        version,
+        "#!/bin/sh\necho \"migrated (database ${DATABASE_URL:+given})\"\n",
+        "exec python3 ./bin/server.py",
+    )
+}
+
+/// A release tarball with this `bin/migrate` script and this start command.
+pub fn release_tarball_with(version: &str, migrate: &str, start: &str) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join(format!("shop-{version}"));
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::write(
         root.join("dryrun-release.yaml"),
         format!(
-            "version: \"{version}\"\ninstall:\n  - name: migrate\n    run: ./bin/migrate\nstart: ./bin/serve\nhealth:\n  http: /healthz\n  timeout: 60s\n"
+            "version: \"{version}\"\ninstall:\n  - name: migrate\n    run: ./bin/migrate\nstart: {}\nhealth:\n  http: /healthz\n  timeout: 60s\n",
+            serde_json::to_string(start).unwrap()
         ),
     )
     .unwrap();
-    std::fs::write(root.join("bin/migrate"), "#!/bin/sh\necho migrated\n").unwrap();
-    std::fs::write(root.join("bin/serve"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
+    std::fs::write(root.join("bin/migrate"), migrate).unwrap();
+    std::fs::set_permissions(
+        root.join("bin/migrate"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("bin/server.py"), SERVER_PY).unwrap();
     let mut buf = Vec::new();
     {
         let enc = flate2::write::GzEncoder::new(&mut buf, flate2::Compression::fast());

@@ -78,20 +78,25 @@ finish install 0
 "#;
 
 /// Script run through SSM after the instance is running: waits for the user data's status
-/// file, reports a failed step with its log, then waits for the health check. Exit codes: 0
-/// healthy, 1 an install step failed, 2 unhealthy, 124 still installing at the deadline.
+/// file, reports a failed step with its log, then waits for the health check while watching
+/// the service's process (its pid is in /var/lib/dryrun/app.pid). Exit codes: 0 healthy, 1 an
+/// install step failed, 2 unhealthy, 3 the service exited, 124 still installing at the
+/// deadline. Values from the release (the health path) arrive quoted.
 const AWAIT_INSTALL: &str = r#"deadline=$(( $(date +%s) + {{secs}} ))
 while [ ! -f /var/lib/dryrun/status ]; do
   if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-step: boot"; tail -c 3500 /var/log/dryrun/*.log 2>/dev/null; exit 124; fi
-  sleep 2
+  sleep 1
 done
 read step code < /var/lib/dryrun/status
 if [ "$code" != 0 ]; then echo "dryrun-step: $step"; echo "dryrun-exit: $code"; tail -c 3500 "/var/log/dryrun/step-$step.log"; exit 1; fi
-{{#if health}}until curl -fsS -o /dev/null --max-time 5 'http://127.0.0.1:{{port}}{{{health}}}'; do
-  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-unhealthy: GET {{{health}}} never answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 2; fi
-  sleep 2
+exited() { [ -f /var/lib/dryrun/app.pid ] && ! kill -0 "$(cat /var/lib/dryrun/app.pid)" 2>/dev/null; }
+{{#if has_health}}until curl -fsS -o /dev/null --max-time 5 {{{health_url}}}; do
+  if exited; then echo "dryrun-exited: the service exited before GET "{{{health}}}" answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 3; fi
+  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-unhealthy: GET "{{{health}}}" never answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 2; fi
+  sleep 1
 done
-{{/if}}echo "dryrun-ready"
+{{/if}}if exited; then echo "dryrun-exited: the service exited after it started"; tail -c 3000 /var/log/dryrun/app.log; exit 3; fi
+echo "dryrun-ready"
 "#;
 
 /// Marker line that the http check script prints before the response body.
@@ -375,7 +380,7 @@ impl AwsProvider {
             .or_else(|| req.release.manifest.start.clone())
             .map(|s| {
                 format!(
-                    "nohup setsid sh -c {} > /var/log/dryrun/app.log 2>&1 < /dev/null &",
+                    "nohup setsid sh -c {} > /var/log/dryrun/app.log 2>&1 < /dev/null &\necho $! > /var/lib/dryrun/app.pid",
                     ssm::quote(&s)
                 )
             })
@@ -717,9 +722,15 @@ impl Provider for AwsProvider {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(30));
         let health = req.release.manifest.health.as_ref().map(|h| h.http.clone());
+        let health = health.unwrap_or_default();
         let script = crate::blueprint::template::render(
             AWAIT_INSTALL,
-            &json!({"secs": remaining.as_secs(), "port": aws.port, "health": health.clone().unwrap_or_default()}),
+            &json!({
+                "secs": remaining.as_secs(),
+                "has_health": !health.is_empty(),
+                "health": ssm::quote(&health),
+                "health_url": ssm::quote(&format!("http://127.0.0.1:{}{health}", aws.port)),
+            }),
         )
         .map_err(ProviderError::Other)?;
         let inv = ssm::run(
@@ -737,6 +748,14 @@ impl Provider for AwsProvider {
         ));
         match inv.exit_code {
             0 => {}
+            // The instance could not fetch or unpack the release (S3 unreachable, a damaged
+            // object): nothing was learnt about the release itself.
+            1 if inv.stdout.lines().any(|l| l == "dryrun-step: fetch") => {
+                return Err(ProviderError::Other(format!(
+                    "{address}: the instance could not fetch the release ({}):\n{output}",
+                    inv.via(&inst.id)
+                )));
+            }
             1 | 124 => {
                 let step = inv
                     .stdout
@@ -761,7 +780,7 @@ impl Provider for AwsProvider {
                     output,
                 });
             }
-            2 => {
+            2 | 3 => {
                 return Err(ProviderError::Unhealthy {
                     address,
                     reason: format!("{} reported:\n{output}", inv.via(&inst.id)),

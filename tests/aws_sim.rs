@@ -1,0 +1,298 @@
+//! The AWS provider end to end with the instance side executed for real: moto with the instance
+//! simulator in front (scripts/aws_sim.py). The user data dryrun renders boots each instance
+//! in a sandbox of its own (mount, network, PID namespaces; the instance's private address is
+//! local there), SSM commands — the install and health wait, http and command checks — run in
+//! it, and TerminateInstances ends it. tests/aws.rs has the same runs on bare moto, where
+//! nothing runs on the instance.
+#![cfg(feature = "aws")]
+
+mod common;
+#[path = "aws/moto.rs"]
+mod moto;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use common::*;
+use moto::{Moto, PROD_BUCKET, PROD_DB, release_tarball_with};
+
+const RELEASE: &str = "s3://shop-releases/shop-2.0.0.tar.gz";
+
+fn dryrun_aws(m: &Moto, state: &Path) -> Command {
+    let mut c = dryrun(state);
+    m.env(&mut c);
+    c
+}
+
+fn run_args(m: &Moto, blueprint: &str, release: &str) -> Vec<String> {
+    [
+        "run",
+        blueprint,
+        "--provider",
+        "aws",
+        "--release",
+        release,
+        "--param",
+        &format!("source_db={PROD_DB}"),
+        "--param",
+        &format!("assets_bucket={PROD_BUCKET}"),
+        "--param",
+        &format!("ami={}", m.ami),
+        "--json",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
+fn report_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not a report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn check(r: &serde_json::Value, name: &str) -> serde_json::Value {
+    r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no check {name} in {r}"))
+}
+
+/// Nothing tagged in the emulator, no sandbox alive, production as it was.
+fn assert_clean(m: &Moto, before: &str) {
+    assert!(m.tagged(None).is_empty(), "left: {:?}", m.tagged(None));
+    assert!(
+        m.sandboxes().is_empty(),
+        "sandboxes still running: {:?}\n{}",
+        m.sandboxes(),
+        m.sim_log()
+    );
+    assert_eq!(m.production(), before, "production changed");
+}
+
+/// The files an instance's sandbox left (its /var/lib and /var/log), by instance id.
+fn instance_file(m: &Moto, path: &str) -> Vec<String> {
+    let dir = m.sim_dir.clone().unwrap();
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("i-"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join(path)).ok())
+        .collect()
+}
+
+#[test]
+fn the_reference_run_passes_end_to_end_with_the_instance_side_executed() {
+    let Some(m) = Moto::start_sim() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let started = Instant::now();
+    let out =
+        run(dryrun_aws(&m, state.path()).args(run_args(&m, "blueprints/aws/shop.yaml", RELEASE)));
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", m.sim_log());
+    let r = report_of(&out);
+    for name in ["homepage", "release-version-served", "release-installed"] {
+        let c = check(&r, name);
+        assert_eq!(c["status"], "passed", "{c}");
+        assert!(
+            c["message"]
+                .as_str()
+                .unwrap()
+                .contains("ran through SSM command"),
+            "{c}"
+        );
+    }
+    assert_eq!(check(&r, "customers-restored")["status"], "skipped");
+    // The release really ran on the instance: the user data's logs and status are there.
+    assert_eq!(instance_file(&m, "varlib/dryrun/status"), ["install 0\n"]);
+    let migrate = instance_file(&m, "varlog/dryrun/step-migrate.log");
+    assert_eq!(
+        migrate,
+        ["migrated (database given)\n"],
+        "the env file reached the step"
+    );
+    let app = instance_file(&m, "varlog/dryrun/app.log").concat();
+    assert!(app.contains("shop 2.0.0 listening on 8080"), "{app}");
+    assert!(
+        app.contains("\"GET /api/stats HTTP/1.1\" 200"),
+        "the check reached the server:\n{app}"
+    );
+    assert_clean(&m, &before);
+    let calls: u64 = r["api_calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let stages: Vec<String> = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {} ms", s["name"].as_str().unwrap(), s["duration_ms"]))
+        .collect();
+    eprintln!(
+        "reference run on the simulator: exit 0 in {:.1} s, {calls} AWS API calls ({}); stages: {}",
+        took.as_secs_f64(),
+        r["api_calls"],
+        stages.join(", ")
+    );
+}
+
+#[test]
+fn a_failing_install_step_on_the_instance_fails_the_run_quoting_its_output() {
+    let Some(m) = Moto::start_sim() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let release = m.put_release(
+        "shop-3.0.0.tar.gz",
+        release_tarball_with(
+            "3.0.0",
+            "#!/bin/sh\necho 'applying 0004_unique_customer_email'\necho 'ERROR:  could not create unique index \"customers_email_unique\"' >&2\nexit 3\n",
+            "exec python3 ./bin/server.py",
+        ),
+    );
+    let out =
+        run(dryrun_aws(&m, state.path()).args(run_args(&m, "blueprints/aws/shop.yaml", &release)));
+    assert_eq!(out.status.code(), Some(1), "{}", m.sim_log());
+    let r = report_of(&out);
+    let failure = r["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("install step `migrate` failed (exit code 3")
+            && failure.contains("could not create unique index")
+            && failure.contains("applying 0004_unique_customer_email"),
+        "{failure}"
+    );
+    assert_clean(&m, &before);
+}
+
+#[test]
+fn a_release_that_never_becomes_healthy_fails_with_the_health_message() {
+    let Some(m) = Moto::start_sim() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let release = m.put_release(
+        "shop-unhealthy.tar.gz",
+        release_tarball_with(
+            "2.1.0",
+            "#!/bin/sh\ntrue\n",
+            "exec python3 ./bin/server.py --unhealthy",
+        ),
+    );
+    let bp = moto::app_blueprint(
+        state.path(),
+        "  - name: home\n    type: http\n    url: \"{{resources.app.url}}/\"",
+        "20s",
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, bp.to_str().unwrap(), &release)));
+    assert_eq!(out.status.code(), Some(1), "{}", m.sim_log());
+    let failure = report_of(&out)["failure"].as_str().unwrap().to_string();
+    assert!(
+        failure.contains("service.app did not become healthy")
+            && failure.contains("GET /healthz never answered 2xx")
+            && failure.contains("\"GET /healthz HTTP/1.1\" 500"),
+        "{failure}"
+    );
+    assert_clean(&m, &before);
+}
+
+#[test]
+fn a_release_that_exits_after_start_is_reported_as_such() {
+    let Some(m) = Moto::start_sim() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let release = m.put_release(
+        "shop-exits.tar.gz",
+        release_tarball_with(
+            "2.2.0",
+            "#!/bin/sh\ntrue\n",
+            "echo 'fatal: SHOP_SECRET_KEY is not set' >&2; exit 7",
+        ),
+    );
+    let bp = moto::app_blueprint(
+        state.path(),
+        "  - name: home\n    type: http\n    url: \"{{resources.app.url}}/\"",
+        "2m",
+    );
+    let started = Instant::now();
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, bp.to_str().unwrap(), &release)));
+    assert_eq!(out.status.code(), Some(1), "{}", m.sim_log());
+    let failure = report_of(&out)["failure"].as_str().unwrap().to_string();
+    assert!(
+        failure.contains("service.app did not become healthy")
+            && failure.contains("the service exited before GET /healthz answered 2xx")
+            && failure.contains("fatal: SHOP_SECRET_KEY is not set"),
+        "{failure}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 90,
+        "an exited service is reported at once, not at the 2 min deadline"
+    );
+    assert_clean(&m, &before);
+}
+
+#[test]
+fn checks_that_fail_on_the_instance_fail_the_run() {
+    let Some(m) = Moto::start_sim() else { return };
+    let state = state_dir();
+    let before = m.production();
+    let checks = [
+        "  - name: missing-page",
+        "    type: http",
+        "    url: \"{{resources.app.url}}/admin\"",
+        "  - name: wrong-body",
+        "    type: http",
+        "    url: \"{{resources.app.url}}/\"",
+        "    expect: {body_contains: Checkout}",
+        "  - name: wrong-version",
+        "    type: http",
+        "    url: \"{{resources.app.url}}/api/stats\"",
+        "    expect: {json: {/version: \"9.9.9\"}}",
+        "  - name: command-fails",
+        "    type: command",
+        "    run: 'echo \"no such table\" >&2; test -f /opt/dryrun/release/missing'",
+        "  - name: command-passes",
+        "    type: command",
+        "    run: 'test -x /opt/dryrun/release/shop-2.0.0/bin/migrate && hostname'",
+        "    expect: {output_contains: ip-}",
+    ]
+    .join("\n");
+    let bp = moto::app_blueprint(state.path(), &checks, "2m");
+    let out = run(dryrun_aws(&m, state.path()).args(run_args(&m, bp.to_str().unwrap(), RELEASE)));
+    assert_eq!(out.status.code(), Some(1), "{}", m.sim_log());
+    let r = report_of(&out);
+    for (name, want) in [
+        ("missing-page", "expected status 200, got 404"),
+        ("wrong-body", "expected body to contain \"Checkout\""),
+        (
+            "wrong-version",
+            "expected JSON /version = \"9.9.9\", got \"2.0.0\"",
+        ),
+        ("command-fails", "expected exit code 0, got 1"),
+    ] {
+        let c = check(&r, name);
+        assert_eq!(c["status"], "failed", "{c}");
+        assert!(c["message"].as_str().unwrap().contains(want), "{name}: {c}");
+    }
+    assert!(
+        check(&r, "command-fails")["output"]
+            .as_str()
+            .unwrap()
+            .contains("no such table")
+    );
+    assert_eq!(
+        check(&r, "command-passes")["status"],
+        "passed",
+        "{}",
+        check(&r, "command-passes")
+    );
+    assert_clean(&m, &before);
+}
