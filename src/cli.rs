@@ -698,7 +698,6 @@ async fn run(
 
     // One run per environment: wait for a CLI or server run that holds it.
     let env = lease::environment(provider.name(), &bp.name);
-    let run_id = run_id_arg.unwrap_or_else(|| engine::new_run_id(&bp.name));
     let mut held = match lease::acquire(state, &env, &shutdown.soft, |holder| {
         eprintln!(
             "waiting for environment {env}: run {} holds it",
@@ -717,15 +716,15 @@ async fn run(
         }
         Err(e) => return Err(e).context("take the environment lease"),
     };
-    held.set_holder(&run_id);
-    let history = record_cli_start(
+    let (run_id, history) = claim_cli_run(
         state,
         &bp,
-        &run_id,
+        run_id_arg,
         release_ref,
         &release.manifest.version,
         provider.name(),
-    );
+    )?;
+    held.set_holder(&run_id);
     let run_id_for_history = run_id.clone();
 
     let opts = RunOptions {
@@ -1072,28 +1071,30 @@ async fn serve_cmd(
     })
 }
 
-/// Records a CLI run in the history database (shared with `dryrun serve`), so that the API and
-/// the dashboard show every run on this state directory. Failure to record is a warning.
-fn record_cli_start(
+/// Claims the run's id (its directory, exclusively, and its row in the history database shared
+/// with `dryrun serve`, so that the API and the dashboard show every run on this state
+/// directory). A history that cannot be opened or written is a warning.
+fn claim_cli_run(
     state: &StateDir,
     bp: &Blueprint,
-    run_id: &str,
+    run_id_arg: Option<String>,
     release: &str,
     version: &str,
     provider: &str,
-) -> Option<crate::server::history::History> {
-    let h = match crate::server::history::History::open(&state.root().join("history.sqlite")) {
-        Ok(h) => h,
+) -> anyhow::Result<(String, Option<crate::server::history::History>)> {
+    use crate::server::history::{History, Inserted, RunRow};
+    let h = match History::open(&state.root().join("history.sqlite")) {
+        Ok(h) => Some(h),
         Err(e) => {
             eprintln!("warning: history database: {e}; the run is recorded in its journal only");
-            return None;
+            None
         }
     };
-    let row = crate::server::history::RunRow {
+    let row = |run_id: &str| RunRow {
         release_version: Some(version.to_string()),
         status: "running".into(),
         started_at: Some(Utc::now()),
-        ..crate::server::history::RunRow::queued(
+        ..RunRow::queued(
             run_id,
             &bp.name,
             &bp.path.display().to_string(),
@@ -1102,8 +1103,28 @@ fn record_cli_start(
             release,
         )
     };
-    if let Err(e) = h.insert_queued(&row) {
-        eprintln!("warning: history database: {e}");
-    }
-    Some(h)
+    let record = |id: &str| -> anyhow::Result<bool> {
+        Ok(match h.as_ref().map(|h| h.insert_queued(&row(id), None)) {
+            Some(Ok(Inserted::IdTaken)) => false,
+            Some(Err(e)) => {
+                eprintln!("warning: history database: {e}");
+                true
+            }
+            _ => true,
+        })
+    };
+    let id = match run_id_arg {
+        Some(id) => {
+            if !state.claim_run(&id).context("claim the run directory")? || !record(&id)? {
+                eprintln!(
+                    "error: --run-id `{id}`: a run with that id already exists in {}",
+                    state.root().display()
+                );
+                return Err(Exit(exit::USAGE).into());
+            }
+            id
+        }
+        None => engine::claim_run_id(state, &bp.name, record)?,
+    };
+    Ok((id, h))
 }

@@ -39,6 +39,9 @@ pub enum JournalError {
     /// Another process holds the run.
     #[error("run {0} is in progress in another process")]
     Locked(String),
+    /// A run with that id has a journal already.
+    #[error("run {0} exists already: a run id is never used twice")]
+    Exists(String),
 }
 
 /// One journal line.
@@ -129,6 +132,10 @@ impl Journal {
             source,
         })?;
         let lock = try_lock(&dir)?.ok_or_else(|| JournalError::Locked(run_id.to_string()))?;
+        // A new run never writes into another run's journal (an id used twice).
+        if dir.join("journal.jsonl").exists() {
+            return Err(JournalError::Exists(run_id.to_string()));
+        }
         Self::open_locked(&dir, lock)
     }
 

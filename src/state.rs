@@ -134,6 +134,20 @@ impl StateDir {
         }))
     }
 
+    /// Claims a run id: creates its run directory exclusively. `Ok(false)` when it exists
+    /// (another run has that id).
+    ///
+    /// # Errors
+    /// I/O errors other than "exists".
+    pub fn claim_run(&self, run_id: &str) -> io::Result<bool> {
+        create_private_dir(&self.runs_dir())?;
+        match DirBuilder::new().mode(0o700).create(self.run_dir(run_id)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// History directory of a run.
     #[must_use]
     pub fn run_dir(&self, run_id: &str) -> PathBuf {

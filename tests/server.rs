@@ -22,6 +22,12 @@ fn fixture_root() -> tempfile::TempDir {
         "version: \"1.5\"\ninstall:\n  - name: wait\n    run: sleep 1.5\n",
     )
     .unwrap();
+    std::fs::create_dir_all(r.join("releases/quick")).unwrap();
+    std::fs::write(
+        r.join("releases/quick/dryrun-release.yaml"),
+        "version: \"1.0\"\ninstall:\n  - name: wait\n    run: sleep 0.2\n",
+    )
+    .unwrap();
     std::fs::write(
         r.join("slow.yaml"),
         "name: slow\nresources:\n  job:\n    type: service\n",
@@ -312,9 +318,63 @@ async fn full_queue_answers_429_and_sigterm_tears_down_running_runs() {
         "{ra}"
     );
     assert_eq!(ra["report"]["left_behind"].as_array().unwrap().len(), 0);
+    // The queued run was accepted: it stays queued across the restart and runs now.
     let rb = get(&format!("{url}/v1/runs/{b}")).await;
-    assert_eq!(rb["run"]["status"], "cancelled");
+    let st = rb["run"]["status"].as_str().unwrap();
+    assert!(st == "queued" || st == "running", "{rb}");
     assert_nothing_left(srv.state(), &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_runs_survive_a_crash_of_the_server_and_run_after_the_restart() {
+    let fixtures = fixture_root();
+    let mut srv = Server::start_with_root(fixtures.path(), "concurrency = 1\n");
+    let url = srv.url.clone();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let (code, v) = hook(
+            &url,
+            r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#,
+            &format!("crash-{i}"),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        ids.push(v["run_id"].as_str().unwrap().to_string());
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 40, "run ids are distinct");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    srv.crash();
+    srv.restart();
+    // Every accepted run ends; only what was executing at the crash is interrupted.
+    let mut by_status: std::collections::BTreeMap<String, usize> = Default::default();
+    for id in &ids {
+        let done = wait_done(&url, id, Duration::from_secs(120)).await;
+        *by_status
+            .entry(done["run"]["status"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let interrupted = by_status.get("interrupted").copied().unwrap_or(0);
+    assert!(interrupted <= 1, "{by_status:?}");
+    assert_eq!(
+        by_status.get("passed").copied().unwrap_or(0) + interrupted,
+        40,
+        "{by_status:?}"
+    );
+    for id in &ids {
+        assert_nothing_left(srv.state(), id);
+    }
+    // A delivery accepted before the crash is still recognised after it.
+    let (code, again) = hook(
+        &url,
+        r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#,
+        "crash-7",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(again["run_id"], ids[7].as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,7 +496,7 @@ async fn cli_and_webhook_runs_on_one_environment_never_overlap() {
     }
     let (code, v) = hook(
         &url,
-        r#"{"blueprint":"slow.yaml","release":"releases/slow"}"#,
+        r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#,
         "overlap-1",
     )
     .await;
@@ -549,7 +609,7 @@ async fn cli_webhook_and_schedule_racing_for_one_environment_run_one_at_a_time()
     for i in 0..3 {
         let (code, v) = hook(
             &url,
-            r#"{"blueprint":"slow.yaml","release":"releases/slow"}"#,
+            r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#,
             &format!("race-{i}"),
         )
         .await;
@@ -716,5 +776,70 @@ async fn webhook_secret_and_blueprint_secret_never_leave_the_server_in_any_form(
         "searched {} pages, 3 callbacks, the server's output and {files} files for {} forms of 2 secrets: 0 hits",
         pages.len(),
         forms.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_queued_longer_than_queue_max_age_expires_at_restart_and_its_callback_says_so() {
+    let fixtures = fixture_root();
+    let (cb, got) = receiver().await;
+    let mut srv = Server::start_with_root(
+        fixtures.path(),
+        &format!(
+            "concurrency = 1\nqueue_max_age = \"1s\"\n[callbacks]\nallow = [\"{cb}/\"]\nbackoff = \"50ms\"\n"
+        ),
+    );
+    let url = srv.url.clone();
+    let stuck = r#"{"blueprint":"stuck.yaml","release":"releases/stuck"}"#;
+    let (code, a) = hook(&url, stuck, "age-a").await;
+    assert_eq!(code, 202);
+    let a = a["run_id"].as_str().unwrap().to_string();
+    let start = std::time::Instant::now();
+    while get(&format!("{url}/v1/runs/{a}")).await["run"]["status"] != "running" {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = format!(
+        r#"{{"blueprint":"stuck.yaml","release":"releases/stuck","callback_url":"{cb}/expired"}}"#
+    );
+    let (code, b) = hook(&url, &body, "age-b").await;
+    assert_eq!(code, 202);
+    let b = b["run_id"].as_str().unwrap().to_string();
+    srv.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    srv.restart();
+    let rb = get(&format!("{url}/v1/runs/{b}")).await;
+    assert_eq!(rb["run"]["status"], "expired", "{rb}");
+    assert!(
+        rb["run"]["failure"]
+            .as_str()
+            .unwrap()
+            .contains("longer than queue_max_age (1s)"),
+        "{rb}"
+    );
+    let start = std::time::Instant::now();
+    while !got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, body)| body.contains(&b))
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "no callback");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, body)| body.contains(&b))
+        .cloned()
+        .unwrap()
+        .1;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["event"], "run.expired");
+    assert_eq!(v["status"], "expired");
+    assert!(
+        !srv.state().join("runs").join(&b).exists(),
+        "nothing was created"
     );
 }

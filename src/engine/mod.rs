@@ -113,15 +113,47 @@ pub enum EngineError {
     Journal(#[from] JournalError),
 }
 
-/// Generates a run id: `BLUEPRINT-YYYYMMDD-HHMMSS-XXXX`.
+/// Generates a run id: `BLUEPRINT-YYYYMMDD-HHMMSS-XXXXXXXX` (UTC, 32 random bits). Unique in
+/// practice; [`claim_run_id`] makes it unique for certain.
 #[must_use]
 pub fn new_run_id(blueprint: &str) -> String {
     use rand::RngExt as _;
-    let suffix: u16 = rand::rng().random();
+    let suffix: u32 = rand::rng().random();
     format!(
-        "{blueprint}-{}-{suffix:04x}",
+        "{blueprint}-{}-{suffix:08x}",
         Utc::now().format("%Y%m%d-%H%M%S")
     )
+}
+
+/// Picks a new run id and claims it atomically, across processes and workers: its run
+/// directory is created exclusively (`StateDir::claim_run`), then `record` records it (the
+/// history row; `Ok(false)` means the id is taken there). A taken id is given up (its directory
+/// removed) and another one drawn, so two runs never share an id however many start in the same
+/// second.
+///
+/// # Errors
+/// What `record` returns, or an I/O error creating the directory.
+pub fn claim_run_id<E: From<std::io::Error>>(
+    state: &StateDir,
+    blueprint: &str,
+    mut record: impl FnMut(&str) -> Result<bool, E>,
+) -> Result<String, E> {
+    loop {
+        let id = new_run_id(blueprint);
+        if !state.claim_run(&id)? {
+            continue;
+        }
+        match record(&id) {
+            Ok(true) => return Ok(id),
+            Ok(false) => {
+                let _ = std::fs::remove_dir(state.run_dir(&id));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir(state.run_dir(&id));
+                return Err(e);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

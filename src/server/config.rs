@@ -50,6 +50,9 @@ pub struct Config {
     /// Runs waiting at most; beyond it the webhook answers 429. Default 64.
     #[serde(default = "default_queue_limit")]
     pub queue_limit: usize,
+    /// How long an accepted run may wait (across restarts) before it expires unrun; default 24h.
+    #[serde(default = "default_queue_max_age", with = "humantime_de")]
+    pub queue_max_age: Duration,
     /// Base URL for `status_url` in webhook answers and callbacks; default `http://LISTEN`.
     pub public_url: Option<String>,
     /// How long a SIGTERM lets running dry runs tear down before giving up; default 2m.
@@ -172,6 +175,9 @@ fn default_concurrency() -> usize {
 fn default_queue_limit() -> usize {
     64
 }
+fn default_queue_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 fn default_grace() -> Duration {
     Duration::from_secs(120)
 }
@@ -239,6 +245,7 @@ fn defaults() -> Config {
         provider: default_provider(),
         concurrency: default_concurrency(),
         queue_limit: default_queue_limit(),
+        queue_max_age: default_queue_max_age(),
         public_url: None,
         shutdown_grace: default_grace(),
         webhook: WebhookConfig::default(),

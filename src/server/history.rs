@@ -206,6 +206,8 @@ pub enum Inserted {
     New,
     /// The delivery id was seen before: the original run.
     Duplicate(Box<RunRow>),
+    /// The run id is taken (another run has it): draw another.
+    IdTaken,
 }
 
 impl History {
@@ -226,6 +228,23 @@ impl History {
                 .mode(0o600)
                 .open(path);
         }
+        // Switching a new database to WAL takes an exclusive lock that SQLite does not wait
+        // for: processes opening it at the same moment (a CLI run as the server starts) retry.
+        let mut tries = 0;
+        loop {
+            match Self::open_once(path) {
+                Err(HistoryError::Sql(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 100 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<History, HistoryError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(
@@ -250,6 +269,20 @@ impl History {
                done_at TEXT, outcome TEXT);
              CREATE INDEX IF NOT EXISTS outbox_due ON outbox(done_at, next_at);",
         )?;
+        // Added after the first release: the request a queued run was accepted with. Checked
+        // and added in one immediate transaction: a CLI run and the server may open the
+        // database at the same moment.
+        let mut conn = conn;
+        {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let has_request: bool = tx
+                .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'request'")?
+                .exists([])?;
+            if !has_request {
+                tx.execute_batch("ALTER TABLE runs ADD COLUMN request TEXT")?;
+            }
+            tx.commit()?;
+        }
         Ok(History {
             conn: Mutex::new(conn),
         })
@@ -266,9 +299,13 @@ impl History {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn insert_queued(&self, r: &RunRow) -> Result<Inserted, HistoryError> {
+    pub fn insert_queued(
+        &self,
+        r: &RunRow,
+        request: Option<&str>,
+    ) -> Result<Inserted, HistoryError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(d) = &r.delivery {
             let existing: Option<String> = tx
                 .query_row("SELECT run_id FROM deliveries WHERE id = ?1", [d], |x| {
@@ -288,14 +325,24 @@ impl History {
                 params![d, r.run_id, r.queued_at],
             )?;
         }
-        tx.execute(
-            &format!("INSERT INTO runs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"),
+        let inserted = tx.execute(
+            &format!("INSERT INTO runs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22) ON CONFLICT (run_id) DO NOTHING"),
             params![
                 r.run_id, r.blueprint, r.blueprint_path, r.provider, r.environment, r.trigger, r.release, r.release_version, r.status,
                 r.queued_at, r.started_at, r.finished_at, r.duration_ms, r.restore_ms, r.backup_id, r.backup_age_s, r.exit_code,
                 r.left_behind, r.failure, r.delivery, r.schedule, r.callback
             ],
         )?;
+        if inserted == 0 {
+            // The transaction is dropped: the delivery id is not recorded either.
+            return Ok(Inserted::IdTaken);
+        }
+        if let Some(req) = request {
+            tx.execute(
+                "UPDATE runs SET request = ?2 WHERE run_id = ?1",
+                params![r.run_id, req],
+            )?;
+        }
         tx.commit()?;
         Ok(Inserted::New)
     }
@@ -379,6 +426,22 @@ impl History {
             ],
         )?;
         Ok(())
+    }
+
+    /// The request a queued run was accepted with (JSON), if it was recorded.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn request(&self, run_id: &str) -> Result<Option<String>, HistoryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT request FROM runs WHERE run_id = ?1",
+                [run_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Records a callback outcome.
@@ -517,7 +580,7 @@ impl History {
         keep: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, HistoryError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let ids: Vec<String> = {
             let mut st = tx.prepare(
                 "SELECT run_id FROM runs WHERE status NOT IN ('queued', 'running') AND COALESCE(finished_at, queued_at) < ?1",
@@ -668,16 +731,68 @@ mod tests {
         let p = dir.path().join("h.sqlite");
         let h = History::open(&p).unwrap();
         assert_eq!(
-            h.insert_queued(&queued("r1", Some("d1"))).unwrap(),
+            h.insert_queued(&queued("r1", Some("d1")), None).unwrap(),
             Inserted::New
         );
         drop(h);
         let h = History::open(&p).unwrap();
-        match h.insert_queued(&queued("r2", Some("d1"))).unwrap() {
+        match h.insert_queued(&queued("r2", Some("d1")), None).unwrap() {
             Inserted::Duplicate(orig) => assert_eq!(orig.run_id, "r1"),
-            Inserted::New => panic!("duplicate delivery started a second run"),
+            other => panic!("duplicate delivery answered {other:?}"),
         }
         assert_eq!(h.count().unwrap(), 1);
         assert_eq!(h.delivery("d1").unwrap().unwrap().run_id, "r1");
+    }
+
+    #[test]
+    fn thousands_of_runs_claimed_in_the_same_second_never_share_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::new(dir.path());
+        let p = dir.path().join("h.sqlite");
+        // Four "processes" (own connections), a thousand runs each, same blueprint and second,
+        // each with its own delivery id; plus the same id offered twice to the history.
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|w| {
+                    let (state, p) = (&state, &p);
+                    s.spawn(move || {
+                        let h = History::open(p).unwrap();
+                        (0..1000)
+                            .map(|i| {
+                                crate::engine::claim_run_id(state, "shop", |id| {
+                                    let row = queued(id, Some(&format!("d-{w}-{i}")));
+                                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                                        match h.insert_queued(&row, None)? {
+                                            Inserted::New => true,
+                                            Inserted::IdTaken => false,
+                                            Inserted::Duplicate(_) => panic!("fresh delivery id"),
+                                        },
+                                    )
+                                })
+                                .unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 4000);
+        let h = History::open(&p).unwrap();
+        assert_eq!(h.count().unwrap(), 4000);
+        assert!(ids.iter().all(|id| state.run_dir(id).is_dir()));
+        // A taken id is reported as such (and its delivery id is not recorded).
+        assert_eq!(
+            h.insert_queued(&queued(&ids[0], Some("d-new")), None)
+                .unwrap(),
+            Inserted::IdTaken
+        );
+        assert!(h.delivery("d-new").unwrap().is_none());
     }
 }

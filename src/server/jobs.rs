@@ -37,8 +37,9 @@ use super::{ServeError, notify};
 /// Lines of live progress kept per running run (shown by the API and the run page).
 const PROGRESS_LINES: usize = 200;
 
-/// A request to start a dry run (webhook, dashboard form or schedule).
-#[derive(Debug, Clone, Default)]
+/// A request to start a dry run (webhook, dashboard form or schedule). Kept with the queued
+/// run in the history (it holds no secret), so that the run survives a restart.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunRequest {
     /// Blueprint path under the blueprints root.
     pub blueprint: String,
@@ -81,6 +82,9 @@ pub enum SubmitError {
     /// History database.
     #[error(transparent)]
     History(#[from] super::history::HistoryError),
+    /// The state directory (claiming the run's directory).
+    #[error("state directory: {0}")]
+    State(#[from] std::io::Error),
 }
 
 /// What `submit` did.
@@ -323,6 +327,81 @@ impl App {
         {
             return Ok(Submitted::Duplicate(orig));
         }
+        let (bp, release, backup) = self.prepare(&req)?;
+        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.cfg.queue_limit {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(prev));
+        }
+        let trigger = req.trigger.unwrap_or(Trigger::Webhook);
+        let request = serde_json::to_string(&req).unwrap_or_default();
+        let new_row = |run_id: &str| RunRow {
+            release_version: Some(release.manifest.version.clone()),
+            delivery: req.delivery.clone(),
+            schedule: req.schedule.clone(),
+            ..RunRow::queued(
+                run_id,
+                &bp.name,
+                &req.blueprint,
+                &self.cfg.provider,
+                trigger_name(trigger),
+                &req.release,
+            )
+        };
+        // The id is claimed in the state directory and in the history: never a collision, even
+        // with CLI runs and other workers starting in the same second. The request is kept with
+        // the row, so that a queued run survives a restart.
+        let mut duplicate = None;
+        let claimed = engine::claim_run_id(&self.state, &bp.name, |id| {
+            match self.history.insert_queued(&new_row(id), Some(&request))? {
+                Inserted::New => Ok(true),
+                Inserted::IdTaken => Ok(false),
+                Inserted::Duplicate(orig) => {
+                    duplicate = Some(*orig);
+                    Ok(true)
+                }
+            }
+        });
+        let run_id = match claimed {
+            Ok(id) => id,
+            Err(e) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        if let Some(orig) = duplicate {
+            let _ = std::fs::remove_dir(self.state.run_dir(&run_id));
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Ok(Submitted::Duplicate(orig));
+        }
+        let row = new_row(&run_id);
+        self.enqueue(
+            Job {
+                row: row.clone(),
+                bp,
+                release,
+                backup,
+                callback_url: req.callback_url,
+            },
+            trigger,
+        );
+        Ok(Submitted::New(row))
+    }
+
+    /// Starts the task of an accepted run (counted in `waiting` already).
+    fn enqueue(self: &Arc<Self>, job: Job, trigger: Trigger) {
+        self.metrics.queue_depth.inc();
+        let app = self.clone();
+        self.tracker
+            .spawn(async move { app.run_job(job, trigger).await });
+    }
+
+    /// Checks a request and loads what its run needs: the callback URL against the allow-list,
+    /// the blueprint (compiled with its params) and the release, resolved under the root.
+    ///
+    /// # Errors
+    /// See [`SubmitError`].
+    fn prepare(&self, req: &RunRequest) -> Result<(Blueprint, Release, BackupPick), SubmitError> {
         if let Some(cb) = &req.callback_url
             && !self.callback_allowed(cb)
         {
@@ -369,48 +448,7 @@ impl App {
                 Err(_) => BackupPick::Id(s.to_string()),
             },
         };
-        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.cfg.queue_limit {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull(prev));
-        }
-        let trigger = req.trigger.unwrap_or(Trigger::Webhook);
-        let row = RunRow {
-            release_version: Some(release.manifest.version.clone()),
-            delivery: req.delivery.clone(),
-            schedule: req.schedule.clone(),
-            ..RunRow::queued(
-                &engine::new_run_id(&bp.name),
-                &bp.name,
-                &req.blueprint,
-                &self.cfg.provider,
-                trigger_name(trigger),
-                &req.release,
-            )
-        };
-        match self.history.insert_queued(&row) {
-            Ok(Inserted::New) => {}
-            Ok(Inserted::Duplicate(orig)) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Ok(Submitted::Duplicate(*orig));
-            }
-            Err(e) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Err(e.into());
-            }
-        }
-        self.metrics.queue_depth.inc();
-        let job = Job {
-            row: row.clone(),
-            bp,
-            release,
-            backup,
-            callback_url: req.callback_url,
-        };
-        let app = self.clone();
-        self.tracker
-            .spawn(async move { app.run_job(job, trigger).await });
-        Ok(Submitted::New(row))
+        Ok((bp, release, backup))
     }
 
     async fn run_job(self: Arc<Self>, job: Job, trigger: Trigger) {
@@ -529,13 +567,10 @@ impl App {
             .remove(&run_id);
     }
 
-    fn cancelled(&self, run_id: &str, trigger: Trigger) {
-        let _ = self.history.set_status(
-            run_id,
-            "cancelled",
-            Some("the server stopped before the run started; nothing was created"),
-        );
-        self.metrics.ended("cancelled", trigger_name(trigger));
+    /// The server stops while the run waits: it stays `queued` (with its request) and runs
+    /// after the next start.
+    fn cancelled(&self, run_id: &str, _trigger: Trigger) {
+        tracing::info!(run_id = %run_id, "server stopping: the run stays queued for the next start");
     }
 
     fn after_run(&self, job: &Job, rep: &RunReport) {
@@ -612,17 +647,13 @@ impl App {
 
     /// At start-up: runs that were queued or running when the server died are marked
     /// interrupted, and what the running ones created is cleaned up through their journals.
-    pub async fn recover_interrupted(&self) {
+    pub async fn recover_interrupted(self: &Arc<Self>) {
         let Ok(rows) = self.history.in_status(&["queued", "running"]) else {
             return;
         };
         for r in rows {
             if r.status == "queued" {
-                let _ = self.history.set_status(
-                    &r.run_id,
-                    "interrupted",
-                    Some("the server stopped before the run started; nothing was created"),
-                );
+                self.resume(r);
                 continue;
             }
             let provider = LocalProvider::new(self.state.clone(), None);
@@ -665,6 +696,71 @@ impl App {
             let _ = self
                 .history
                 .set_status(&r.run_id, "interrupted", Some(&outcome));
+        }
+    }
+}
+
+impl App {
+    /// A run that was accepted (queued) when the server stopped or died: it runs now, from the
+    /// request kept with it — unless it waited longer than `queue_max_age` (then `expired`) or
+    /// its blueprint or release no longer loads (then `error`); either way its callback says so.
+    fn resume(self: &Arc<Self>, r: RunRow) {
+        let age = Utc::now() - r.queued_at;
+        let max =
+            chrono::Duration::from_std(self.cfg.queue_max_age).unwrap_or(chrono::Duration::MAX);
+        let request = self
+            .history
+            .request(&r.run_id)
+            .ok()
+            .flatten()
+            .and_then(|j| serde_json::from_str::<RunRequest>(&j).ok());
+        let not_run = |status: &str, why: String| {
+            eprintln!("dryrun serve: queued run {} {status}: {why}", r.run_id);
+            let _ = self.history.set_status(&r.run_id, status, Some(&why));
+            let _ = std::fs::remove_dir(self.state.run_dir(&r.run_id));
+            if let Some(url) = request.as_ref().and_then(|q| q.callback_url.as_deref()) {
+                notify::callback_not_run(self, url, &r.run_id, status, &why);
+            }
+        };
+        let Some(req) = request.clone() else {
+            return not_run(
+                "interrupted",
+                "the server stopped before the run started and its request was not kept; nothing was created".into(),
+            );
+        };
+        if age > max {
+            return not_run(
+                "expired",
+                format!(
+                    "it waited {} in the queue, longer than queue_max_age ({}); nothing was created",
+                    crate::report::human_secs(age.num_seconds()),
+                    humantime::format_duration(self.cfg.queue_max_age)
+                ),
+            );
+        }
+        match self.prepare(&req) {
+            Ok((bp, release, backup)) => {
+                eprintln!(
+                    "dryrun serve: queued run {} resumes after the restart",
+                    r.run_id
+                );
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let trigger = req.trigger.unwrap_or(Trigger::Webhook);
+                self.enqueue(
+                    Job {
+                        row: r,
+                        bp,
+                        release,
+                        backup,
+                        callback_url: req.callback_url,
+                    },
+                    trigger,
+                );
+            }
+            Err(e) => not_run(
+                "error",
+                format!("it could not be resumed after a restart: {e}; nothing was created"),
+            ),
         }
     }
 }

@@ -132,9 +132,8 @@ pub async fn serve(
         addr: cfg.listen.clone(),
         source,
     })?;
-    let app = App::new(cfg, state, &blueprints, addr)?;
+    let app = Arc::new(App::new(cfg, state, &blueprints, addr)?);
     app.recover_interrupted().await;
-    let app = Arc::new(app);
     let schedules = jobs::start_schedules(&app);
     let retention = start_retention(&app);
     let outbox_stop = CancellationToken::new();

@@ -66,6 +66,28 @@ pub fn callback(app: &App, url: &str, rep: &RunReport) {
     }
 }
 
+/// Queues the callback of a run that ended without running (expired in the queue, or its
+/// blueprint no longer loads after a restart): `{"event": "run.expired"|"run.not_run", …}`.
+pub fn callback_not_run(app: &App, url: &str, run_id: &str, status: &str, reason: &str) {
+    let body = json!({
+        "event": if status == "expired" { "run.expired" } else { "run.not_run" },
+        "run_id": run_id,
+        "status": status,
+        "failure": reason,
+        "status_url": format!("{}/v1/runs/{run_id}", app.base_url),
+        "dashboard_url": format!("{}/runs/{run_id}", app.base_url),
+    })
+    .to_string();
+    if app
+        .history
+        .outbox_add(run_id, OutboxKind::Callback, Some(url), &body)
+        .is_ok()
+    {
+        let _ = app.history.set_callback(run_id, "pending");
+        app.outbox_wake.notify_one();
+    }
+}
+
 /// Queues the notifications a finished run calls for.
 pub fn notify(app: &App, rep: &RunReport) {
     let mut lines = Vec::new();

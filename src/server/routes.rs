@@ -153,6 +153,7 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
         SubmitError::QueueFull(_) => "queue_full",
         SubmitError::ShuttingDown => "shutting_down",
         SubmitError::History(_) => "history",
+        SubmitError::State(_) => "state",
     };
     app.metrics.rejected(reason);
     match e {
@@ -168,7 +169,9 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
             r
         }
         SubmitError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        SubmitError::History(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        SubmitError::History(_) | SubmitError::State(_) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     }
 }
 

@@ -145,7 +145,7 @@ pub fn guard(what: &str, run_id: &str, tag: Option<&str>) -> Result<(), Provider
 /// How much earlier than its run's start a resource may say it was created (clocks differ).
 const CLOCK_SKEW_SECS: i64 = 600;
 
-/// When a run started, read from its id (`BLUEPRINT-YYYYMMDD-HHMMSS-XXXX`, UTC); `None` for an
+/// When a run started, read from its id (`BLUEPRINT-YYYYMMDD-HHMMSS-XXXXXXXX`, UTC); `None` for an
 /// id of another shape (a `--run-id` given by hand).
 #[must_use]
 pub fn run_started(run_id: &str) -> Option<DateTime<Utc>> {
