@@ -18,9 +18,6 @@ use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
 use crate::lease;
-#[cfg(feature = "aws")]
-use crate::provider::aws::AwsProvider;
-use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
 use crate::release::{Release, ReleaseError};
 use crate::report::terminal::{Progress, ProgressMode};
@@ -208,6 +205,11 @@ Configuration reference: docs/server.md.\n\nExample:\n  DRYRUN_WEBHOOK_SECRET=..
         /// Dry runs at once over all environments (overrides the config).
         #[arg(long, value_name = "N")]
         concurrency: Option<usize>,
+        /// Provider of webhook, form and scheduled runs (overrides the config's `provider`; a
+        /// `[[schedule]]` may set its own). With `aws`, the standard credential chain and region,
+        /// and `AWS_ENDPOINT_URL` for an emulator.
+        #[arg(long, value_enum)]
+        provider: Option<ProviderName>,
     },
     /// Make an API/dashboard token for `dryrun serve`: prints the token once and the config
     /// lines that hold only its SHA-256.
@@ -470,6 +472,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             listen,
             blueprints,
             concurrency,
+            provider,
         } => {
             serve_cmd(
                 cli.state_dir.is_some(),
@@ -477,7 +480,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 config,
                 listen,
                 blueprints,
-                concurrency,
+                (concurrency, provider),
             )
             .await
         }
@@ -537,20 +540,9 @@ async fn provider_for(
     bp: Option<&Blueprint>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<Arc<dyn Provider>> {
-    #[cfg(not(feature = "aws"))]
-    let _ = endpoint;
-    Ok(match name {
-        ProviderName::Local => Arc::new(LocalProvider::new(
-            state.clone(),
-            bp.map(|b| b.local.clone()),
-        )),
-        #[cfg(feature = "aws")]
-        ProviderName::Aws => Arc::new(
-            AwsProvider::connect(bp, endpoint.map(ToString::to_string))
-                .await
-                .context("configure the AWS provider")?,
-        ),
-    })
+    crate::provider::choose(name.as_str(), state, bp, endpoint.map(ToString::to_string))
+        .await
+        .with_context(|| format!("configure the {} provider", name.as_str()))
 }
 
 async fn plan(
@@ -999,7 +991,7 @@ async fn serve_cmd(
     config: Option<PathBuf>,
     listen: Option<String>,
     blueprints: Option<PathBuf>,
-    concurrency: Option<usize>,
+    (concurrency, provider): (Option<usize>, Option<ProviderName>),
 ) -> anyhow::Result<i32> {
     let mut cfg = match &config {
         Some(p) => crate::server::Config::load(p).map_err(|e| {
@@ -1013,6 +1005,9 @@ async fn serve_cmd(
     }
     if let Some(c) = concurrency {
         cfg.concurrency = c.max(1);
+    }
+    if let Some(p) = provider {
+        cfg.provider = p.as_str().to_string();
     }
     let state = match (
         &cfg.state_dir,
@@ -1053,7 +1048,7 @@ async fn serve_cmd(
         eprintln!("error: {e}");
         return Err(Exit(exit::USAGE).into());
     }
-    let stopped = crate::server::serve(cfg, state, root, shutdown, None)
+    let stopped = Box::pin(crate::server::serve(cfg, state, root, shutdown, None))
         .await
         .map_err(|e| {
             eprintln!("error: {e}");

@@ -296,3 +296,76 @@ fn checks_that_fail_on_the_instance_fail_the_run() {
     );
     assert_clean(&m, &before);
 }
+
+#[test]
+fn the_server_runs_webhook_and_scheduled_rehearsals_on_aws() {
+    use common::server::{Server, hook, wait_done};
+    let Some(m) = Moto::start_sim() else { return };
+    let before = m.production();
+    let params = format!(
+        "{{ source_db = \"{PROD_DB}\", assets_bucket = \"{PROD_BUCKET}\", ami = \"{}\" }}",
+        m.ami
+    );
+    // A schedule that fires once, a few seconds from now (seconds first; UTC).
+    let at = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let cron = at.format("%S %M %H * * *").to_string();
+    let env = m.env_pairs();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let srv = Server::start_with_env(
+        &root().join("blueprints"),
+        &format!(
+            "provider = \"aws\"\n[[schedule]]\nname = \"nightly-aws\"\ncron = \"{cron}\"\nblueprint = \"aws/shop.yaml\"\nrelease = \"{RELEASE}\"\nparams = {params}\n"
+        ),
+        common::server::SECRET,
+        &env,
+    );
+    // The emulator's clients have their own runtime: the HTTP side gets another.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+    let body = serde_json::json!({
+        "blueprint": "aws/shop.yaml",
+        "release": RELEASE,
+        "params": {"source_db": PROD_DB, "assets_bucket": PROD_BUCKET, "ami": m.ami},
+    })
+    .to_string();
+    let (code, v) = hook(&srv.url, &body, "aws-1").await;
+    assert_eq!(code, 202, "{v}");
+    let run_id = v["run_id"].as_str().unwrap().to_string();
+    let done = wait_done(&srv.url, &run_id, std::time::Duration::from_secs(120)).await;
+    assert_eq!(done["run"]["status"], "passed", "{done}\n{}", m.sim_log());
+    assert_eq!(done["run"]["provider"], "aws");
+    assert_eq!(done["run"]["environment"], "aws:shop");
+    assert_eq!(done["report"]["release"]["version"], "2.0.0");
+    assert_eq!(check(&done["report"], "homepage")["status"], "passed");
+    // The schedule's rehearsal, on AWS too.
+    let start = Instant::now();
+    let scheduled = loop {
+        let runs = common::server::get(&format!("{}/v1/runs", srv.url)).await;
+        let found = runs["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["trigger"] == "schedule")
+            .map(|r| r["run_id"].as_str().unwrap().to_string());
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(start.elapsed().as_secs() < 60, "the schedule never fired");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let done = wait_done(&srv.url, &scheduled, std::time::Duration::from_secs(120)).await;
+    assert_eq!(done["run"]["status"], "passed", "{done}");
+    assert_eq!(done["run"]["provider"], "aws");
+    assert_eq!(done["run"]["schedule"], "nightly-aws");
+    // An s3:// release is taken only for the AWS provider; a path escaping the root never.
+    let (code, _) = hook(
+        &srv.url,
+        &serde_json::json!({"blueprint": "aws/shop.yaml", "release": "s3:/shop-releases/x", "params": {"ami": m.ami}}).to_string(),
+        "aws-bad",
+    )
+    .await;
+    assert_eq!(code, 400);
+    });
+    drop(srv);
+    assert_clean(&m, &before);
+}

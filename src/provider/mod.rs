@@ -40,6 +40,44 @@ use crate::blueprint::{BucketSpec, DatabaseSpec, ServiceSpec};
 use crate::release::Release;
 use crate::secret::Redactor;
 
+/// The providers this build has, by name.
+pub const NAMES: &[&str] = &[
+    "local",
+    #[cfg(feature = "aws")]
+    "aws",
+];
+
+/// The one place that chooses a backend by name, for the CLI and the server alike: `local`
+/// (with the blueprint's `providers.local` settings) or `aws` (the standard credential chain;
+/// `endpoint`, else `AWS_ENDPOINT_URL`, points at an emulator). `bp` is `None` for cleanup,
+/// which needs only journals and tags.
+///
+/// # Errors
+/// An unknown name; the AWS provider's configuration errors (no region).
+pub async fn choose(
+    name: &str,
+    state: &crate::state::StateDir,
+    bp: Option<&crate::blueprint::Blueprint>,
+    endpoint: Option<String>,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    #[cfg(not(feature = "aws"))]
+    let _ = &endpoint;
+    match name {
+        "local" => Ok(std::sync::Arc::new(local::LocalProvider::new(
+            state.clone(),
+            bp.map(|b| b.local.clone()),
+        ))),
+        #[cfg(feature = "aws")]
+        "aws" => Ok(std::sync::Arc::new(
+            aws::AwsProvider::connect(bp, endpoint).await?,
+        )),
+        other => Err(ProviderError::Other(format!(
+            "unknown provider `{other}`; this build has: {}",
+            NAMES.join(", ")
+        ))),
+    }
+}
+
 /// The remote release schemes the provider named `provider` fetches (see
 /// [`Provider::fetch_release`] and [`crate::reference`]): `s3` for `aws`, none for `local`.
 #[must_use]

@@ -161,6 +161,8 @@ pub struct Schedule {
     /// Blueprint params.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Provider of this rehearsal; default: the server's `provider`.
+    pub provider: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -298,11 +300,24 @@ impl Config {
     /// # Errors
     /// A message naming the bad entry.
     pub fn validate(&self) -> Result<(), String> {
-        if self.provider != "local" {
+        let known = |p: &str| crate::provider::NAMES.contains(&p);
+        if !known(&self.provider) {
             return Err(format!(
-                "provider `{}`: `dryrun serve` runs dry runs on the local provider in this version; use `dryrun run --provider aws` for AWS",
-                self.provider
+                "provider `{}`: this build has {}",
+                self.provider,
+                crate::provider::NAMES.join(", ")
             ));
+        }
+        for s in &self.schedule {
+            if let Some(p) = &s.provider
+                && !known(p)
+            {
+                return Err(format!(
+                    "schedule `{}`: provider `{p}`: this build has {}",
+                    s.name,
+                    crate::provider::NAMES.join(", ")
+                ));
+            }
         }
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());

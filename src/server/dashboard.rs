@@ -303,14 +303,16 @@ async fn start(
         trigger: Some(crate::report::Trigger::Webhook),
         ..RunRequest::default()
     };
-    match app.submit(req) {
+    match app.submit(req).await {
         Ok(Submitted::New(row) | Submitted::Duplicate(row)) => {
             Redirect::to(&format!("/runs/{}", row.run_id)).into_response()
         }
         Err(e) => {
             let status = match e {
                 SubmitError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-                SubmitError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 SubmitError::BadPath(_) => StatusCode::BAD_REQUEST,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };

@@ -21,7 +21,6 @@ use tokio_util::task::TaskTracker;
 use crate::blueprint::{self, Blueprint, CompileError};
 use crate::engine::{self, Event, RunOptions, Shutdown};
 use crate::lease;
-use crate::provider::local::LocalProvider;
 use crate::provider::{BackupPick, Provider};
 use crate::reference;
 use crate::release::Release;
@@ -57,6 +56,9 @@ pub struct RunRequest {
     pub schedule: Option<String>,
     /// `webhook` or `schedule` (the dashboard's form counts as the portal's button: webhook).
     pub trigger: Option<Trigger>,
+    /// Provider of the run (a schedule's own); default: the server's.
+    #[serde(default)]
+    pub provider: Option<String>,
 }
 
 /// Why a request was not accepted. Nothing was created for any of these.
@@ -76,6 +78,9 @@ pub enum SubmitError {
     /// Too many runs waiting.
     #[error("the queue is full ({0} runs waiting); retry later")]
     QueueFull(usize),
+    /// The run's provider cannot be used (its configuration).
+    #[error("{0}")]
+    Unavailable(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -102,6 +107,15 @@ struct Job {
     release: Release,
     backup: BackupPick,
     callback_url: Option<String>,
+    provider: Arc<dyn Provider>,
+}
+
+/// What a request needs to run, loaded and checked.
+struct Prepared {
+    bp: Blueprint,
+    release: Release,
+    backup: BackupPick,
+    provider: Arc<dyn Provider>,
 }
 
 /// The server's shared state.
@@ -318,7 +332,7 @@ impl App {
     ///
     /// # Errors
     /// See [`SubmitError`]; nothing is created on error.
-    pub fn submit(self: &Arc<Self>, req: RunRequest) -> Result<Submitted, SubmitError> {
+    pub async fn submit(self: &Arc<Self>, req: RunRequest) -> Result<Submitted, SubmitError> {
         if self.stop.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -327,7 +341,12 @@ impl App {
         {
             return Ok(Submitted::Duplicate(orig));
         }
-        let (bp, release, backup) = self.prepare(&req)?;
+        let Prepared {
+            bp,
+            release,
+            backup,
+            provider,
+        } = self.prepare(&req).await?;
         let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
         if prev >= self.cfg.queue_limit {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -343,7 +362,7 @@ impl App {
                 run_id,
                 &bp.name,
                 &req.blueprint,
-                &self.cfg.provider,
+                provider.name(),
                 trigger_name(trigger),
                 &req.release,
             )
@@ -382,6 +401,7 @@ impl App {
                 release,
                 backup,
                 callback_url: req.callback_url,
+                provider,
             },
             trigger,
         );
@@ -397,11 +417,13 @@ impl App {
     }
 
     /// Checks a request and loads what its run needs: the callback URL against the allow-list,
-    /// the blueprint (compiled with its params) and the release, resolved under the root.
+    /// the blueprint (compiled with its params), the run's provider (`provider::choose`) and the
+    /// release, resolved under the root or — `s3://…` for the AWS provider — fetched through the
+    /// provider to read its manifest.
     ///
     /// # Errors
     /// See [`SubmitError`].
-    fn prepare(&self, req: &RunRequest) -> Result<(Blueprint, Release, BackupPick), SubmitError> {
+    async fn prepare(&self, req: &RunRequest) -> Result<Prepared, SubmitError> {
         if let Some(cb) = &req.callback_url
             && !self.callback_allowed(cb)
         {
@@ -427,20 +449,32 @@ impl App {
             }
             Err(e) => return Err(SubmitError::Invalid(e.to_string())),
         };
-        let release_ref = match self.resolve(
+        let provider_name = req.provider.as_deref().unwrap_or(&self.cfg.provider);
+        let provider = crate::provider::choose(provider_name, &self.state, Some(&bp), None)
+            .await
+            .map_err(|e| SubmitError::Unavailable(format!("the {provider_name} provider: {e}")))?;
+        let hide = |e: String| e.replace(&self.blueprints.display().to_string(), "");
+        let release = match self.resolve(
             &req.release,
             "release",
-            crate::provider::remote_schemes(&self.cfg.provider),
+            crate::provider::remote_schemes(provider_name),
         )? {
-            reference::Resolved::Local(p) => p.display().to_string(),
-            reference::Resolved::Remote(r) => r,
+            reference::Resolved::Local(p) => Release::load(&p.display().to_string())
+                .map_err(|e| SubmitError::Invalid(hide(e.to_string())))?,
+            reference::Resolved::Remote(r) => {
+                let file = provider
+                    .fetch_release(&r, &self.state.root().join("releases"))
+                    .await
+                    .map_err(|e| SubmitError::Invalid(format!("release {r}: {e}")))?
+                    .ok_or_else(|| {
+                        SubmitError::BadPath(format!(
+                            "release {r}: the {provider_name} provider does not fetch it"
+                        ))
+                    })?;
+                Release::load_fetched(&r, &file)
+                    .map_err(|e| SubmitError::Invalid(hide(e.to_string())))?
+            }
         };
-        let release = Release::load(&release_ref).map_err(|e| {
-            SubmitError::Invalid(
-                e.to_string()
-                    .replace(&self.blueprints.display().to_string(), ""),
-            )
-        })?;
         let backup = match req.backup.as_deref() {
             None | Some("latest") => BackupPick::Latest,
             Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
@@ -448,7 +482,12 @@ impl App {
                 Err(_) => BackupPick::Id(s.to_string()),
             },
         };
-        Ok((bp, release, backup))
+        Ok(Prepared {
+            bp,
+            release,
+            backup,
+            provider,
+        })
     }
 
     async fn run_job(self: Arc<Self>, job: Job, trigger: Trigger) {
@@ -513,10 +552,7 @@ impl App {
                 }
             }
         });
-        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(
-            self.state.clone(),
-            Some(job.bp.local.clone()),
-        ));
+        let provider = job.provider.clone();
         let opts = RunOptions {
             release: job.release.clone(),
             backup: job.backup.clone(),
@@ -653,12 +689,27 @@ impl App {
         };
         for r in rows {
             if r.status == "queued" {
-                self.resume(r);
+                self.resume(r).await;
                 continue;
             }
-            let provider = LocalProvider::new(self.state.clone(), None);
+            let provider = match crate::provider::choose(&r.provider, &self.state, None, None).await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let why = format!(
+                        "the server stopped during the run; cleanup at restart could not use the {} provider: {e}; run `dryrun cleanup {} --provider {}`",
+                        r.provider, r.run_id, r.provider
+                    );
+                    eprintln!("dryrun serve: run {} was interrupted: {why}", r.run_id);
+                    let _ = self
+                        .history
+                        .set_status(&r.run_id, "interrupted", Some(&why));
+                    continue;
+                }
+            };
+            let provider = provider.as_ref();
             let target = engine::cleanup::Target::Run(r.run_id.clone());
-            let outcome = match engine::cleanup::survey(&self.state, &provider, &target).await {
+            let outcome = match engine::cleanup::survey(&self.state, provider, &target).await {
                 Ok(plan)
                     if plan.iter().any(|p| {
                         p.skipped
@@ -668,7 +719,7 @@ impl App {
                 {
                     continue; // another process still runs it
                 }
-                Ok(plan) => match engine::cleanup::execute(&self.state, &provider, &plan).await {
+                Ok(plan) => match engine::cleanup::execute(&self.state, provider, &plan).await {
                     Ok(done) => {
                         let failed: Vec<String> = done
                             .iter()
@@ -704,7 +755,7 @@ impl App {
     /// A run that was accepted (queued) when the server stopped or died: it runs now, from the
     /// request kept with it — unless it waited longer than `queue_max_age` (then `expired`) or
     /// its blueprint or release no longer loads (then `error`); either way its callback says so.
-    fn resume(self: &Arc<Self>, r: RunRow) {
+    async fn resume(self: &Arc<Self>, r: RunRow) {
         let age = Utc::now() - r.queued_at;
         let max =
             chrono::Duration::from_std(self.cfg.queue_max_age).unwrap_or(chrono::Duration::MAX);
@@ -738,8 +789,13 @@ impl App {
                 ),
             );
         }
-        match self.prepare(&req) {
-            Ok((bp, release, backup)) => {
+        match self.prepare(&req).await {
+            Ok(Prepared {
+                bp,
+                release,
+                backup,
+                provider,
+            }) => {
                 eprintln!(
                     "dryrun serve: queued run {} resumes after the restart",
                     r.run_id
@@ -753,6 +809,7 @@ impl App {
                         release,
                         backup,
                         callback_url: req.callback_url,
+                        provider,
                     },
                     trigger,
                 );
@@ -839,11 +896,12 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
                     blueprint: s.blueprint.clone(),
                     release: s.release.clone(),
                     params: s.params.clone(),
+                    provider: s.provider.clone(),
                     schedule: Some(s.name.clone()),
                     trigger: Some(Trigger::Schedule),
                     ..RunRequest::default()
                 };
-                match app.submit(req) {
+                match app.submit(req).await {
                     Ok(Submitted::New(row)) => tracing::info!(schedule = %s.name, run_id = %row.run_id, "scheduled rehearsal queued"),
                     Ok(Submitted::Duplicate(_)) => {}
                     Err(e) => {

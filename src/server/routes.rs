@@ -151,6 +151,7 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
         SubmitError::Invalid(_) => "invalid",
         SubmitError::CallbackNotAllowed(_) => "callback_not_allowed",
         SubmitError::QueueFull(_) => "queue_full",
+        SubmitError::Unavailable(_) => "provider",
         SubmitError::ShuttingDown => "shutting_down",
         SubmitError::History(_) => "history",
         SubmitError::State(_) => "state",
@@ -168,7 +169,9 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
             r
         }
-        SubmitError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         SubmitError::History(_) | SubmitError::State(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
@@ -233,8 +236,9 @@ async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         delivery: Some(delivery),
         schedule: None,
         trigger: Some(crate::report::Trigger::Webhook),
+        provider: None,
     };
-    match app.submit(run) {
+    match app.submit(run).await {
         Ok(Submitted::New(row)) => accepted(&app, &row, StatusCode::ACCEPTED, false),
         Ok(Submitted::Duplicate(row)) => accepted(&app, &row, StatusCode::OK, true),
         Err(e) => submit_error(&app, &e),

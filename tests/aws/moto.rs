@@ -323,18 +323,28 @@ fn http_request(endpoint: &str, method: &str, path: &str) -> String {
 impl Moto {
     /// The environment a child `dryrun` needs to talk to this emulator, and nothing else.
     pub fn env(&self, cmd: &mut Command) {
-        cmd.env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_REGION", REGION)
-            .env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", "/nonexistent/dryrun-tests/config")
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                "/nonexistent/dryrun-tests/credentials",
-            )
+        cmd.envs(self.env_pairs())
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_SESSION_TOKEN");
+    }
+
+    /// The variables of [`Moto::env`], for a process started elsewhere (a test server).
+    pub fn env_pairs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            ("AWS_REGION", REGION.to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+            (
+                "AWS_CONFIG_FILE",
+                "/nonexistent/dryrun-tests/config".to_string(),
+            ),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/dryrun-tests/credentials".to_string(),
+            ),
+        ]
     }
 
     fn fixtures(&mut self) {
