@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::blueprint::template::Position;
 use crate::blueprint::{Check, CheckSpec};
-use crate::provider::local::process;
+use crate::process;
 use crate::provider::{
     Blame, Outputs, Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ResourceRecord,
     RunInfo,

@@ -308,7 +308,7 @@ pub fn main() -> ExitCode {
     // is everything the release's processes create.
     crate::state::private_umask();
     if let Command::LogPump { file } = &cli.command {
-        return match crate::provider::local::process::log_pump_main(file) {
+        return match crate::process::log_pump_main(file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(exit::INFRA as u8),
         };

@@ -18,7 +18,8 @@
 //! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, history, API, schedules, dashboard |
 //! | environments | [`lease`] | one run per environment across processes (CLI and server) |
 //!
-//! [`secret`] keeps secrets out of every view; [`state`] lays out the state directory;
+//! [`process`] starts the release's processes (tagged, grouped, minimal environment, redacted
+//! logs) for the local provider and command checks; [`secret`] keeps secrets out of every view; [`state`] lays out the state directory;
 //! [`failpoint`] marks the side-effect points the crash tests abort at (feature `failpoints`).
 
 pub mod blueprint;
@@ -29,6 +30,7 @@ pub mod failpoint;
 pub mod graph;
 pub mod journal;
 pub mod lease;
+pub mod process;
 pub mod provider;
 pub mod reference;
 pub mod release;

@@ -285,7 +285,7 @@ fn kept_copy_stays_until_expiry_then_cleanup_expired_reaps_it() {
     // The copy is still there and serving.
     assert!(state.path().join("copies").join(&id).is_dir());
     assert!(
-        !dryrun::provider::local::process::find_tagged(&id, None).is_empty(),
+        !dryrun::process::find_tagged(&id, None).is_empty(),
         "the kept service should still run"
     );
     // Not expired yet: nothing to do.

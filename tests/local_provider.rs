@@ -150,7 +150,7 @@ async fn postgres_copy_has_a_fresh_password_listens_on_loopback_and_is_destroyed
     );
     drop(guard);
     assert_eq!(p.delete(&created.record).await.unwrap(), Deleted::Destroyed);
-    assert!(dryrun::provider::local::process::find_tagged("pg-1", None).is_empty());
+    assert!(dryrun::process::find_tagged("pg-1", None).is_empty());
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_err(),
         "the cluster must be stopped"
@@ -203,7 +203,7 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
     struct EndTagged;
     impl Drop for EndTagged {
         fn drop(&mut self) {
-            for t in dryrun::provider::local::process::find_tagged("svc-1", None) {
+            for t in dryrun::process::find_tagged("svc-1", None) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(t.pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -256,7 +256,7 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
         .unwrap();
     // The service, and its log pump (a `dryrun __log-pump` process): both tagged, so that
     // delete and cleanup end both.
-    let procs = dryrun::provider::local::process::find_tagged("svc-1", Some("service.app"));
+    let procs = dryrun::process::find_tagged("svc-1", Some("service.app"));
     assert_eq!(procs.len(), 2, "{procs:?}");
     let svc: Vec<_> = procs.iter().filter(|p| p.comm == "demo-shop").collect();
     assert_eq!(svc.len(), 1, "{procs:?}");
@@ -269,5 +269,5 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
     let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
     assert_eq!(body.trim(), "ok");
     assert_eq!(p.delete(&inst.record).await.unwrap(), Deleted::Destroyed);
-    assert!(dryrun::provider::local::process::find_tagged("svc-1", None).is_empty());
+    assert!(dryrun::process::find_tagged("svc-1", None).is_empty());
 }

@@ -1497,7 +1497,7 @@ fn a_kept_copys_service_keeps_logging_redacted_after_dryrun_exits() {
         after > before,
         "the kept service stopped logging ({before} → {after} bytes)"
     );
-    let procs = dryrun::provider::local::process::find_tagged(&run_id, Some("service.svc"));
+    let procs = dryrun::process::find_tagged(&run_id, Some("service.svc"));
     assert!(
         procs.iter().any(|p| p.comm == "sh"),
         "the service's loop died: {procs:?}"

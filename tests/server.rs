@@ -444,7 +444,7 @@ async fn a_run_in_progress_when_the_server_dies_is_marked_interrupted_and_cleane
     let run_id = v["run_id"].as_str().unwrap().to_string();
     // Wait until the service process runs, then kill the server.
     let start = std::time::Instant::now();
-    while dryrun::provider::local::process::find_tagged(&run_id, None).is_empty() {
+    while dryrun::process::find_tagged(&run_id, None).is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "service never started"
@@ -453,7 +453,7 @@ async fn a_run_in_progress_when_the_server_dies_is_marked_interrupted_and_cleane
     }
     srv.crash();
     assert!(
-        !dryrun::provider::local::process::find_tagged(&run_id, None).is_empty(),
+        !dryrun::process::find_tagged(&run_id, None).is_empty(),
         "the orphan should outlive the crash"
     );
     srv.restart();

@@ -537,7 +537,7 @@ pub async fn run(
         let cwd = bp.dir().to_path_buf();
         let vetted = bp.vetted();
         // Command checks run on this machine get the minimal environment, HOME in the copy.
-        let child_env = crate::provider::local::process::ChildEnv::new(
+        let child_env = crate::process::ChildEnv::new(
             &state.work_dir(&run_id).join("checks-home"),
             &bp.local.pass_env,
         );
@@ -901,7 +901,7 @@ pub async fn run(
 }
 
 /// Rewrites the run's log files with every secret known at the end redacted. Logs are redacted
-/// as they are written ([`crate::provider::local::process::LogPump`]); this second pass covers a
+/// as they are written ([`crate::process::LogPump`]); this second pass covers a
 /// secret that became known after a line was written. Bytes, not text: invalid UTF-8 does not
 /// skip it. The rewrite goes through a private temporary file and a rename.
 fn redact_logs(dir: &std::path::Path, redactor: &Redactor) {

@@ -340,95 +340,19 @@ enum Key {
     Check(String),
 }
 
-/// The live progress display: feed it every [`Event`] of a run, then call
-/// [`finish`](Progress::finish).
-///
-/// `Plain` and `Quiet` write to stderr (or the writer given to
-/// [`with_writer`](Progress::with_writer)); `Fancy` draws indicatif spinners on stderr and
-/// colours its marks unless `NO_COLOR` is set. Write errors (a closed stderr) are ignored:
-/// progress is never worth failing a run over.
-pub struct Progress {
-    mode: ProgressMode,
-    out: Box<dyn Write + Send>,
-    color: bool,
+/// Events as plain text lines — the one textual rendering of progress, used by the terminal's
+/// `Plain` mode and by `dryrun serve` for a run's live progress (`GET /v1/runs/{id}`, the run
+/// page). It remembers the current stage and each step's label between events.
+#[derive(Debug, Default)]
+pub struct PlainLines {
     stage: Option<&'static str>,
     labels: HashMap<Key, String>,
-    multi: Option<MultiProgress>,
-    bars: HashMap<Key, ProgressBar>,
 }
 
-impl std::fmt::Debug for Progress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Progress")
-            .field("mode", &self.mode)
-            .field("stage", &self.stage)
-            .field("running", &self.bars.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Progress {
-    /// A display in `mode` on stderr.
-    #[must_use]
-    pub fn new(mode: ProgressMode) -> Progress {
-        Progress::with_writer(mode, Box::new(io::stderr()))
-    }
-
-    /// A display whose `Plain` and `Quiet` output goes to `out` (`Fancy` always draws on
-    /// stderr).
-    #[must_use]
-    pub fn with_writer(mode: ProgressMode, out: Box<dyn Write + Send>) -> Progress {
-        let fancy = mode == ProgressMode::Fancy;
-        Progress {
-            mode,
-            out,
-            color: fancy && std::env::var_os("NO_COLOR").is_none(),
-            stage: None,
-            labels: HashMap::new(),
-            multi: fancy.then(MultiProgress::new),
-            bars: HashMap::new(),
-        }
-    }
-
-    /// Renders one event.
-    pub fn handle(&mut self, ev: &Event) {
-        match self.mode {
-            ProgressMode::Quiet => {
-                if let Some(line) = alert_line(ev) {
-                    self.emit(&line);
-                }
-            }
-            ProgressMode::Plain => {
-                if let Some(text) = self.plain(ev) {
-                    self.emit(&text);
-                }
-            }
-            ProgressMode::Fancy => self.fancy(ev),
-        }
-    }
-
-    /// Clears any spinner still running (e.g. after an interruption). Idempotent; also done on
-    /// drop.
-    pub fn finish(&mut self) {
-        for (_, bar) in self.bars.drain() {
-            bar.finish_and_clear();
-            if let Some(multi) = &self.multi {
-                multi.remove(&bar);
-            }
-        }
-        if let Some(multi) = &self.multi {
-            let _ = multi.clear();
-        }
-        let _ = self.out.flush();
-    }
-
-    fn emit(&mut self, text: &str) {
-        let _ = self.out.write_all(text.as_bytes());
-        let _ = self.out.flush();
-    }
-
-    /// The `Plain` text for an event: one line, plus the message indented beneath it.
-    fn plain(&mut self, ev: &Event) -> Option<String> {
+impl PlainLines {
+    /// The text of an event: one line, plus the message indented beneath it; `None` for an
+    /// event that shows nothing.
+    pub fn render(&mut self, ev: &Event) -> Option<String> {
         let mut out = String::new();
         match ev {
             Event::RunStarted { .. } | Event::Interrupted { .. } | Event::Warning { .. } => {
@@ -500,6 +424,96 @@ impl Progress {
             }
         }
         Some(out)
+    }
+}
+
+/// The live progress display: feed it every [`Event`] of a run, then call
+/// [`finish`](Progress::finish).
+///
+/// `Plain` and `Quiet` write to stderr (or the writer given to
+/// [`with_writer`](Progress::with_writer)); `Fancy` draws indicatif spinners on stderr and
+/// colours its marks unless `NO_COLOR` is set. Write errors (a closed stderr) are ignored:
+/// progress is never worth failing a run over.
+pub struct Progress {
+    mode: ProgressMode,
+    out: Box<dyn Write + Send>,
+    color: bool,
+    stage: Option<&'static str>,
+    labels: HashMap<Key, String>,
+    plain: PlainLines,
+    multi: Option<MultiProgress>,
+    bars: HashMap<Key, ProgressBar>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("mode", &self.mode)
+            .field("stage", &self.stage)
+            .field("running", &self.bars.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Progress {
+    /// A display in `mode` on stderr.
+    #[must_use]
+    pub fn new(mode: ProgressMode) -> Progress {
+        Progress::with_writer(mode, Box::new(io::stderr()))
+    }
+
+    /// A display whose `Plain` and `Quiet` output goes to `out` (`Fancy` always draws on
+    /// stderr).
+    #[must_use]
+    pub fn with_writer(mode: ProgressMode, out: Box<dyn Write + Send>) -> Progress {
+        let fancy = mode == ProgressMode::Fancy;
+        Progress {
+            mode,
+            out,
+            color: fancy && std::env::var_os("NO_COLOR").is_none(),
+            stage: None,
+            labels: HashMap::new(),
+            plain: PlainLines::default(),
+            multi: fancy.then(MultiProgress::new),
+            bars: HashMap::new(),
+        }
+    }
+
+    /// Renders one event.
+    pub fn handle(&mut self, ev: &Event) {
+        match self.mode {
+            ProgressMode::Quiet => {
+                if let Some(line) = alert_line(ev) {
+                    self.emit(&line);
+                }
+            }
+            ProgressMode::Plain => {
+                if let Some(text) = self.plain.render(ev) {
+                    self.emit(&text);
+                }
+            }
+            ProgressMode::Fancy => self.fancy(ev),
+        }
+    }
+
+    /// Clears any spinner still running (e.g. after an interruption). Idempotent; also done on
+    /// drop.
+    pub fn finish(&mut self) {
+        for (_, bar) in self.bars.drain() {
+            bar.finish_and_clear();
+            if let Some(multi) = &self.multi {
+                multi.remove(&bar);
+            }
+        }
+        if let Some(multi) = &self.multi {
+            let _ = multi.clear();
+        }
+        let _ = self.out.flush();
+    }
+
+    fn emit(&mut self, text: &str) {
+        let _ = self.out.write_all(text.as_bytes());
+        let _ = self.out.flush();
     }
 
     fn fancy(&mut self, ev: &Event) {

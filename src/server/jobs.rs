@@ -127,15 +127,15 @@ pub struct App {
     /// Blueprints root (canonical).
     pub blueprints: PathBuf,
     /// History database.
-    pub history: History,
+    pub history: Arc<History>,
     /// Metrics.
     pub metrics: Metrics,
     /// Webhook secret (from the environment variable the config names).
     pub secret: Option<Secret>,
     /// Base URL for links.
     pub base_url: String,
-    /// HTTP client for callbacks and notifications.
-    pub http: reqwest::Client,
+    /// Callbacks and notifications: their queue and what delivers them.
+    pub outbox: Arc<super::notify::Outbox>,
     /// Tokens, sessions and CSRF.
     pub auth: super::auth::Auth,
     /// The `Host` and `Origin` values the server answers.
@@ -148,8 +148,6 @@ pub struct App {
     tracker: TaskTracker,
     /// Fires when the server stops accepting.
     pub stop: CancellationToken,
-    /// Wakes the outbox's delivery task ([`super::outbox`]) when a message is queued.
-    pub outbox_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for App {
@@ -184,7 +182,7 @@ impl App {
                 )));
             }
         }
-        let history = History::open(&state.root().join("history.sqlite"))?;
+        let history = Arc::new(History::open(&state.root().join("history.sqlite"))?);
         let secret = std::env::var(&cfg.webhook.secret_env)
             .ok()
             .filter(|s| !s.is_empty())
@@ -212,6 +210,15 @@ impl App {
         let auth = super::auth::Auth::from_config(&cfg.auth, base_url.starts_with("https://"))
             .map_err(ServeError::Auth)?;
         let hosts = super::auth::Hosts::new(addr, cfg.public_url.as_deref(), &cfg.allowed_hosts);
+        let outbox = Arc::new(super::notify::Outbox {
+            history: history.clone(),
+            wake: tokio::sync::Notify::new(),
+            http,
+            secret: secret.clone(),
+            base_url: base_url.clone(),
+            callbacks: cfg.callbacks.clone(),
+            notify: cfg.notify.clone(),
+        });
         Ok(App {
             cfg,
             state,
@@ -220,7 +227,7 @@ impl App {
             metrics: Metrics::new(),
             secret,
             base_url,
-            http,
+            outbox,
             auth,
             hosts,
             envs: Mutex::new(HashMap::new()),
@@ -230,7 +237,6 @@ impl App {
             progress: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
-            outbox_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -290,22 +296,6 @@ impl App {
         let mut out = Vec::new();
         walk(&self.blueprints, &self.blueprints, 0, &mut out);
         out
-    }
-
-    /// Whether a callback URL starts with one of `[callbacks] allow` (and has no user info or
-    /// control characters that could make it mean something else to the HTTP client).
-    #[must_use]
-    pub fn callback_allowed(&self, url: &str) -> bool {
-        let parsed_ok = reqwest::Url::parse(url)
-            .is_ok_and(|u| u.username().is_empty() && u.password().is_none());
-        parsed_ok
-            && !url.chars().any(char::is_control)
-            && self
-                .cfg
-                .callbacks
-                .allow
-                .iter()
-                .any(|p| !p.is_empty() && url.starts_with(p.as_str()))
     }
 
     /// Every secret the server holds, registered with each run's redactor: the webhook secret
@@ -425,7 +415,7 @@ impl App {
     /// See [`SubmitError`].
     async fn prepare(&self, req: &RunRequest) -> Result<Prepared, SubmitError> {
         if let Some(cb) = &req.callback_url
-            && !self.callback_allowed(cb)
+            && !self.outbox.callback_allowed(cb)
         {
             return Err(SubmitError::CallbackNotAllowed(cb.clone()));
         }
@@ -546,9 +536,11 @@ impl App {
         let me = self.clone();
         let rid = run_id.clone();
         let progress = tokio::spawn(async move {
+            // The same text as `dryrun run`'s plain progress, a line at a time.
+            let mut lines = crate::report::terminal::PlainLines::default();
             while let Some(ev) = rx.recv().await {
-                if let Some(line) = describe(&ev) {
-                    me.push_progress(&rid, line);
+                for line in lines.render(&ev).unwrap_or_default().lines() {
+                    me.push_progress(&rid, line.to_string());
                 }
             }
         });
@@ -611,9 +603,9 @@ impl App {
 
     fn after_run(&self, job: &Job, rep: &RunReport) {
         if let Some(url) = &job.callback_url {
-            notify::callback(self, url, rep);
+            notify::callback(&self.outbox, url, rep);
         }
-        notify::notify(self, rep);
+        notify::notify(&self.outbox, rep);
     }
 
     fn push_progress(&self, run_id: &str, line: String) {
@@ -770,7 +762,7 @@ impl App {
             let _ = self.history.set_status(&r.run_id, status, Some(&why));
             let _ = std::fs::remove_dir(self.state.run_dir(&r.run_id));
             if let Some(url) = request.as_ref().and_then(|q| q.callback_url.as_deref()) {
-                notify::callback_not_run(self, url, &r.run_id, status, &why);
+                notify::callback_not_run(&self.outbox, url, &r.run_id, status, &why);
             }
         };
         let Some(req) = request.clone() else {
@@ -832,50 +824,6 @@ pub fn trigger_name(t: Trigger) -> &'static str {
     }
 }
 
-fn describe(ev: &Event) -> Option<String> {
-    Some(match ev {
-        Event::RunStarted {
-            run_id, release, ..
-        } => format!("run {run_id} started with release {release}"),
-        Event::StageStarted { stage } => format!("{stage} started"),
-        Event::StageFinished {
-            stage,
-            status,
-            duration_ms,
-        } => format!("{stage} {status} ({duration_ms} ms)"),
-        Event::StepStarted { address, step, .. } => format!("{address} {step} …"),
-        Event::StepFinished {
-            address,
-            step,
-            status,
-            duration_ms,
-            message,
-        } => {
-            format!(
-                "{address} {step} {status} ({duration_ms} ms){}",
-                message
-                    .as_ref()
-                    .map(|m| format!(": {}", m.lines().next().unwrap_or("")))
-                    .unwrap_or_default()
-            )
-        }
-        Event::CheckStarted { name } => format!("check {name} …"),
-        Event::CheckRetrying {
-            name,
-            attempt,
-            message,
-        } => format!("check {name} attempt {attempt} failed, retrying: {message}"),
-        Event::CheckFinished {
-            name,
-            status,
-            duration_ms,
-            ..
-        } => format!("check {name} {status} ({duration_ms} ms)"),
-        Event::Interrupted { signal, .. } => format!("interrupted by {signal}"),
-        Event::Warning { message } => format!("warning: {message}"),
-    })
-}
-
 /// Starts one task per `[[schedule]]`: at each firing, submit the rehearsal.
 pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut out = Vec::new();
@@ -907,7 +855,7 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
                     Err(e) => {
                         tracing::error!(schedule = %s.name, error = %e, "scheduled rehearsal not started");
                         eprintln!("dryrun serve: schedule {}: not started: {e}", s.name);
-                        notify::text(&app, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name));
+                        notify::text(&app.outbox, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name));
                     }
                 }
                 // Never fire twice for the same instant.

@@ -137,7 +137,7 @@ pub async fn serve(
     let schedules = jobs::start_schedules(&app);
     let retention = start_retention(&app);
     let outbox_stop = CancellationToken::new();
-    let outbox = outbox::start(&app, outbox_stop.clone());
+    let outbox = outbox::start(&app.outbox, outbox_stop.clone());
     eprintln!(
         "dryrun serve: listening on http://{addr} (blueprints in {})",
         app.blueprints.display()
@@ -162,7 +162,7 @@ pub async fn serve(
     let abandoned = app.drain(app.cfg.shutdown_grace).await;
     // Messages of the runs that just ended get a few seconds; what is still queued then is
     // sent at the next start.
-    outbox::flush(&app, Duration::from_secs(5)).await;
+    outbox::flush(&app.outbox, Duration::from_secs(5)).await;
     outbox_stop.cancel();
     let _ = outbox.await;
     // Open HTTP connections (a dashboard polling) must not keep the process alive.

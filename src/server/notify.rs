@@ -3,19 +3,60 @@
 //! persistent outbox (the history database) and delivered by [`super::outbox`], so a slow or
 //! dead receiver never holds a run's environment or concurrency slot, and a restart loses none.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::report::{RunReport, Status, human_secs};
 
+use super::config::{CallbackConfig, NotifyConfig};
+use super::history::History;
 use super::history::{OutboxItem, OutboxKind};
-use super::jobs::App;
 use super::signature;
+use crate::secret::Secret;
+
+/// What queueing and delivering messages needs: the history (where the outbox is), the HTTP
+/// client, the signing secret, the server's base URL and the `[callbacks]` and `[notify]`
+/// settings. Shared by the server (which queues) and the delivery task.
+#[derive(Debug)]
+pub struct Outbox {
+    /// The history database (its `outbox` table).
+    pub history: Arc<History>,
+    /// Wakes the delivery task when a message is queued.
+    pub wake: tokio::sync::Notify,
+    /// HTTP client: no proxy, no redirects, 10 s per attempt.
+    pub http: reqwest::Client,
+    /// Signs callbacks (the webhook secret).
+    pub secret: Option<Secret>,
+    /// Base URL for links.
+    pub base_url: String,
+    /// `[callbacks]`.
+    pub callbacks: CallbackConfig,
+    /// `[notify]`.
+    pub notify: NotifyConfig,
+}
+
+impl Outbox {
+    /// Whether a callback URL starts with one of `[callbacks] allow` (and has no user info or
+    /// control characters that could make it mean something else to the HTTP client).
+    #[must_use]
+    pub fn callback_allowed(&self, url: &str) -> bool {
+        let parsed_ok = reqwest::Url::parse(url)
+            .is_ok_and(|u| u.username().is_empty() && u.password().is_none());
+        parsed_ok
+            && !url.chars().any(char::is_control)
+            && self
+                .callbacks
+                .allow
+                .iter()
+                .any(|p| !p.is_empty() && url.starts_with(p.as_str()))
+    }
+}
 
 /// The summary POSTed to a callback URL.
 #[must_use]
-pub fn summary(app: &App, rep: &RunReport) -> serde_json::Value {
+pub fn summary(out: &Outbox, rep: &RunReport) -> serde_json::Value {
     json!({
         "event": "run.finished",
         "run_id": rep.run_id,
@@ -32,8 +73,8 @@ pub fn summary(app: &App, rep: &RunReport) -> serde_json::Value {
         "failure": rep.failure,
         "checks": {"passed": rep.count_checks(Status::Passed), "failed": rep.count_checks(Status::Failed), "error": rep.count_checks(Status::Error), "total": rep.checks.len()},
         "left_behind": rep.left_behind.len(),
-        "status_url": format!("{}/v1/runs/{}", app.base_url, rep.run_id),
-        "dashboard_url": format!("{}/runs/{}", app.base_url, rep.run_id),
+        "status_url": format!("{}/v1/runs/{}", out.base_url, rep.run_id),
+        "dashboard_url": format!("{}/runs/{}", out.base_url, rep.run_id),
     })
 }
 
@@ -47,19 +88,19 @@ fn origin(url: &str) -> String {
 }
 
 /// Queues the signed summary for the run's callback URL ([`super::outbox`] delivers it).
-pub fn callback(app: &App, url: &str, rep: &RunReport) {
-    let body = serde_json::to_string(&summary(app, rep)).unwrap_or_default();
-    match app
+pub fn callback(out: &Outbox, url: &str, rep: &RunReport) {
+    let body = serde_json::to_string(&summary(out, rep)).unwrap_or_default();
+    match out
         .history
         .outbox_add(&rep.run_id, OutboxKind::Callback, Some(url), &body)
     {
         Ok(_) => {
-            let _ = app.history.set_callback(&rep.run_id, "pending");
-            app.outbox_wake.notify_one();
+            let _ = out.history.set_callback(&rep.run_id, "pending");
+            out.wake.notify_one();
         }
         Err(e) => {
             tracing::error!(run_id = %rep.run_id, error = %e, "cannot queue the callback");
-            let _ = app
+            let _ = out
                 .history
                 .set_callback(&rep.run_id, &format!("not sent: {e}"));
         }
@@ -68,30 +109,30 @@ pub fn callback(app: &App, url: &str, rep: &RunReport) {
 
 /// Queues the callback of a run that ended without running (expired in the queue, or its
 /// blueprint no longer loads after a restart): `{"event": "run.expired"|"run.not_run", …}`.
-pub fn callback_not_run(app: &App, url: &str, run_id: &str, status: &str, reason: &str) {
+pub fn callback_not_run(out: &Outbox, url: &str, run_id: &str, status: &str, reason: &str) {
     let body = json!({
         "event": if status == "expired" { "run.expired" } else { "run.not_run" },
         "run_id": run_id,
         "status": status,
         "failure": reason,
-        "status_url": format!("{}/v1/runs/{run_id}", app.base_url),
-        "dashboard_url": format!("{}/runs/{run_id}", app.base_url),
+        "status_url": format!("{}/v1/runs/{run_id}", out.base_url),
+        "dashboard_url": format!("{}/runs/{run_id}", out.base_url),
     })
     .to_string();
-    if app
+    if out
         .history
         .outbox_add(run_id, OutboxKind::Callback, Some(url), &body)
         .is_ok()
     {
-        let _ = app.history.set_callback(run_id, "pending");
-        app.outbox_wake.notify_one();
+        let _ = out.history.set_callback(run_id, "pending");
+        out.wake.notify_one();
     }
 }
 
 /// Queues the notifications a finished run calls for.
-pub fn notify(app: &App, rep: &RunReport) {
+pub fn notify(out: &Outbox, rep: &RunReport) {
     let mut lines = Vec::new();
-    if app.cfg.notify.on_failure && rep.status != Status::Passed {
+    if out.notify.on_failure && rep.status != Status::Passed {
         lines.push(format!(
             "dryrun: {} of release {} on {} {} ({}){}",
             rep.blueprint,
@@ -108,7 +149,7 @@ pub fn notify(app: &App, rep: &RunReport) {
                 .unwrap_or_default()
         ));
     }
-    if let (Some(max), Some(b)) = (app.cfg.notify.max_backup_age, &rep.backup)
+    if let (Some(max), Some(b)) = (out.notify.max_backup_age, &rep.backup)
         && b.age_seconds > i64::try_from(max.as_secs()).unwrap_or(i64::MAX)
     {
         lines.push(format!(
@@ -131,25 +172,25 @@ pub fn notify(app: &App, rep: &RunReport) {
         return;
     }
     let mut text = lines.join("\n");
-    text.push_str(&format!("\n{}/runs/{}", app.base_url, rep.run_id));
-    queue_text(app, &rep.run_id, &text);
+    text.push_str(&format!("\n{}/runs/{}", out.base_url, rep.run_id));
+    queue_text(out, &rep.run_id, &text);
 }
 
 /// Queues `{"text": …}` for the notification URL, if one is configured.
-pub fn text(app: &App, text: &str) {
-    queue_text(app, "", text);
+pub fn text(out: &Outbox, text: &str) {
+    queue_text(out, "", text);
 }
 
-fn queue_text(app: &App, run_id: &str, text: &str) {
-    if app.cfg.notify.url.is_none() {
+fn queue_text(out: &Outbox, run_id: &str, text: &str) {
+    if out.notify.url.is_none() {
         return;
     }
     let body = json!({ "text": text }).to_string();
-    match app
+    match out
         .history
         .outbox_add(run_id, OutboxKind::Notify, None, &body)
     {
-        Ok(_) => app.outbox_wake.notify_one(),
+        Ok(_) => out.wake.notify_one(),
         Err(e) => tracing::error!(error = %e, "cannot queue a notification"),
     }
 }
@@ -157,9 +198,9 @@ fn queue_text(app: &App, run_id: &str, text: &str) {
 /// Attempts and first backoff of a message kind: callbacks as `[callbacks]` says,
 /// notifications three times from 500 ms.
 #[must_use]
-pub fn policy(app: &App, kind: OutboxKind) -> (u32, Duration) {
+pub fn policy(out: &Outbox, kind: OutboxKind) -> (u32, Duration) {
     match kind {
-        OutboxKind::Callback => (app.cfg.callbacks.attempts.max(1), app.cfg.callbacks.backoff),
+        OutboxKind::Callback => (out.callbacks.attempts.max(1), out.callbacks.backoff),
         OutboxKind::Notify => (3, Duration::from_millis(500)),
     }
 }
@@ -171,21 +212,21 @@ pub fn policy(app: &App, kind: OutboxKind) -> (u32, Duration) {
 ///
 /// # Errors
 /// What went wrong, without the URL (it may hold a token).
-pub async fn deliver(app: &App, item: &OutboxItem) -> Result<(), String> {
+pub async fn deliver(out: &Outbox, item: &OutboxItem) -> Result<(), String> {
     let (url, signed) = match item.kind {
         OutboxKind::Callback => {
             let url = item.url.clone().unwrap_or_default();
-            if !app.callback_allowed(&url) {
+            if !out.callback_allowed(&url) {
                 return Err("the callback URL is no longer in [callbacks] allow".into());
             }
             (url, true)
         }
-        OutboxKind::Notify => match &app.cfg.notify.url {
+        OutboxKind::Notify => match &out.notify.url {
             Some(u) => (u.clone(), false),
             None => return Err("[notify] url is no longer configured".into()),
         },
     };
-    let mut req = app
+    let mut req = out
         .http
         .post(&url)
         .header("content-type", "application/json")
@@ -195,7 +236,7 @@ pub async fn deliver(app: &App, item: &OutboxItem) -> Result<(), String> {
             .header("x-dryrun-event", "run.finished")
             .header("x-dryrun-delivery", format!("{}-{}", item.run_id, item.id))
             .header("x-dryrun-attempt", (item.attempts + 1).to_string());
-        if let Some(s) = &app.secret {
+        if let Some(s) = &out.secret {
             req = req.header(
                 signature::HEADER,
                 signature::sign(s.expose().as_bytes(), item.body.as_bytes()),

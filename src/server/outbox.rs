@@ -18,8 +18,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::history::OutboxKind;
-use super::jobs::App;
-use super::notify;
+use super::notify::{self, Outbox};
 
 /// Messages delivered at once.
 pub const PARALLEL: usize = 4;
@@ -28,14 +27,14 @@ pub const PARALLEL: usize = 4;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Starts the delivery task; it ends when `stop` fires (undelivered messages stay queued).
-pub fn start(app: &Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-    let app = app.clone();
+pub fn start(out: &Arc<Outbox>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let out = out.clone();
     tokio::spawn(async move {
         let inflight: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
-            let due = app.history.outbox_due(Utc::now(), 64).unwrap_or_default();
+            let due = out.history.outbox_due(Utc::now(), 64).unwrap_or_default();
             for item in due {
                 if !inflight
                     .lock()
@@ -44,24 +43,24 @@ pub fn start(app: &Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle
                 {
                     continue;
                 }
-                let app = app.clone();
+                let out = out.clone();
                 let inflight = inflight.clone();
                 let slots = slots.clone();
                 tasks.spawn(async move {
                     let _permit = slots.acquire_owned().await;
-                    attempt(&app, item.clone()).await;
+                    attempt(&out, item.clone()).await;
                     inflight
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .remove(&item.id);
-                    app.outbox_wake.notify_one();
+                    out.wake.notify_one();
                 });
             }
             while tasks.try_join_next().is_some() {}
             // Sleep until the next message is due (at most a second: a message queued by
             // another process sharing the database is picked up too), a new one is queued, or
             // the server stops.
-            let wait = app
+            let wait = out
                 .history
                 .outbox_next()
                 .ok()
@@ -70,7 +69,7 @@ pub fn start(app: &Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle
                 .unwrap_or(Duration::ZERO)
                 .clamp(Duration::from_millis(20), Duration::from_secs(1));
             tokio::select! {
-                () = app.outbox_wake.notified() => {}
+                () = out.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
                 () = stop.cancelled() => break,
             }
@@ -80,10 +79,10 @@ pub fn start(app: &Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle
 }
 
 /// Waits until no message is due now, at most `limit`.
-pub async fn flush(app: &App, limit: Duration) {
+pub async fn flush(out: &Outbox, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline
-        && app
+        && out
             .history
             .outbox_due(Utc::now(), 1)
             .is_ok_and(|d| !d.is_empty())
@@ -92,14 +91,14 @@ pub async fn flush(app: &App, limit: Duration) {
     }
 }
 
-async fn attempt(app: &App, item: super::history::OutboxItem) {
-    let (max, first) = notify::policy(app, item.kind);
+async fn attempt(out: &Outbox, item: super::history::OutboxItem) {
+    let (max, first) = notify::policy(out, item.kind);
     let n = item.attempts + 1;
-    match notify::deliver(app, &item).await {
+    match notify::deliver(out, &item).await {
         Ok(()) => {
-            let _ = app.history.outbox_done(item.id, n, "delivered");
+            let _ = out.history.outbox_done(item.id, n, "delivered");
             if item.kind == OutboxKind::Callback {
-                let _ = app
+                let _ = out
                     .history
                     .set_callback(&item.run_id, &format!("delivered (attempt {n})"));
             }
@@ -107,9 +106,9 @@ async fn attempt(app: &App, item: super::history::OutboxItem) {
         Err(e) if n >= max => {
             let outcome = format!("failed after {n} attempts: {e}");
             notify::gave_up(&item, item.url.as_deref(), &e);
-            let _ = app.history.outbox_done(item.id, n, &outcome);
+            let _ = out.history.outbox_done(item.id, n, &outcome);
             if item.kind == OutboxKind::Callback {
-                let _ = app.history.set_callback(&item.run_id, &outcome);
+                let _ = out.history.set_callback(&item.run_id, &outcome);
             }
         }
         Err(e) => {
@@ -118,9 +117,9 @@ async fn attempt(app: &App, item: super::history::OutboxItem) {
                 .unwrap_or(MAX_BACKOFF)
                 .min(MAX_BACKOFF);
             let next = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
-            let _ = app.history.outbox_retry(item.id, n, next, &e);
+            let _ = out.history.outbox_retry(item.id, n, next, &e);
             if item.kind == OutboxKind::Callback {
-                let _ = app
+                let _ = out
                     .history
                     .set_callback(&item.run_id, &format!("retrying (attempt {n}: {e})"));
             }

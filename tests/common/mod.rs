@@ -91,7 +91,7 @@ pub fn run_ids(state: &Path) -> Vec<String> {
 
 /// Asserts that no process or directory of the run remains.
 pub fn assert_nothing_left(state: &Path, run_id: &str) {
-    let procs = dryrun::provider::local::process::find_tagged(run_id, None);
+    let procs = dryrun::process::find_tagged(run_id, None);
     assert!(procs.is_empty(), "processes of {run_id} remain: {procs:?}");
     let work = state.join("copies").join(run_id);
     assert!(!work.exists(), "work directory {} remains", work.display());

@@ -742,7 +742,7 @@ impl Provider for AwsProvider {
             &req.cancel,
         )
         .await?;
-        let output = run.redactor.redact(&crate::provider::local::process::tail(
+        let output = run.redactor.redact(&crate::process::tail(
             &format!("{}{}", inv.stdout, inv.stderr),
             4000,
         ));

@@ -13,7 +13,6 @@
 
 pub mod backup;
 pub mod postgres;
-pub mod process;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,6 +24,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::blueprint::{Engine, LocalSettings};
+use crate::process;
 use crate::provider::{
     BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
     Provider, ProviderError, RecordSink, ResourceRecord, ResourceRequest, RunInfo,

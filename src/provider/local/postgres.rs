@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::provider::ProviderError;
 use crate::secret::Secret;
 
-use super::process;
+use crate::process;
 
 /// Superuser created in every copy.
 pub const SUPERUSER: &str = "dryrun";
