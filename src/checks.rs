@@ -157,7 +157,7 @@ pub async fn run(
     }
     CheckReport {
         name: check.name.clone(),
-        kind: check.spec.kind().to_string(),
+        kind: check.spec.kind(),
         status: last.0,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         attempts,

@@ -13,8 +13,9 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::blueprint::{self, Blueprint, CompileError, ResourceSpec};
+use crate::control::RunStatus;
 use crate::engine::cleanup::{self, Target};
-use crate::engine::{self, Event, RunOptions, Shutdown};
+use crate::engine::{self, Event, Shutdown};
 use crate::graph::{Plan, PlannedBackup};
 use crate::journal;
 use crate::lease;
@@ -22,6 +23,8 @@ use crate::provider::{BackupPick, Provider};
 use crate::release::{Release, ReleaseError};
 use crate::report::terminal::{Progress, ProgressMode};
 use crate::report::{self, Trigger, exit};
+use crate::runner;
+use crate::secret::Secret;
 use crate::state::StateDir;
 
 const RUN_AFTER_HELP: &str = "\
@@ -67,6 +70,19 @@ pub struct Cli {
     /// else the real AWS endpoints).
     #[arg(long, global = true, value_name = "URL")]
     endpoint_url: Option<String>,
+
+    /// Shared control database for several `dryrun serve` workers and CLI runs
+    /// (postgres://USER@HOST:PORT/DB): history, queue, environment leases and journals live
+    /// there. Default: SQLite in the state directory. Prefer the variable: a URL with a
+    /// password on the command line shows in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "DRYRUN_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database_url: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -390,6 +406,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
     let endpoint = cli.endpoint_url.clone();
     let endpoint = endpoint.as_deref();
+    let database_url = cli.database_url.clone();
+    let database_url = database_url.as_deref();
     match cli.command {
         Command::Validate { blueprints, params } => {
             validate(&blueprints, &params.into_iter().collect(), color)
@@ -421,7 +439,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 cli.quiet,
                 &state,
                 color,
-                endpoint,
+                (endpoint, database_url),
             )
             .await
         }
@@ -437,14 +455,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 (None, true, _) => Target::All,
                 _ => Target::Expired,
             };
-            cleanup_cmd(&state, provider, &target, yes, endpoint).await
+            cleanup_cmd(&state, provider, &target, yes, (endpoint, database_url)).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
         Command::LogPump { .. } => Ok(exit::PASSED),
         Command::Prune { older_than } => {
-            let h = crate::server::history::History::open(&state.root().join("history.sqlite"))
-                .context("open the history database")?;
-            let n = crate::server::prune(&state, &h, older_than);
+            let control = open_control(&state, database_url).await?;
+            let n = crate::server::prune(&state, control.as_ref(), older_than).await;
             println!(
                 "removed {n} run(s) older than {}",
                 humantime::format_duration(older_than)
@@ -480,7 +497,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 config,
                 listen,
                 blueprints,
-                (concurrency, provider),
+                (concurrency, provider, cli.database_url),
             )
             .await
         }
@@ -609,7 +626,7 @@ async fn run(
     quiet: bool,
     state: &StateDir,
     color: bool,
-    endpoint: Option<&str>,
+    (endpoint, database_url): (Option<&str>, Option<&str>),
 ) -> anyhow::Result<i32> {
     if let Some(id) = &run_id_arg
         && (id.is_empty()
@@ -688,59 +705,78 @@ async fn run(
     });
     let signals = tokio::spawn(watch_signals(shutdown.clone(), tx.clone()));
 
-    // One run per environment: wait for a CLI or server run that holds it.
+    // One run per environment: wait for a CLI or server run that holds it. The id, the lease
+    // and the history row come from the runner, as for a server run.
+    let control = open_control(state, database_url).await?;
     let env = lease::environment(provider.name(), &bp.name);
-    let mut held = match lease::acquire(state, &env, &shutdown.soft, |holder| {
-        eprintln!(
-            "waiting for environment {env}: run {} holds it",
-            holder.unwrap_or_else(|| "?".into())
-        );
-    })
-    .await
-    {
-        Ok(l) => l,
-        Err(lease::LeaseError::Cancelled(_)) => {
+    let started = runner::start_direct(
+        control.as_ref(),
+        state,
+        &bp,
+        provider.name(),
+        (release_ref, &release.manifest.version),
+        run_id_arg,
+        &shutdown.soft,
+        &mut |holder| {
+            eprintln!(
+                "waiting for environment {env}: run {} holds it",
+                holder.unwrap_or_else(|| "?".into())
+            );
+        },
+    )
+    .await;
+    let started = match started {
+        Ok(s) => s,
+        Err(e @ runner::StartError::Cancelled(_)) => {
             signals.abort();
             drop(tx);
             let _ = printer.await;
-            eprintln!("interrupted while waiting for environment {env}; nothing was created");
+            eprintln!("{e}");
             return Ok(exit::INFRA);
+        }
+        Err(runner::StartError::IdTaken(id)) => {
+            signals.abort();
+            drop(tx);
+            let _ = printer.await;
+            eprintln!(
+                "error: --run-id `{id}`: a run with that id already exists in {}",
+                state.root().display()
+            );
+            return Err(Exit(exit::USAGE).into());
         }
         Err(e) => return Err(e).context("take the environment lease"),
     };
-    let (run_id, history) = claim_cli_run(
-        state,
-        &bp,
-        run_id_arg,
-        release_ref,
-        &release.manifest.version,
-        provider.name(),
-    )?;
-    held.set_holder(&run_id);
-    let run_id_for_history = run_id.clone();
-
-    let opts = RunOptions {
+    if let Some(e) = &started.history_error {
+        eprintln!("warning: history database: {e}; the run is recorded in its journal only");
+    }
+    let launch = runner::Launch {
+        bp,
+        provider,
         release,
         backup: parse_backup(&common.backup),
-        keep,
         trigger: Trigger::Cli,
+        keep,
         concurrency,
-        run_id: Some(run_id.clone()),
         compile_ms,
         teardown_timeout,
-        secrets: Vec::new(),
+        secrets: database_url.map(Secret::new).into_iter().collect(),
     };
-    let result = engine::run(&bp, provider, state, opts, tx, shutdown).await;
-    drop(held);
-    if let Some(h) = &history {
-        let recorded = match &result {
-            Ok(rep) => h.finish(rep),
-            Err(e) => h.set_status(&run_id_for_history, "error", Some(&e.to_string())),
-        };
-        if let Err(e) = recorded {
-            eprintln!("warning: the run is not in the history database: {e}");
-        }
+    let done = runner::execute(
+        control.as_ref(),
+        state,
+        &started.run_id,
+        started.lease,
+        launch,
+        tx,
+        shutdown,
+    )
+    .await;
+    if let Some(e) = &done.history_error
+        && started.history_error.is_none()
+    {
+        eprintln!("warning: the run is not in the history database: {e}");
     }
+    let result = done.result;
     signals.abort();
     let _ = printer.await;
     let report = match result {
@@ -824,7 +860,7 @@ async fn cleanup_cmd(
     provider: ProviderName,
     target: &Target,
     yes: bool,
-    endpoint: Option<&str>,
+    (endpoint, database_url): (Option<&str>, Option<&str>),
 ) -> anyhow::Result<i32> {
     let provider = provider_for(provider, state, None, endpoint).await?;
     let plan = cleanup::survey(state, provider.as_ref(), target).await?;
@@ -869,19 +905,25 @@ async fn cleanup_cmd(
     }
     let done = cleanup::execute(state, provider.as_ref(), &plan).await?;
     // Runs that crashed still say `running` in the shared history: record what happened.
-    if let Ok(h) = crate::server::history::History::open(&state.root().join("history.sqlite")) {
-        for c in &done {
-            if let Ok(Some((row, _))) = h.get(&c.run_id)
-                && (row.status == "running" || row.status == "queued")
-            {
-                let what = if c.closed {
-                    "the run's process died; `dryrun cleanup` removed what it created"
-                } else {
-                    "the run's process died; `dryrun cleanup` could not remove everything"
-                };
-                let _ = h.set_status(&c.run_id, "interrupted", Some(what));
+    match open_control(state, database_url).await {
+        Ok(control) => {
+            for c in &done {
+                let row = control.get(&c.run_id).await;
+                if let Ok(Some((row, _))) = row
+                    && row.status.is_active()
+                {
+                    let what = if c.closed {
+                        "the run's process died; `dryrun cleanup` removed what it created"
+                    } else {
+                        "the run's process died; `dryrun cleanup` could not remove everything"
+                    };
+                    let _ = control
+                        .set_status(&c.run_id, RunStatus::Interrupted, Some(what))
+                        .await;
+                }
             }
         }
+        Err(e) => eprintln!("warning: the history is not updated: {e:#}"),
     }
     let mut left = 0;
     for c in &done {
@@ -985,13 +1027,34 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
     Ok(exit::PASSED)
 }
 
+/// The control plane for a CLI command: the shared database when `--database-url` (or
+/// `DRYRUN_DATABASE_URL`) names one, else SQLite in the state directory.
+async fn open_control(
+    state: &StateDir,
+    database_url: Option<&str>,
+) -> anyhow::Result<Arc<dyn crate::control::Control>> {
+    if let Some(w) = state
+        .ensure()
+        .with_context(|| format!("create state directory {}", state.root().display()))?
+    {
+        tracing::debug!("{w}");
+    }
+    crate::control::open(state, database_url, "cli", crate::control::LEASE_TIMEOUT)
+        .await
+        .context(if database_url.is_some() {
+            "open the control database"
+        } else {
+            "open the history database"
+        })
+}
+
 async fn serve_cmd(
     state_from_cli: bool,
     state: StateDir,
     config: Option<PathBuf>,
     listen: Option<String>,
     blueprints: Option<PathBuf>,
-    (concurrency, provider): (Option<usize>, Option<ProviderName>),
+    (concurrency, provider, database_url): (Option<usize>, Option<ProviderName>, Option<String>),
 ) -> anyhow::Result<i32> {
     let mut cfg = match &config {
         Some(p) => crate::server::Config::load(p).map_err(|e| {
@@ -1008,6 +1071,9 @@ async fn serve_cmd(
     }
     if let Some(p) = provider {
         cfg.provider = p.as_str().to_string();
+    }
+    if database_url.is_some() {
+        cfg.database_url = database_url;
     }
     let state = match (
         &cfg.state_dir,
@@ -1064,62 +1130,4 @@ async fn serve_cmd(
     } else {
         exit::LEFT_BEHIND
     })
-}
-
-/// Claims the run's id (its directory, exclusively, and its row in the history database shared
-/// with `dryrun serve`, so that the API and the dashboard show every run on this state
-/// directory). A history that cannot be opened or written is a warning.
-fn claim_cli_run(
-    state: &StateDir,
-    bp: &Blueprint,
-    run_id_arg: Option<String>,
-    release: &str,
-    version: &str,
-    provider: &str,
-) -> anyhow::Result<(String, Option<crate::server::history::History>)> {
-    use crate::server::history::{History, Inserted, RunRow};
-    let h = match History::open(&state.root().join("history.sqlite")) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            eprintln!("warning: history database: {e}; the run is recorded in its journal only");
-            None
-        }
-    };
-    let row = |run_id: &str| RunRow {
-        release_version: Some(version.to_string()),
-        status: "running".into(),
-        started_at: Some(Utc::now()),
-        ..RunRow::queued(
-            run_id,
-            &bp.name,
-            &bp.path.display().to_string(),
-            provider,
-            "cli",
-            release,
-        )
-    };
-    let record = |id: &str| -> anyhow::Result<bool> {
-        Ok(match h.as_ref().map(|h| h.insert_queued(&row(id), None)) {
-            Some(Ok(Inserted::IdTaken)) => false,
-            Some(Err(e)) => {
-                eprintln!("warning: history database: {e}");
-                true
-            }
-            _ => true,
-        })
-    };
-    let id = match run_id_arg {
-        Some(id) => {
-            if !state.claim_run(&id).context("claim the run directory")? || !record(&id)? {
-                eprintln!(
-                    "error: --run-id `{id}`: a run with that id already exists in {}",
-                    state.root().display()
-                );
-                return Err(Exit(exit::USAGE).into());
-            }
-            id
-        }
-        None => engine::claim_run_id(state, &bp.name, record)?,
-    };
-    Ok((id, h))
 }

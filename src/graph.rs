@@ -97,7 +97,7 @@ pub struct PlannedResource {
     /// `kind.name`.
     pub address: String,
     /// Kind.
-    pub kind: String,
+    pub kind: crate::blueprint::ResourceKind,
     /// What will be created, in a few words.
     pub summary: String,
     /// Addresses it waits for.
@@ -110,7 +110,7 @@ pub struct PlannedCheck {
     /// Name.
     pub name: String,
     /// Kind.
-    pub kind: String,
+    pub kind: crate::blueprint::CheckKind,
     /// What it looks at.
     pub target: String,
 }
@@ -185,7 +185,7 @@ impl Plan {
                 };
                 PlannedResource {
                     address: r.address(),
-                    kind: r.spec.kind().to_string(),
+                    kind: r.spec.kind(),
                     summary,
                     depends_on: g.nodes[i]
                         .deps
@@ -200,7 +200,7 @@ impl Plan {
             .iter()
             .map(|c| PlannedCheck {
                 name: c.name.clone(),
-                kind: c.spec.kind().to_string(),
+                kind: c.spec.kind(),
                 target: match &c.spec {
                     CheckSpec::Http { url, method, .. } => format!("{method} {}", url.src),
                     CheckSpec::Command { run, .. } => run.src.clone(),
@@ -301,10 +301,10 @@ impl Plan {
     pub fn to_dot(&self) -> String {
         let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n", self.blueprint);
         for r in &self.resources {
-            let shape = match r.kind.as_str() {
-                "database" => "cylinder",
-                "bucket" => "folder",
-                _ => "box",
+            let shape = match r.kind {
+                crate::blueprint::ResourceKind::Database => "cylinder",
+                crate::blueprint::ResourceKind::Bucket => "folder",
+                crate::blueprint::ResourceKind::Service => "box",
             };
             s.push_str(&format!("  \"{}\" [shape={shape}];\n", r.address));
         }

@@ -42,6 +42,9 @@ pub enum JournalError {
     /// A run with that id has a journal already.
     #[error("run {0} exists already: a run id is never used twice")]
     Exists(String),
+    /// The control database did not store the entry.
+    #[error("journal of run {0} in the control database: {1}")]
+    Mirror(String, String),
 }
 
 /// One journal line.
@@ -112,12 +115,26 @@ pub enum Entry {
     },
 }
 
+/// Where a journal's entries go besides its file: the control database, when several workers
+/// share one ([`crate::control::postgres`]), so that another worker can clean up after this one
+/// dies. `append` returns once the entry is stored there.
+pub trait Mirror: Send + Sync + std::fmt::Debug {
+    /// Stores one entry (a JSON line) of `run_id`'s journal.
+    ///
+    /// # Errors
+    /// The entry could not be stored; the journal's append fails with it and the step it
+    /// announces does not happen.
+    fn append(&self, run_id: &str, line: &str) -> Result<(), String>;
+}
+
 /// An open journal; holds the run's lock for its lifetime.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: Mutex<File>,
     _lock: File,
+    run_id: String,
+    mirror: Option<std::sync::Arc<dyn Mirror>>,
 }
 
 impl Journal {
@@ -125,7 +142,11 @@ impl Journal {
     ///
     /// # Errors
     /// I/O errors, or [`JournalError::Locked`] if the run is held elsewhere.
-    pub fn create(state: &StateDir, run_id: &str) -> Result<Journal, JournalError> {
+    pub fn create(
+        state: &StateDir,
+        run_id: &str,
+        mirror: Option<std::sync::Arc<dyn Mirror>>,
+    ) -> Result<Journal, JournalError> {
         let dir = state.run_dir(run_id);
         crate::state::create_private_dir(&dir).map_err(|source| JournalError::Io {
             path: dir.clone(),
@@ -136,7 +157,10 @@ impl Journal {
         if dir.join("journal.jsonl").exists() {
             return Err(JournalError::Exists(run_id.to_string()));
         }
-        Self::open_locked(&dir, lock)
+        Ok(Journal {
+            mirror,
+            ..Self::open_locked(&dir, lock, run_id)?
+        })
     }
 
     /// Opens an existing run's journal for appending (cleanup), taking its lock.
@@ -146,10 +170,10 @@ impl Journal {
     pub fn reopen(state: &StateDir, run_id: &str) -> Result<Journal, JournalError> {
         let dir = state.run_dir(run_id);
         let lock = try_lock(&dir)?.ok_or_else(|| JournalError::Locked(run_id.to_string()))?;
-        Self::open_locked(&dir, lock)
+        Self::open_locked(&dir, lock, run_id)
     }
 
-    fn open_locked(dir: &Path, lock: File) -> Result<Journal, JournalError> {
+    fn open_locked(dir: &Path, lock: File, run_id: &str) -> Result<Journal, JournalError> {
         let path = dir.join("journal.jsonl");
         let file = crate::state::append_private_file(&path).map_err(|source| JournalError::Io {
             path: path.clone(),
@@ -159,6 +183,8 @@ impl Journal {
             path,
             file: Mutex::new(file),
             _lock: lock,
+            run_id: run_id.to_string(),
+            mirror: None,
         })
     }
 
@@ -177,12 +203,18 @@ impl Journal {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        blocking(|| f.write_all(line.as_bytes()).and_then(|()| f.sync_data()))
-            .map_err(|source| JournalError::Io {
+        blocking(|| f.write_all(line.as_bytes()).and_then(|()| f.sync_data())).map_err(
+            |source| JournalError::Io {
                 path: self.path.clone(),
                 source,
-            })
-            .inspect(|()| crate::failpoint::point("journal: after fsync"))
+            },
+        )?;
+        crate::failpoint::point("journal: after fsync");
+        if let Some(m) = &self.mirror {
+            blocking(|| m.append(&self.run_id, line.trim_end()))
+                .map_err(|e| JournalError::Mirror(self.run_id.clone(), e))?;
+        }
+        Ok(())
     }
 
     /// The journal file.
@@ -424,7 +456,7 @@ mod tests {
             ),
             ("new-closed", "2026-11-29T00:00:00Z", vec![closed]),
         ] {
-            let j = Journal::create(&state, id).unwrap();
+            let j = Journal::create(&state, id, None).unwrap();
             j.append(&started(id, when)).unwrap();
             for e in entries {
                 j.append(&e).unwrap();
@@ -443,7 +475,7 @@ mod tests {
     fn rec(a: &str) -> ResourceRecord {
         ResourceRecord {
             address: a.into(),
-            kind: "database".into(),
+            kind: crate::blueprint::ResourceKind::Database,
             id: format!("id-{a}"),
             data: Default::default(),
         }
@@ -492,7 +524,7 @@ mod tests {
     fn a_locked_run_cannot_be_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        let j = Journal::create(&state, "r1").unwrap();
+        let j = Journal::create(&state, "r1", None).unwrap();
         assert!(matches!(
             Journal::reopen(&state, "r1"),
             Err(JournalError::Locked(_))

@@ -25,6 +25,7 @@
 pub mod blueprint;
 pub mod checks;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod failpoint;
 pub mod graph;
@@ -35,6 +36,7 @@ pub mod provider;
 pub mod reference;
 pub mod release;
 pub mod report;
+pub mod runner;
 pub mod secret;
 pub mod server;
 pub mod state;

@@ -148,6 +148,36 @@ impl StateDir {
         }
     }
 
+    /// The state directory's id, created on first use (`STATE/machine-id`, 16 hex digits):
+    /// it names where journals, logs and local resources are when several workers share a
+    /// control database, and stays the same when a worker restarts on this directory.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn machine_id(&self) -> io::Result<String> {
+        use rand::RngExt as _;
+        use std::io::Write as _;
+        let path = self.root.join("machine-id");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => return Ok(s.trim().to_string()),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            Err(_) => {}
+        }
+        create_private_dir(&self.root)?;
+        // Written whole to a private file first, then linked into place: the link fails if
+        // another process got there first, and nobody ever reads a half-written id.
+        let id: u64 = rand::rng().random();
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.root)?;
+        tmp.write_all(format!("{id:016x}\n").as_bytes())?;
+        tmp.as_file().sync_all()?;
+        match std::fs::hard_link(tmp.path(), &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Ok(std::fs::read_to_string(&path)?.trim().to_string())
+    }
+
     /// History directory of a run.
     #[must_use]
     pub fn run_dir(&self, run_id: &str) -> PathBuf {

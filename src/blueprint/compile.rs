@@ -715,7 +715,7 @@ impl Compiler<'_> {
         }
         let kinds: HashMap<String, &'static str> = resources
             .iter()
-            .map(|r| (r.name.clone(), r.spec.kind()))
+            .map(|r| (r.name.clone(), r.spec.kind().as_str()))
             .collect();
         for u in &tpl_uses {
             self.check_template(u, &declared_params, &secrets, &kinds, &all_names);

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use compile::{CompileError, compile, compile_file};
@@ -245,6 +245,66 @@ impl Resource {
     }
 }
 
+/// What a resource is; its address is `kind.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    /// A database restored from a production backup.
+    Database,
+    /// A bucket copied from a production bucket.
+    Bucket,
+    /// A service running the candidate release.
+    Service,
+}
+
+impl ResourceKind {
+    /// `database`, `bucket` or `service`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Database => "database",
+            ResourceKind::Bucket => "bucket",
+            ResourceKind::Service => "service",
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// An HTTP request.
+    Http,
+    /// A command.
+    Command,
+    /// A SQL query.
+    Sql,
+}
+
+impl CheckKind {
+    /// `http`, `command` or `sql`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Http => "http",
+            CheckKind::Command => "command",
+            CheckKind::Sql => "sql",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The closed set of resource kinds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -260,11 +320,11 @@ pub enum ResourceSpec {
 impl ResourceSpec {
     /// `database`, `bucket` or `service`.
     #[must_use]
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ResourceKind {
         match self {
-            ResourceSpec::Database(_) => "database",
-            ResourceSpec::Bucket(_) => "bucket",
-            ResourceSpec::Service(_) => "service",
+            ResourceSpec::Database(_) => ResourceKind::Database,
+            ResourceSpec::Bucket(_) => ResourceKind::Bucket,
+            ResourceSpec::Service(_) => ResourceKind::Service,
         }
     }
 
@@ -427,11 +487,11 @@ pub enum CheckSpec {
 impl CheckSpec {
     /// `http`, `command` or `sql`.
     #[must_use]
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CheckKind {
         match self {
-            CheckSpec::Http { .. } => "http",
-            CheckSpec::Command { .. } => "command",
-            CheckSpec::Sql { .. } => "sql",
+            CheckSpec::Http { .. } => CheckKind::Http,
+            CheckSpec::Command { .. } => CheckKind::Command,
+            CheckSpec::Sql { .. } => CheckKind::Sql,
         }
     }
 

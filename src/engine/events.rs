@@ -4,7 +4,51 @@
 //! terminal display, later the server's live status) consume them. Every string in an event has
 //! already been through the run's secret redactor.
 
+pub use crate::report::Stage;
 use crate::report::Status;
+
+/// A step on one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// The resource is created.
+    Create,
+    /// A database or bucket is restored.
+    Restore,
+    /// The release is installed into a service.
+    Install,
+    /// The resource is deleted (teardown).
+    Delete,
+}
+
+impl Step {
+    /// `create`, `restore`, `install` or `delete`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Create => "create",
+            Step::Restore => "restore",
+            Step::Install => "install",
+            Step::Delete => "delete",
+        }
+    }
+
+    /// The stage whose time the step counts towards.
+    #[must_use]
+    pub fn stage(self) -> Stage {
+        match self {
+            Step::Create => Stage::Provision,
+            Step::Restore => Stage::Restore,
+            Step::Install => Stage::Install,
+            Step::Delete => Stage::Teardown,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Something that happened during a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,13 +66,13 @@ pub enum Event {
     },
     /// A stage began (compile, provision, restore, install, check, teardown).
     StageStarted {
-        /// Stage name.
-        stage: &'static str,
+        /// Stage.
+        stage: Stage,
     },
     /// A stage ended.
     StageFinished {
-        /// Stage name.
-        stage: &'static str,
+        /// Stage.
+        stage: Stage,
         /// Outcome.
         status: Status,
         /// Wall time of the stage.
@@ -38,8 +82,8 @@ pub enum Event {
     StepStarted {
         /// Resource address, e.g. `database.db`.
         address: String,
-        /// Step name.
-        step: &'static str,
+        /// Step.
+        step: Step,
         /// Short detail, e.g. the backup id being restored.
         detail: Option<String>,
     },
@@ -47,8 +91,8 @@ pub enum Event {
     StepFinished {
         /// Resource address.
         address: String,
-        /// Step name.
-        step: &'static str,
+        /// Step.
+        step: Step,
         /// Outcome.
         status: Status,
         /// Wall time of the step.

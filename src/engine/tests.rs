@@ -85,6 +85,7 @@ impl Rig {
             compile_ms: 0,
             teardown_timeout: super::TEARDOWN_TIMEOUT,
             secrets: Vec::new(),
+            mirror: None,
         }
     }
 
@@ -313,7 +314,11 @@ async fn a_check_the_provider_could_not_run_is_an_error_exit_3_not_a_release_fai
         report.failure
     );
     assert_eq!(
-        report.stage("check").unwrap().message.as_deref(),
+        report
+            .stage(crate::report::Stage::Check)
+            .unwrap()
+            .message
+            .as_deref(),
         Some("failed: breaks; could not run: passes")
     );
     assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
@@ -409,7 +414,10 @@ async fn install_failure_is_a_release_failure_exit_1() {
         "{failure}"
     );
     assert_eq!(resource(&report, "service.app").status, Status::Failed);
-    assert_eq!(report.stage("install").unwrap().status, Status::Failed);
+    assert_eq!(
+        report.stage(crate::report::Stage::Install).unwrap().status,
+        Status::Failed
+    );
     assert!(report.checks.iter().all(|c| c.status == Status::Skipped));
     assert_eq!(
         fake.calls_to("delete"),
@@ -433,7 +441,10 @@ async fn restore_failure_is_an_infrastructure_error_exit_3() {
         failure.contains("restore of database.db failed"),
         "{failure}"
     );
-    assert_eq!(report.stage("restore").unwrap().status, Status::Error);
+    assert_eq!(
+        report.stage(crate::report::Stage::Restore).unwrap().status,
+        Status::Error
+    );
     assert_eq!(fake.calls_to("delete"), ["database.db"]);
     assert!(report.left_behind.is_empty());
 }

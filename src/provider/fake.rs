@@ -188,13 +188,13 @@ impl Provider for FakeProvider {
 
     fn plan_record(&self, _run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord {
         let kind = match req {
-            ResourceRequest::Database(_) => "database",
-            ResourceRequest::Bucket(_) => "bucket",
-            ResourceRequest::Service(_) => "service",
+            ResourceRequest::Database(_) => crate::blueprint::ResourceKind::Database,
+            ResourceRequest::Bucket(_) => crate::blueprint::ResourceKind::Bucket,
+            ResourceRequest::Service(_) => crate::blueprint::ResourceKind::Service,
         };
         ResourceRecord {
             address: format!("{kind}.{name}"),
-            kind: kind.into(),
+            kind,
             id: format!("fake-{name}"),
             data: BTreeMap::new(),
         }

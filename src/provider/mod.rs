@@ -136,7 +136,7 @@ pub struct ResourceRecord {
     /// `kind.name`.
     pub address: String,
     /// `database`, `bucket`, `service`.
-    pub kind: String,
+    pub kind: crate::blueprint::ResourceKind,
     /// Provider identity (a directory, an instance id).
     pub id: String,
     /// Provider-specific details (pids, ports, engine), plain data.

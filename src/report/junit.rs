@@ -45,7 +45,7 @@ pub fn to_junit(report: &RunReport) -> String {
     for check in &report.checks {
         let mut case = TestCase::new(
             check.name.as_str(),
-            case_status(check.status, check.message.as_deref(), &check.kind),
+            case_status(check.status, check.message.as_deref(), check.kind.as_str()),
         );
         case.set_classname("checks")
             .set_time(Duration::from_millis(check.duration_ms));

@@ -144,7 +144,7 @@ fn stages(md: &mut String, report: &RunReport) {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} |",
-            cell(&stage.name),
+            cell(stage.name.as_str()),
             status_cell(stage.status),
             duration_cell(stage.status, stage.duration_ms),
             message_cell(stage.message.as_deref()),
@@ -167,7 +167,7 @@ fn checks(md: &mut String, report: &RunReport) {
             md,
             "| {} | {} | {} | {} | {} | {} |",
             cell(&check.name),
-            cell(&check.kind),
+            cell(check.kind.as_str()),
             status_cell(check.status),
             duration_cell(check.status, check.duration_ms),
             check.attempts,
@@ -189,7 +189,7 @@ fn resources(md: &mut String, report: &RunReport) {
             md,
             "| {} | {} | {} | {} | {} |",
             cell(&resource.address),
-            cell(&resource.kind),
+            cell(resource.kind.as_str()),
             cell(&resource.id),
             status_cell(resource.status),
             if resource.destroyed { "yes" } else { "**no**" },
@@ -234,7 +234,7 @@ fn failures(md: &mut String, report: &RunReport) {
     let mut blocks: Vec<(String, Option<&str>, Option<&str>)> = Vec::new();
     for stage in report.stages.iter().filter(|s| failed(s.status)) {
         blocks.push((
-            format!("Stage {} ({})", cell(&stage.name), stage.status),
+            format!("Stage {} ({})", cell(stage.name.as_str()), stage.status),
             stage.message.as_deref(),
             None,
         ));

@@ -114,8 +114,8 @@ pub struct BackupReport {
 /// One stage of the loop: compile, provision, restore, install, check, teardown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageReport {
-    /// Stage name.
-    pub name: String,
+    /// Stage.
+    pub name: Stage,
     /// Outcome.
     pub status: Status,
     /// Wall time from the stage's first step to its last.
@@ -125,13 +125,62 @@ pub struct StageReport {
     pub message: Option<String>,
 }
 
+/// The stages of a run, in the order the loop takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The blueprint compiles.
+    Compile,
+    /// Resources are created.
+    Provision,
+    /// Databases and buckets are restored from production backups.
+    Restore,
+    /// The candidate release is installed into services.
+    Install,
+    /// The checks run.
+    Check,
+    /// The copy is torn down (or kept).
+    Teardown,
+}
+
+impl Stage {
+    /// Every stage, in loop order.
+    pub const ALL: [Stage; 6] = [
+        Stage::Compile,
+        Stage::Provision,
+        Stage::Restore,
+        Stage::Install,
+        Stage::Check,
+        Stage::Teardown,
+    ];
+
+    /// The stage's name as reports and the API spell it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Compile => "compile",
+            Stage::Provision => "provision",
+            Stage::Restore => "restore",
+            Stage::Install => "install",
+            Stage::Check => "check",
+            Stage::Teardown => "teardown",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Name from the blueprint.
     pub name: String,
     /// `http`, `command` or `sql`.
-    pub kind: String,
+    pub kind: crate::blueprint::CheckKind,
     /// Outcome of the last attempt.
     pub status: Status,
     /// Time spent over all attempts.
@@ -152,7 +201,7 @@ pub struct ResourceReport {
     /// Address in the blueprint, `kind.name`, e.g. `database.db`.
     pub address: String,
     /// `database`, `bucket` or `service`.
-    pub kind: String,
+    pub kind: crate::blueprint::ResourceKind,
     /// Provider identity (directory, pid, instance id); empty if creation never started.
     pub id: String,
     /// Whether teardown destroyed it.
@@ -231,7 +280,7 @@ pub struct RunReport {
 impl RunReport {
     /// The stage of that name, if the run reached it.
     #[must_use]
-    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+    pub fn stage(&self, name: Stage) -> Option<&StageReport> {
         self.stages.iter().find(|s| s.name == name)
     }
 

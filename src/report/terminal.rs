@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use super::{BackupReport, ReleaseReport, RunReport, Status, human_ms, human_secs};
-use crate::engine::events::Event;
+use super::{BackupReport, ReleaseReport, RunReport, Stage, Status, human_ms, human_secs};
+use crate::engine::events::{Event, Step};
 
 /// Width the summary wraps its stage line at.
 const WRAP_AT: usize = 80;
@@ -93,7 +93,7 @@ fn summary_stages(out: &mut String, report: &RunReport, p: Paint) {
     let mut width = lead.len();
     out.push_str(lead);
     for (i, stage) in report.stages.iter().enumerate() {
-        let mut item = stage.name.clone();
+        let mut item = stage.name.to_string();
         if ran(stage.status) {
             let _ = write!(item, " {}", human_ms(stage.duration_ms));
         }
@@ -335,8 +335,8 @@ impl ProgressMode {
 /// What a spinner stands for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Stage(&'static str),
-    Step(String, &'static str),
+    Stage(Stage),
+    Step(String, Step),
     Check(String),
 }
 
@@ -345,7 +345,7 @@ enum Key {
 /// page). It remembers the current stage and each step's label between events.
 #[derive(Debug, Default)]
 pub struct PlainLines {
-    stage: Option<&'static str>,
+    stage: Option<Stage>,
     labels: HashMap<Key, String>,
 }
 
@@ -359,7 +359,7 @@ impl PlainLines {
                 return alert_line(ev).or_else(|| Some(run_line(ev)));
             }
             Event::StageStarted { stage } => {
-                self.stage = Some(stage);
+                self.stage = Some(*stage);
                 let _ = writeln!(out, "[{stage}] started");
             }
             Event::StageFinished {
@@ -379,9 +379,9 @@ impl PlainLines {
                 let _ = writeln!(
                     out,
                     "[{}] {label} ...",
-                    self.stage.unwrap_or_else(|| stage_of(step))
+                    self.stage.unwrap_or_else(|| step.stage())
                 );
-                self.labels.insert(Key::Step(address.clone(), step), label);
+                self.labels.insert(Key::Step(address.clone(), *step), label);
             }
             Event::StepFinished {
                 address,
@@ -392,9 +392,9 @@ impl PlainLines {
             } => {
                 let label = self
                     .labels
-                    .remove(&Key::Step(address.clone(), step))
+                    .remove(&Key::Step(address.clone(), *step))
                     .unwrap_or_else(|| format!("{address} {step}"));
-                let prefix = self.stage.unwrap_or_else(|| stage_of(step));
+                let prefix = self.stage.unwrap_or_else(|| step.stage());
                 let _ = writeln!(
                     out,
                     "[{prefix}] {label} ... {}",
@@ -438,7 +438,7 @@ pub struct Progress {
     mode: ProgressMode,
     out: Box<dyn Write + Send>,
     color: bool,
-    stage: Option<&'static str>,
+    stage: Option<Stage>,
     labels: HashMap<Key, String>,
     plain: PlainLines,
     multi: Option<MultiProgress>,
@@ -526,11 +526,11 @@ impl Progress {
                 }
             }
             Event::StageStarted { stage } => {
-                self.stage = Some(stage);
+                self.stage = Some(*stage);
                 self.spin(
-                    Key::Stage(stage),
+                    Key::Stage(*stage),
                     "{spinner:.cyan} {msg:.bold} {elapsed:.dim}",
-                    stage,
+                    stage.as_str(),
                 );
             }
             Event::StageFinished {
@@ -539,7 +539,7 @@ impl Progress {
                 duration_ms,
             } => {
                 self.stage = None;
-                self.stop(&Key::Stage(stage));
+                self.stop(&Key::Stage(*stage));
                 let line = format!(
                     "{} {stage} {}",
                     p.mark(*status),
@@ -553,7 +553,7 @@ impl Progress {
                 detail,
             } => {
                 let label = format!("{step} {address}{}", detail_suffix(detail.as_deref()));
-                let key = Key::Step(address.clone(), step);
+                let key = Key::Step(address.clone(), *step);
                 self.spin(
                     key.clone(),
                     "  {spinner:.cyan} {msg} {elapsed:.dim}",
@@ -568,7 +568,7 @@ impl Progress {
                 duration_ms,
                 message,
             } => {
-                let key = Key::Step(address.clone(), step);
+                let key = Key::Step(address.clone(), *step);
                 self.stop(&key);
                 let label = self
                     .labels
@@ -754,7 +754,7 @@ pub(crate) mod testutil {
 
     fn stage(name: &str, status: Status, duration_ms: u64, message: Option<&str>) -> StageReport {
         StageReport {
-            name: name.to_owned(),
+            name: serde_json::from_value(name.into()).expect("a stage name"),
             status,
             duration_ms,
             message: message.map(str::to_owned),
@@ -764,7 +764,7 @@ pub(crate) mod testutil {
     fn check(name: &str, kind: &str, status: Status, message: Option<&str>) -> CheckReport {
         CheckReport {
             name: name.to_owned(),
-            kind: kind.to_owned(),
+            kind: serde_json::from_value(kind.into()).expect("a check kind"),
             status,
             duration_ms: if matches!(status, Status::Skipped | Status::Pending) {
                 0
@@ -780,7 +780,7 @@ pub(crate) mod testutil {
     fn resource(address: &str, kind: &str, id: &str) -> ResourceReport {
         ResourceReport {
             address: address.to_owned(),
-            kind: kind.to_owned(),
+            kind: serde_json::from_value(kind.into()).expect("a resource kind"),
             id: id.to_owned(),
             destroyed: true,
             status: Status::Passed,
@@ -881,7 +881,12 @@ pub(crate) mod testutil {
     }
 
     fn skipped_check(c: &CheckReport) -> CheckReport {
-        check(&c.name, &c.kind, Status::Skipped, Some("upstream failed"))
+        check(
+            &c.name,
+            c.kind.as_str(),
+            Status::Skipped,
+            Some("upstream failed"),
+        )
     }
 
     /// A run whose install stage failed on a schema migration ([`MIGRATION_FAILURE`]); the
@@ -1068,28 +1073,32 @@ mod tests {
                 provider: "local".to_owned(),
                 release: "2.0.0".to_owned(),
             },
-            Event::StageStarted { stage: "provision" },
+            Event::StageStarted {
+                stage: Stage::Provision,
+            },
             Event::StepStarted {
                 address: "database.db".to_owned(),
-                step: "create",
+                step: Step::Create,
                 detail: None,
             },
             Event::StepFinished {
                 address: "database.db".to_owned(),
-                step: "create",
+                step: Step::Create,
                 status: Status::Passed,
                 duration_ms: 120,
                 message: None,
             },
             Event::StageFinished {
-                stage: "provision",
+                stage: Stage::Provision,
                 status: Status::Passed,
                 duration_ms: 130,
             },
-            Event::StageStarted { stage: "restore" },
+            Event::StageStarted {
+                stage: Stage::Restore,
+            },
             Event::StepStarted {
                 address: "database.db".to_owned(),
-                step: "restore",
+                step: Step::Restore,
                 detail: Some("shop-db-2026-11-21T0300Z".to_owned()),
             },
             Event::Warning {
@@ -1097,17 +1106,19 @@ mod tests {
             },
             Event::StepFinished {
                 address: "database.db".to_owned(),
-                step: "restore",
+                step: Step::Restore,
                 status: Status::Passed,
                 duration_ms: 4_200,
                 message: None,
             },
             Event::StageFinished {
-                stage: "restore",
+                stage: Stage::Restore,
                 status: Status::Passed,
                 duration_ms: 4_210,
             },
-            Event::StageStarted { stage: "check" },
+            Event::StageStarted {
+                stage: Stage::Check,
+            },
             Event::CheckStarted {
                 name: "orders-count".to_owned(),
             },
@@ -1123,7 +1134,7 @@ mod tests {
                 message: Some(CHECK_FAILURE.to_owned()),
             },
             Event::StageFinished {
-                stage: "check",
+                stage: Stage::Check,
                 status: Status::Failed,
                 duration_ms: 3_100,
             },
@@ -1178,7 +1189,7 @@ interrupted by SIGINT: tearing down (send it again to stop once the journal is f
         let mut progress = Progress::with_writer(ProgressMode::Plain, Box::new(captured.clone()));
         progress.handle(&Event::StepFinished {
             address: "service.web".to_owned(),
-            step: "delete",
+            step: Step::Delete,
             status: Status::Error,
             duration_ms: 5,
             message: Some("kill: no such process".to_owned()),
@@ -1214,14 +1225,5 @@ interrupted by SIGINT: tearing down (send it again to stop once the journal is f
         assert!(progress.bars.is_empty());
         progress.finish();
         assert_eq!(captured.text(), "");
-    }
-}
-
-/// The loop stage a resource step belongs to, for plain-mode prefixes.
-fn stage_of(step: &'static str) -> &'static str {
-    match step {
-        "create" => "provision",
-        "delete" => "teardown",
-        other => other,
     }
 }

@@ -80,6 +80,13 @@ pub struct Config {
     /// How long finished runs' history rows, reports, journals and logs are kept; default 90d.
     #[serde(default = "default_retention", with = "humantime_de")]
     pub retention: Duration,
+    /// The shared control database (`postgres://…`) for several workers; default: SQLite in
+    /// the state directory. `--database-url` and `DRYRUN_DATABASE_URL` override it.
+    pub database_url: Option<String>,
+    /// How long a worker may go without a heartbeat before the others take it for dead and
+    /// recover its runs (PostgreSQL only); default 15s, at least 5s.
+    #[serde(default = "default_lease_timeout", with = "humantime_de")]
+    pub lease_timeout: Duration,
 }
 
 /// `[webhook]`.
@@ -204,6 +211,9 @@ fn default_tz() -> String {
 fn default_retention() -> Duration {
     Duration::from_secs(90 * 24 * 3600)
 }
+fn default_lease_timeout() -> Duration {
+    crate::control::LEASE_TIMEOUT
+}
 
 pub(crate) mod humantime_de {
     use std::time::Duration;
@@ -257,6 +267,8 @@ fn defaults() -> Config {
         auth: super::auth::AuthConfig::default(),
         allowed_hosts: Vec::new(),
         retention: default_retention(),
+        database_url: None,
+        lease_timeout: default_lease_timeout(),
     }
 }
 
@@ -330,6 +342,15 @@ impl Config {
         }
         if self.retention < Duration::from_secs(3600) {
             return Err("retention must be at least 1h".into());
+        }
+        if self.lease_timeout < Duration::from_secs(5) {
+            return Err(format!(
+                "lease_timeout must be at least 5s (a worker heartbeats every {}s)",
+                crate::control::HEARTBEAT.as_secs()
+            ));
+        }
+        if let Some(url) = &self.database_url {
+            crate::control::postgres::parse_url(url).map_err(|e| format!("database_url: {e}"))?;
         }
         for s in &self.schedule {
             super::schedule::parse(&s.cron)

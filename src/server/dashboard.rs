@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 use crate::report::{human_ms, human_secs};
 
 use super::auth::{Principal, Role};
-use super::history::RunRow;
 use super::jobs::{App, RunRequest, SubmitError, Submitted};
+use crate::control::RunRow;
 
 static TEMPLATES: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     let mut h = Handlebars::new();
@@ -153,8 +153,8 @@ fn releases(app: &App) -> Vec<String> {
     out
 }
 
-fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
-    let rows = app.history.list(None, None, 50).unwrap_or_default();
+async fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
+    let rows = app.control.list(None, None, 50).await.unwrap_or_default();
     let runs: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -167,13 +167,15 @@ fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
             })
         })
         .collect();
-    let trends: Vec<Value> = app
-        .history
-        .blueprints()
-        .unwrap_or_default()
+    let mut trend_points = Vec::new();
+    for b in app.control.blueprints().await.unwrap_or_default() {
+        if let Ok(pts) = app.control.trend(&b, 14).await {
+            trend_points.push((b, pts));
+        }
+    }
+    let trends: Vec<Value> = trend_points
         .into_iter()
-        .filter_map(|b| {
-            let pts = app.history.trend(&b, 14).ok()?;
+        .filter_map(|(b, pts)| {
             if pts.is_empty() {
                 return None;
             }
@@ -203,7 +205,7 @@ async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     v.finish(page(
         "Dry runs",
         "index",
-        &index_data(&app, &v, None),
+        &index_data(&app, &v, None).await,
         false,
     ))
 }
@@ -214,7 +216,7 @@ async fn run_page(
     Path(id): Path<String>,
 ) -> Response {
     let visitor = Visitor::of(&app, &headers);
-    let (row, rep) = match app.history.get(&id) {
+    let (row, rep) = match app.control.get(&id).await {
         Ok(Some(x)) => x,
         Ok(None) => {
             return (
@@ -228,7 +230,7 @@ async fn run_page(
         }
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    let live = row.status == "queued" || row.status == "running";
+    let live = row.status.is_active();
     let mut data = json!({
         "run": row,
         "run_id_json": serde_json::to_string(&row.run_id).unwrap_or_default().replace('<', "\\u003c"),
@@ -319,7 +321,7 @@ async fn start(
             let mut r = page(
                 "Dry runs",
                 "index",
-                &index_data(&app, &visitor, Some(&format!("Not started: {e}"))),
+                &index_data(&app, &visitor, Some(&format!("Not started: {e}"))).await,
                 false,
             );
             *r.status_mut() = status;

@@ -1,43 +1,51 @@
 //! Accepting runs and running them: the queue.
 //!
 //! A run is accepted only after its blueprint compiles and its release loads (so a bad request
-//! creates nothing), then recorded as `queued` and handed to a task that waits, in order, for
-//! its environment (one run per blueprint and provider at a time; FIFO), for a global slot
-//! (`concurrency`) and for the environment's file lease (shared with CLI runs), then runs the
-//! engine. `queue_limit` bounds how many wait; beyond it the webhook answers 429.
+//! creates nothing), then recorded as `queued` with its request in the control plane
+//! ([`crate::control`]). Workers — this process's claim loop, and with PostgreSQL every other
+//! `dryrun serve` sharing the database — claim queued runs when they have a free slot
+//! (`concurrency`): the oldest run of a free environment first, one run per environment, one
+//! worker per run. The claimed run is loaded again from its request and started through
+//! [`crate::runner`]. `queue_limit` bounds how many wait; beyond it the webhook answers 429.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use tokio::sync::Semaphore;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blueprint::{self, Blueprint, CompileError};
-use crate::engine::{self, Event, RunOptions, Shutdown};
-use crate::lease;
+use crate::control::{
+    Claimed, Control, ControlError, Dedup, Inserted, Lease, RunRow, RunStatus, trigger_name,
+};
+use crate::engine::{self, Event, Shutdown};
 use crate::provider::{BackupPick, Provider};
 use crate::reference;
 use crate::release::Release;
 use crate::report::{RunReport, Trigger};
+use crate::runner::{self, Launch};
 use crate::secret::Secret;
 use crate::state::StateDir;
 
 use super::config::Config;
-use super::history::{History, Inserted, RunRow};
 use super::metrics::Metrics;
 use super::{ServeError, notify};
 
 /// Lines of live progress kept per running run (shown by the API and the run page).
 const PROGRESS_LINES: usize = 200;
 
+/// How often the claim loop looks at the queue when nothing woke it (runs queued by other
+/// workers, leases given back by CLI runs).
+const POLL: Duration = Duration::from_millis(250);
+
 /// A request to start a dry run (webhook, dashboard form or schedule). Kept with the queued
-/// run in the history (it holds no secret), so that the run survives a restart.
+/// run in the history (it holds no secret), so that the run survives a restart and any worker
+/// can run it.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunRequest {
     /// Blueprint path under the blueprints root.
@@ -54,6 +62,9 @@ pub struct RunRequest {
     pub delivery: Option<String>,
     /// Schedule name, for scheduled runs.
     pub schedule: Option<String>,
+    /// The instant the schedule fired for (one run per schedule and instant, across workers).
+    #[serde(default)]
+    pub fire_at: Option<DateTime<Utc>>,
     /// `webhook` or `schedule` (the dashboard's form counts as the portal's button: webhook).
     pub trigger: Option<Trigger>,
     /// Provider of the run (a schedule's own); default: the server's.
@@ -84,12 +95,9 @@ pub enum SubmitError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// History database.
+    /// The control plane.
     #[error(transparent)]
-    History(#[from] super::history::HistoryError),
-    /// The state directory (claiming the run's directory).
-    #[error("state directory: {0}")]
-    State(#[from] std::io::Error),
+    Control(#[from] ControlError),
 }
 
 /// What `submit` did.
@@ -97,17 +105,8 @@ pub enum SubmitError {
 pub enum Submitted {
     /// A new run was queued.
     New(RunRow),
-    /// The delivery id was seen before; this is the original run.
+    /// The delivery id (or the schedule's firing) was seen before; this is the original run.
     Duplicate(RunRow),
-}
-
-struct Job {
-    row: RunRow,
-    bp: Blueprint,
-    release: Release,
-    backup: BackupPick,
-    callback_url: Option<String>,
-    provider: Arc<dyn Provider>,
 }
 
 /// What a request needs to run, loaded and checked.
@@ -126,8 +125,8 @@ pub struct App {
     pub state: StateDir,
     /// Blueprints root (canonical).
     pub blueprints: PathBuf,
-    /// History database.
-    pub history: Arc<History>,
+    /// The control plane: history, queue, leases, outbox.
+    pub control: Arc<dyn Control>,
     /// Metrics.
     pub metrics: Metrics,
     /// Webhook secret (from the environment variable the config names).
@@ -140,9 +139,10 @@ pub struct App {
     pub auth: super::auth::Auth,
     /// The `Host` and `Origin` values the server answers.
     pub hosts: super::auth::Hosts,
-    envs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The database URL, if any (registered with every run's redactor: it may hold a password).
+    database_url: Option<Secret>,
     slots: Arc<Semaphore>,
-    waiting: AtomicUsize,
+    wake: Notify,
     running: Mutex<HashMap<String, Shutdown>>,
     progress: Mutex<HashMap<String, VecDeque<String>>>,
     tracker: TaskTracker,
@@ -159,30 +159,21 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Builds the server state.
+    /// Builds the server state on an open control plane.
     ///
     /// # Errors
-    /// History database or blueprints root problems.
+    /// Blueprints root or state directory problems, bad `[auth]` settings.
     pub fn new(
         cfg: Config,
         state: StateDir,
         blueprints: &Path,
         addr: SocketAddr,
+        control: Arc<dyn Control>,
+        database_url: Option<&str>,
     ) -> Result<App, ServeError> {
         let blueprints = blueprints.canonicalize().map_err(|e| {
             ServeError::Other(format!("blueprints root {}: {e}", blueprints.display()))
         })?;
-        match state.ensure() {
-            Ok(Some(w)) => eprintln!("dryrun serve: warning: {w}"),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(ServeError::Other(format!(
-                    "state directory {}: {e}",
-                    state.root().display()
-                )));
-            }
-        }
-        let history = Arc::new(History::open(&state.root().join("history.sqlite"))?);
         let secret = std::env::var(&cfg.webhook.secret_env)
             .ok()
             .filter(|s| !s.is_empty())
@@ -211,8 +202,9 @@ impl App {
             .map_err(ServeError::Auth)?;
         let hosts = super::auth::Hosts::new(addr, cfg.public_url.as_deref(), &cfg.allowed_hosts);
         let outbox = Arc::new(super::notify::Outbox {
-            history: history.clone(),
-            wake: tokio::sync::Notify::new(),
+            control: control.clone(),
+            wake: Notify::new(),
+            busy: std::sync::atomic::AtomicUsize::new(0),
             http,
             secret: secret.clone(),
             base_url: base_url.clone(),
@@ -223,16 +215,16 @@ impl App {
             cfg,
             state,
             blueprints,
-            history,
+            control,
             metrics: Metrics::new(),
             secret,
             base_url,
             outbox,
             auth,
             hosts,
-            envs: Mutex::new(HashMap::new()),
+            database_url: database_url.map(Secret::new),
             slots,
-            waiting: AtomicUsize::new(0),
+            wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
@@ -299,111 +291,74 @@ impl App {
     }
 
     /// Every secret the server holds, registered with each run's redactor: the webhook secret
-    /// (which also signs callbacks) and the notification URL (chat webhook URLs carry their
-    /// token).
+    /// (which also signs callbacks), the notification URL (chat webhook URLs carry their
+    /// token), API tokens and the control database's URL.
     #[must_use]
     pub fn held_secrets(&self) -> Vec<Secret> {
         let mut v: Vec<Secret> = self.secret.iter().cloned().collect();
         v.extend(self.cfg.notify.url.iter().map(Secret::new));
         v.extend(self.auth.held_secrets());
+        v.extend(self.database_url.iter().cloned());
         v
     }
 
-    fn env_lock(&self, env: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.envs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(env.to_string())
-            .or_default()
-            .clone()
-    }
-
-    /// Accepts a run: validates, records it as queued and starts its task.
+    /// Accepts a run: validates it, then records it as queued (with its request) for a worker
+    /// to claim.
     ///
     /// # Errors
     /// See [`SubmitError`]; nothing is created on error.
-    pub async fn submit(self: &Arc<Self>, req: RunRequest) -> Result<Submitted, SubmitError> {
+    pub async fn submit(&self, req: RunRequest) -> Result<Submitted, SubmitError> {
         if self.stop.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
         if let Some(d) = &req.delivery
-            && let Some(orig) = self.history.delivery(d)?
+            && let Some(orig) = self.control.delivery(d).await?
         {
             return Ok(Submitted::Duplicate(orig));
         }
         let Prepared {
             bp,
             release,
-            backup,
             provider,
+            ..
         } = self.prepare(&req).await?;
-        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.cfg.queue_limit {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull(prev));
+        let waiting = usize::try_from(self.control.queued().await?).unwrap_or(usize::MAX);
+        if waiting >= self.cfg.queue_limit {
+            return Err(SubmitError::QueueFull(waiting));
         }
         let trigger = req.trigger.unwrap_or(Trigger::Webhook);
         let request = serde_json::to_string(&req).unwrap_or_default();
-        let new_row = |run_id: &str| RunRow {
-            release_version: Some(release.manifest.version.clone()),
-            delivery: req.delivery.clone(),
-            schedule: req.schedule.clone(),
-            ..RunRow::queued(
-                run_id,
-                &bp.name,
-                &req.blueprint,
-                provider.name(),
-                trigger_name(trigger),
-                &req.release,
-            )
+        let dedup = match (&req.delivery, &req.schedule, req.fire_at) {
+            (Some(d), _, _) => Dedup::Delivery(d),
+            (None, Some(s), Some(at)) => Dedup::Fire { schedule: s, at },
+            _ => Dedup::None,
         };
-        // The id is claimed in the state directory and in the history: never a collision, even
-        // with CLI runs and other workers starting in the same second. The request is kept with
-        // the row, so that a queued run survives a restart.
-        let mut duplicate = None;
-        let claimed = engine::claim_run_id(&self.state, &bp.name, |id| {
-            match self.history.insert_queued(&new_row(id), Some(&request))? {
-                Inserted::New => Ok(true),
-                Inserted::IdTaken => Ok(false),
-                Inserted::Duplicate(orig) => {
-                    duplicate = Some(*orig);
-                    Ok(true)
+        // The id is claimed by the history row's primary key: never a collision, even with CLI
+        // runs and other workers starting in the same second. The request is kept with the
+        // row, so that the run survives a restart and any worker can run it.
+        loop {
+            let row = RunRow {
+                release_version: Some(release.manifest.version.clone()),
+                delivery: req.delivery.clone(),
+                schedule: req.schedule.clone(),
+                ..RunRow::queued(
+                    &engine::new_run_id(&bp.name),
+                    &bp.name,
+                    &req.blueprint,
+                    provider.name(),
+                    trigger,
+                    &req.release,
+                )
+            };
+            match self.control.insert(&row, Some(&request), dedup).await? {
+                Inserted::New => {
+                    self.wake.notify_one();
+                    return Ok(Submitted::New(row));
                 }
+                Inserted::Duplicate(orig) => return Ok(Submitted::Duplicate(*orig)),
+                Inserted::IdTaken => {}
             }
-        });
-        let run_id = match claimed {
-            Ok(id) => id,
-            Err(e) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Err(e);
-            }
-        };
-        if let Some(orig) = duplicate {
-            let _ = std::fs::remove_dir(self.state.run_dir(&run_id));
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Ok(Submitted::Duplicate(orig));
         }
-        let row = new_row(&run_id);
-        self.enqueue(
-            Job {
-                row: row.clone(),
-                bp,
-                release,
-                backup,
-                callback_url: req.callback_url,
-                provider,
-            },
-            trigger,
-        );
-        Ok(Submitted::New(row))
-    }
-
-    /// Starts the task of an accepted run (counted in `waiting` already).
-    fn enqueue(self: &Arc<Self>, job: Job, trigger: Trigger) {
-        self.metrics.queue_depth.inc();
-        let app = self.clone();
-        self.tracker
-            .spawn(async move { app.run_job(job, trigger).await });
     }
 
     /// Checks a request and loads what its run needs: the callback URL against the allow-list,
@@ -480,58 +435,104 @@ impl App {
         })
     }
 
-    async fn run_job(self: Arc<Self>, job: Job, trigger: Trigger) {
-        let run_id = job.row.run_id.clone();
-        let env = job.row.environment.clone();
-        let dequeue = || {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.queue_depth.dec();
-        };
-        // Wait in order for the environment, then a slot, then the cross-process lease.
-        let env_lock = self.env_lock(&env);
-        let env_guard = tokio::select! {
-            g = env_lock.lock_owned() => g,
-            () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
-        };
-        let slot = tokio::select! {
-            p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => { dequeue(); return self.cancelled(&run_id, trigger); } },
-            () = self.stop.cancelled() => { dequeue(); return self.cancelled(&run_id, trigger); }
-        };
-        let mut held = match lease::acquire(&self.state, &env, &self.stop, |holder| {
-            self.push_progress(
-                &run_id,
-                format!(
-                    "waiting for environment {env}: run {} holds it",
-                    holder.unwrap_or_else(|| "?".into())
-                ),
-            );
+    /// The claim loop: while a slot is free, claim the next queued run this worker may run and
+    /// start it. Ends when the server stops accepting.
+    pub fn start_worker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut complained = false;
+            loop {
+                let permit = tokio::select! {
+                    p = app.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    () = app.stop.cancelled() => return,
+                };
+                match app.control.claim().await {
+                    Ok(Some(c)) => {
+                        complained = false;
+                        let me = app.clone();
+                        app.tracker.spawn(Box::pin(me.run_claimed(c, permit)));
+                        continue;
+                    }
+                    Ok(None) => complained = false,
+                    Err(e) => {
+                        if !complained {
+                            tracing::error!(error = %e, "cannot claim queued runs; retrying");
+                            eprintln!("dryrun serve: cannot claim queued runs: {e}; retrying");
+                            complained = true;
+                        }
+                    }
+                }
+                drop(permit);
+                if let Ok(n) = app.control.queued().await {
+                    app.metrics.queue_depth.set(n);
+                }
+                tokio::select! {
+                    () = app.wake.notified() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                    () = app.stop.cancelled() => return,
+                }
+            }
         })
-        .await
-        {
-            Ok(l) => l,
-            Err(lease::LeaseError::Cancelled(_)) => {
-                dequeue();
-                return self.cancelled(&run_id, trigger);
-            }
+    }
+
+    /// Runs a claimed run: loads it from its request (a run that waited longer than
+    /// `queue_max_age`, or whose blueprint or release no longer loads, ends without running,
+    /// and its callback says so), then starts it through [`runner::execute`].
+    async fn run_claimed(self: Arc<Self>, claimed: Claimed, slot: OwnedSemaphorePermit) {
+        let Claimed {
+            row,
+            request,
+            lease,
+        } = claimed;
+        let run_id = row.run_id.clone();
+        let request = request.and_then(|j| serde_json::from_str::<RunRequest>(&j).ok());
+        let callback_url = request.as_ref().and_then(|q| q.callback_url.clone());
+        let Some(req) = request else {
+            return self
+                .not_run(
+                    &row,
+                    lease,
+                    None,
+                    RunStatus::Interrupted,
+                    "the server stopped before the run started and its request was not kept; nothing was created".into(),
+                )
+                .await;
+        };
+        let age = Utc::now() - row.queued_at;
+        let max =
+            chrono::Duration::from_std(self.cfg.queue_max_age).unwrap_or(chrono::Duration::MAX);
+        if age > max {
+            let why = format!(
+                "it waited {} in the queue, longer than queue_max_age ({}); nothing was created",
+                crate::report::human_secs(age.num_seconds()),
+                humantime::format_duration(self.cfg.queue_max_age)
+            );
+            return self
+                .not_run(
+                    &row,
+                    lease,
+                    callback_url.as_deref(),
+                    RunStatus::Expired,
+                    why,
+                )
+                .await;
+        }
+        let prepared = match self.prepare(&req).await {
+            Ok(p) => p,
             Err(e) => {
-                dequeue();
-                let _ = self
-                    .history
-                    .set_status(&run_id, "error", Some(&e.to_string()));
-                self.metrics.ended("error", trigger_name(trigger));
-                return;
+                let why = format!("it could not be started: {e}; nothing was created");
+                return self
+                    .not_run(&row, lease, callback_url.as_deref(), RunStatus::Error, why)
+                    .await;
             }
         };
-        held.set_holder(&run_id);
-        dequeue();
-        let _ = self.history.set_running(&run_id, Utc::now());
+        let trigger = req.trigger.unwrap_or(Trigger::Webhook);
         self.metrics.running.inc();
         let shutdown = Shutdown::default();
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(run_id.clone(), shutdown.clone());
-
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let me = self.clone();
         let rid = run_id.clone();
@@ -544,50 +545,53 @@ impl App {
                 }
             }
         });
-        let provider = job.provider.clone();
-        let opts = RunOptions {
-            release: job.release.clone(),
-            backup: job.backup.clone(),
-            keep: None,
+        let launch = Launch {
+            bp: prepared.bp,
+            provider: prepared.provider,
+            release: prepared.release,
+            backup: prepared.backup,
             trigger,
+            keep: None,
             concurrency: 4,
-            run_id: Some(run_id.clone()),
             compile_ms: 0,
             teardown_timeout: engine::TEARDOWN_TIMEOUT,
             secrets: self
                 .held_secrets()
                 .into_iter()
-                .chain(job.callback_url.iter().map(Secret::new))
+                .chain(callback_url.iter().map(Secret::new))
                 .collect(),
         };
         let started = Instant::now();
-        let result = engine::run(&job.bp, provider, &self.state, opts, tx, shutdown).await;
+        let done = runner::execute(
+            self.control.as_ref(),
+            &self.state,
+            &run_id,
+            lease,
+            launch,
+            tx,
+            shutdown,
+        )
+        .await;
         let _ = progress.await;
-        // Teardown has ended: the environment, the slot and the lease are free before any
-        // message goes out (the outbox delivers them in the background).
-        drop(held);
+        // Teardown has ended and the lease is back: the slot is free before any message goes
+        // out (the outbox delivers them in the background).
         drop(slot);
-        drop(env_guard);
+        self.wake.notify_one();
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&run_id);
         self.metrics.running.dec();
-        match result {
+        if let Some(e) = &done.history_error {
+            tracing::error!(run_id = %run_id, error = %e, "cannot record the run in the history");
+        }
+        match done.result {
             Ok(rep) => {
-                if let Err(e) = self.history.finish(&rep) {
-                    tracing::error!(run_id = %run_id, error = %e, "cannot record the run in history");
-                }
                 self.metrics.finished(&rep, trigger_name(trigger));
                 tracing::info!(run_id = %run_id, status = %rep.status, ms = started.elapsed().as_millis() as u64, "run finished");
-                self.after_run(&job, &rep);
+                self.after_run(callback_url.as_deref(), &rep).await;
             }
-            Err(e) => {
-                let _ = self
-                    .history
-                    .set_status(&run_id, "error", Some(&e.to_string()));
-                self.metrics.ended("error", trigger_name(trigger));
-            }
+            Err(_) => self.metrics.ended("error", trigger_name(trigger)),
         }
         self.progress
             .lock()
@@ -595,17 +599,34 @@ impl App {
             .remove(&run_id);
     }
 
-    /// The server stops while the run waits: it stays `queued` (with its request) and runs
-    /// after the next start.
-    fn cancelled(&self, run_id: &str, _trigger: Trigger) {
-        tracing::info!(run_id = %run_id, "server stopping: the run stays queued for the next start");
+    /// A claimed run ends without running: its status and reason, its lease back, its callback.
+    async fn not_run(
+        &self,
+        row: &RunRow,
+        lease: Lease,
+        callback_url: Option<&str>,
+        status: RunStatus,
+        why: String,
+    ) {
+        eprintln!("dryrun serve: queued run {} {status}: {why}", row.run_id);
+        let _ = self
+            .control
+            .set_status(&row.run_id, status, Some(&why))
+            .await;
+        self.control.release(lease).await;
+        self.wake.notify_one();
+        self.metrics
+            .ended(status.as_str(), trigger_name(row.trigger));
+        if let Some(url) = callback_url {
+            notify::callback_not_run(&self.outbox, url, &row.run_id, status.as_str(), &why).await;
+        }
     }
 
-    fn after_run(&self, job: &Job, rep: &RunReport) {
-        if let Some(url) = &job.callback_url {
-            notify::callback(&self.outbox, url, rep);
+    async fn after_run(&self, callback_url: Option<&str>, rep: &RunReport) {
+        if let Some(url) = callback_url {
+            notify::callback(&self.outbox, url, rep).await;
         }
-        notify::notify(&self.outbox, rep);
+        notify::notify(&self.outbox, rep).await;
     }
 
     fn push_progress(&self, run_id: &str, line: String) {
@@ -631,14 +652,9 @@ impl App {
             .unwrap_or_default()
     }
 
-    /// Runs waiting for their environment, a slot or a lease.
-    #[must_use]
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
-    /// Stops accepting, tears down running runs (first signal to each), waits up to `grace`,
-    /// then gives up on teardown (second signal). Returns the runs still going at the end.
+    /// Stops accepting and claiming, tears down running runs (first signal to each), waits up
+    /// to `grace`, then gives up on teardown (second signal). Queued runs stay queued. Returns
+    /// the runs still going at the end.
     pub async fn drain(&self, grace: Duration) -> Vec<String> {
         self.stop.cancel();
         self.tracker.close();
@@ -673,158 +689,121 @@ impl App {
         still
     }
 
-    /// At start-up: runs that were queued or running when the server died are marked
-    /// interrupted, and what the running ones created is cleaned up through their journals.
-    pub async fn recover_interrupted(self: &Arc<Self>) {
-        let Ok(rows) = self.history.in_status(&["queued", "running"]) else {
+    /// At start-up: recovers the runs a previous process left running (SQLite: this state
+    /// directory's; PostgreSQL: any worker's that stopped heartbeating), and cleans up local
+    /// leftovers of runs on this state directory that another worker marked interrupted.
+    pub async fn recover_at_start(self: &Arc<Self>) {
+        self.recover(true).await;
+        self.clean_local_leftovers().await;
+    }
+
+    async fn recover(&self, at_start: bool) {
+        let orphans = match self.control.orphans(at_start).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look for interrupted runs");
+                return;
+            }
+        };
+        for o in orphans {
+            let run_id = o.row.run_id.clone();
+            if let Some(outcome) = runner::recover(self.control.as_ref(), &self.state, o).await {
+                eprintln!("dryrun serve: run {run_id} was interrupted: {outcome}");
+                tracing::warn!(run_id = %run_id, outcome = %outcome, "recovered an interrupted run");
+            }
+        }
+    }
+
+    /// Runs on this state directory that another worker marked interrupted (it could not reach
+    /// their local resources) and whose journals are still open: cleaned up now.
+    async fn clean_local_leftovers(&self) {
+        let Ok(runs) = crate::journal::list_runs(&self.state) else {
             return;
         };
-        for r in rows {
-            if r.status == "queued" {
-                self.resume(r).await;
+        for r in runs
+            .into_iter()
+            .filter(|r| !r.closed && r.kept_until.is_none())
+        {
+            let Ok(Some((row, _))) = self.control.get(&r.run_id).await else {
+                continue;
+            };
+            if row.status != RunStatus::Interrupted {
                 continue;
             }
-            let provider = match crate::provider::choose(&r.provider, &self.state, None, None).await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    let why = format!(
-                        "the server stopped during the run; cleanup at restart could not use the {} provider: {e}; run `dryrun cleanup {} --provider {}`",
-                        r.provider, r.run_id, r.provider
-                    );
-                    eprintln!("dryrun serve: run {} was interrupted: {why}", r.run_id);
-                    let _ = self
-                        .history
-                        .set_status(&r.run_id, "interrupted", Some(&why));
-                    continue;
-                }
+            let Ok(provider) =
+                crate::provider::choose(&row.provider, &self.state, None, None).await
+            else {
+                continue;
             };
-            let provider = provider.as_ref();
             let target = engine::cleanup::Target::Run(r.run_id.clone());
-            let outcome = match engine::cleanup::survey(&self.state, provider, &target).await {
-                Ok(plan)
-                    if plan.iter().any(|p| {
-                        p.skipped
-                            .as_deref()
-                            .is_some_and(|s| s.starts_with("in progress"))
-                    }) =>
-                {
-                    continue; // another process still runs it
-                }
-                Ok(plan) => match engine::cleanup::execute(&self.state, provider, &plan).await {
-                    Ok(done) => {
-                        let failed: Vec<String> = done
-                            .iter()
-                            .flat_map(|c| c.failed.iter().map(|(w, why)| format!("{w}: {why}")))
-                            .collect();
-                        if failed.is_empty() {
-                            "the server stopped during the run; its resources were cleaned up at restart".to_string()
-                        } else {
-                            format!(
-                                "the server stopped during the run; cleanup at restart left: {}",
-                                failed.join("; ")
-                            )
-                        }
-                    }
-                    Err(e) => {
-                        format!("the server stopped during the run; cleanup at restart failed: {e}")
-                    }
-                },
-                Err(_) => {
-                    "the server stopped before the run wrote its journal; nothing was created"
-                        .to_string()
-                }
+            let Ok(plan) = engine::cleanup::survey(&self.state, provider.as_ref(), &target).await
+            else {
+                continue;
             };
-            eprintln!("dryrun serve: run {} was interrupted: {outcome}", r.run_id);
-            let _ = self
-                .history
-                .set_status(&r.run_id, "interrupted", Some(&outcome));
-        }
-    }
-}
-
-impl App {
-    /// A run that was accepted (queued) when the server stopped or died: it runs now, from the
-    /// request kept with it — unless it waited longer than `queue_max_age` (then `expired`) or
-    /// its blueprint or release no longer loads (then `error`); either way its callback says so.
-    async fn resume(self: &Arc<Self>, r: RunRow) {
-        let age = Utc::now() - r.queued_at;
-        let max =
-            chrono::Duration::from_std(self.cfg.queue_max_age).unwrap_or(chrono::Duration::MAX);
-        let request = self
-            .history
-            .request(&r.run_id)
-            .ok()
-            .flatten()
-            .and_then(|j| serde_json::from_str::<RunRequest>(&j).ok());
-        let not_run = |status: &str, why: String| {
-            eprintln!("dryrun serve: queued run {} {status}: {why}", r.run_id);
-            let _ = self.history.set_status(&r.run_id, status, Some(&why));
-            let _ = std::fs::remove_dir(self.state.run_dir(&r.run_id));
-            if let Some(url) = request.as_ref().and_then(|q| q.callback_url.as_deref()) {
-                notify::callback_not_run(&self.outbox, url, &r.run_id, status, &why);
+            if plan.iter().any(|p| p.skipped.is_some()) {
+                continue;
             }
-        };
-        let Some(req) = request.clone() else {
-            return not_run(
-                "interrupted",
-                "the server stopped before the run started and its request was not kept; nothing was created".into(),
-            );
-        };
-        if age > max {
-            return not_run(
-                "expired",
-                format!(
-                    "it waited {} in the queue, longer than queue_max_age ({}); nothing was created",
-                    crate::report::human_secs(age.num_seconds()),
-                    humantime::format_duration(self.cfg.queue_max_age)
-                ),
-            );
-        }
-        match self.prepare(&req).await {
-            Ok(Prepared {
-                bp,
-                release,
-                backup,
-                provider,
-            }) => {
-                eprintln!(
-                    "dryrun serve: queued run {} resumes after the restart",
-                    r.run_id
+            if let Ok(done) = engine::cleanup::execute(&self.state, provider.as_ref(), &plan).await
+            {
+                let closed = done.iter().all(|c| c.closed);
+                let note = format!(
+                    "{}; {} when dryrun serve started again on this machine",
+                    row.failure.unwrap_or_default(),
+                    if closed {
+                        "its local resources were cleaned up"
+                    } else {
+                        "cleanup of its local resources did not finish"
+                    }
                 );
-                self.waiting.fetch_add(1, Ordering::SeqCst);
-                let trigger = req.trigger.unwrap_or(Trigger::Webhook);
-                self.enqueue(
-                    Job {
-                        row: r,
-                        bp,
-                        release,
-                        backup,
-                        callback_url: req.callback_url,
-                        provider,
-                    },
-                    trigger,
-                );
+                let _ = self
+                    .control
+                    .set_status(&r.run_id, RunStatus::Interrupted, Some(&note))
+                    .await;
+                eprintln!("dryrun serve: run {}: {note}", r.run_id);
             }
-            Err(e) => not_run(
-                "error",
-                format!("it could not be resumed after a restart: {e}; nothing was created"),
-            ),
         }
     }
-}
 
-/// History name of a trigger.
-#[must_use]
-pub fn trigger_name(t: Trigger) -> &'static str {
-    match t {
-        Trigger::Cli => "cli",
-        Trigger::Webhook => "webhook",
-        Trigger::Schedule => "schedule",
+    /// Heartbeats every [`crate::control::HEARTBEAT`] and recovers the runs of workers that
+    /// stopped (PostgreSQL; with SQLite both are no-ops). A worker that finds itself taken for
+    /// dead stops its runs: another worker is cleaning them up.
+    pub fn start_heartbeat(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let app = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(crate::control::HEARTBEAT) => {}
+                    () = app.stop.cancelled() => return,
+                }
+                match app.control.heartbeat().await {
+                    Ok(()) => {}
+                    Err(ControlError::Postgres(e)) if e.contains("taken for dead") => {
+                        eprintln!("dryrun serve: {e}; stopping this worker's runs");
+                        tracing::error!(error = %e, "this worker was taken for dead");
+                        for s in app
+                            .running
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .values()
+                        {
+                            if let Ok(mut r) = s.reason.lock() {
+                                *r = Some("the worker lost its leases (no heartbeat)".into());
+                            }
+                            s.soft.cancel();
+                        }
+                        app.stop.cancel();
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+                app.recover(false).await;
+            }
+        })
     }
 }
 
-/// Starts one task per `[[schedule]]`: at each firing, submit the rehearsal.
+/// Starts one task per `[[schedule]]`: at each firing, submit the rehearsal. With several
+/// workers every one fires; the firing's key (schedule, instant) makes one run of it.
 pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut out = Vec::new();
     for s in app.cfg.schedule.clone() {
@@ -846,16 +825,17 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
                     params: s.params.clone(),
                     provider: s.provider.clone(),
                     schedule: Some(s.name.clone()),
+                    fire_at: Some(next),
                     trigger: Some(Trigger::Schedule),
                     ..RunRequest::default()
                 };
                 match app.submit(req).await {
                     Ok(Submitted::New(row)) => tracing::info!(schedule = %s.name, run_id = %row.run_id, "scheduled rehearsal queued"),
-                    Ok(Submitted::Duplicate(_)) => {}
+                    Ok(Submitted::Duplicate(row)) => tracing::info!(schedule = %s.name, run_id = %row.run_id, "scheduled rehearsal already queued by another worker"),
                     Err(e) => {
                         tracing::error!(schedule = %s.name, error = %e, "scheduled rehearsal not started");
                         eprintln!("dryrun serve: schedule {}: not started: {e}", s.name);
-                        notify::text(&app.outbox, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name));
+                        notify::text(&app.outbox, &format!("dryrun: scheduled rehearsal `{}` could not start: {e}", s.name)).await;
                     }
                 }
                 // Never fire twice for the same instant.

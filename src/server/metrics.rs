@@ -110,7 +110,7 @@ impl Metrics {
             #[allow(clippy::cast_precision_loss)]
             self.stages
                 .get_or_create(&StageLabels {
-                    stage: s.name.clone(),
+                    stage: s.name.to_string(),
                 })
                 .observe(s.duration_ms as f64 / 1000.0);
         }

@@ -7,8 +7,7 @@
 //! | [`config`] | the TOML config file |
 //! | [`signature`] | HMAC-SHA256 in GitHub's scheme, for webhooks and callbacks |
 //! | [`webhook`] | the webhook's checks as a pure function (signature, timestamp, delivery, body) |
-//! | [`history`] | SQLite history: runs, reports, delivery ids, the rehearsal trend |
-//! | [`jobs`] | accepting runs, the queue (global limit, one run per environment), running them |
+//! | [`jobs`] | accepting runs into the queue, the claim loop (global limit; the control plane gives one run per environment), running them through [`crate::runner`], heartbeats and recovery |
 //! | [`routes`] | the HTTP API and the webhook |
 //! | [`dashboard`] | the server-rendered pages |
 //! | [`notify`] | signed callbacks and Slack-compatible notifications |
@@ -21,7 +20,6 @@
 pub mod auth;
 pub mod config;
 pub mod dashboard;
-pub mod history;
 pub mod jobs;
 pub mod metrics;
 pub mod notify;
@@ -51,9 +49,9 @@ pub enum ServeError {
     /// Bad `[auth]` settings (a token variable that is not set, a malformed hash).
     #[error("{0}")]
     Auth(String),
-    /// History database.
+    /// The control plane (history database or control database).
     #[error(transparent)]
-    History(#[from] history::HistoryError),
+    Control(#[from] crate::control::ControlError),
     /// Cannot listen.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -78,13 +76,18 @@ pub struct Stopped {
 /// Removes what is older than `retention`: finished runs' history rows, their delivery ids and
 /// delivered messages, and the history directories (journal, report, logs) of closed runs.
 /// Returns how many runs went.
-pub fn prune(state: &StateDir, history: &history::History, retention: Duration) -> usize {
+pub async fn prune(
+    state: &StateDir,
+    control: &dyn crate::control::Control,
+    retention: Duration,
+) -> usize {
     let before = chrono::Utc::now()
         - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(90));
     let dirs = crate::journal::prune(state, before).unwrap_or_default();
     // A run whose journal stays (it left something, or is kept) keeps its history row too.
-    let rows = history
-        .prune(before, |id| state.run_dir(id).exists())
+    let rows = control
+        .prune(before, &|id| state.run_dir(id).exists())
+        .await
         .unwrap_or_default();
     let n = dirs.len().max(rows.len());
     if n > 0 {
@@ -102,9 +105,7 @@ fn start_retention(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
     let app = app.clone();
     tokio::spawn(async move {
         loop {
-            let (state, retention) = (app.state.clone(), app.cfg.retention);
-            let a = app.clone();
-            let _ = tokio::task::spawn_blocking(move || prune(&state, &a.history, retention)).await;
+            prune(&app.state, app.control.as_ref(), app.cfg.retention).await;
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     })
@@ -132,15 +133,42 @@ pub async fn serve(
         addr: cfg.listen.clone(),
         source,
     })?;
-    let app = Arc::new(App::new(cfg, state, &blueprints, addr)?);
-    app.recover_interrupted().await;
+    match state.ensure() {
+        Ok(Some(w)) => eprintln!("dryrun serve: warning: {w}"),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(ServeError::Other(format!(
+                "state directory {}: {e}",
+                state.root().display()
+            )));
+        }
+    }
+    let database_url = cfg.database_url.clone();
+    let control =
+        crate::control::open(&state, database_url.as_deref(), "serve", cfg.lease_timeout).await?;
+    let app = Arc::new(App::new(
+        cfg,
+        state,
+        &blueprints,
+        addr,
+        control.clone(),
+        database_url.as_deref(),
+    )?);
+    app.recover_at_start().await;
+    let worker = app.start_worker();
+    let heartbeat = app.start_heartbeat();
     let schedules = jobs::start_schedules(&app);
     let retention = start_retention(&app);
     let outbox_stop = CancellationToken::new();
     let outbox = outbox::start(&app.outbox, outbox_stop.clone());
     eprintln!(
-        "dryrun serve: listening on http://{addr} (blueprints in {})",
-        app.blueprints.display()
+        "dryrun serve: listening on http://{addr} (blueprints in {}; {} as worker {})",
+        app.blueprints.display(),
+        match control.backend() {
+            "sqlite" => "history in the state directory".to_string(),
+            other => format!("shared {other} control database"),
+        },
+        control.worker().id
     );
     if let Some(tx) = ready {
         let _ = tx.send(addr);
@@ -150,7 +178,12 @@ pub async fn serve(
     let server =
         axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await });
     let server = tokio::spawn(async move { server.await });
-    shutdown.cancelled().await;
+    // Stops at the signal, or when this worker finds it was taken for dead (see
+    // `App::start_heartbeat`).
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = app.stop.cancelled() => shutdown.cancel(),
+    }
     eprintln!(
         "dryrun serve: shutting down: no new runs; waiting up to {} for running dry runs to tear down",
         humantime::format_duration(app.cfg.shutdown_grace)
@@ -160,11 +193,14 @@ pub async fn serve(
     }
     retention.abort();
     let abandoned = app.drain(app.cfg.shutdown_grace).await;
+    let _ = worker.await;
+    heartbeat.abort();
     // Messages of the runs that just ended get a few seconds; what is still queued then is
     // sent at the next start.
     outbox::flush(&app.outbox, Duration::from_secs(5)).await;
     outbox_stop.cancel();
     let _ = outbox.await;
+    control.stopped().await;
     // Open HTTP connections (a dashboard polling) must not keep the process alive.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if abandoned.is_empty() {

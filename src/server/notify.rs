@@ -11,9 +11,8 @@ use serde_json::json;
 use crate::report::{RunReport, Status, human_secs};
 
 use super::config::{CallbackConfig, NotifyConfig};
-use super::history::History;
-use super::history::{OutboxItem, OutboxKind};
 use super::signature;
+use crate::control::{Control, OutboxItem, OutboxKind};
 use crate::secret::Secret;
 
 /// What queueing and delivering messages needs: the history (where the outbox is), the HTTP
@@ -21,10 +20,12 @@ use crate::secret::Secret;
 /// settings. Shared by the server (which queues) and the delivery task.
 #[derive(Debug)]
 pub struct Outbox {
-    /// The history database (its `outbox` table).
-    pub history: Arc<History>,
+    /// The control plane (its outbox table).
+    pub control: Arc<dyn Control>,
     /// Wakes the delivery task when a message is queued.
     pub wake: tokio::sync::Notify,
+    /// Messages being delivered by this process right now.
+    pub busy: std::sync::atomic::AtomicUsize,
     /// HTTP client: no proxy, no redirects, 10 s per attempt.
     pub http: reqwest::Client,
     /// Signs callbacks (the webhook secret).
@@ -88,28 +89,30 @@ fn origin(url: &str) -> String {
 }
 
 /// Queues the signed summary for the run's callback URL ([`super::outbox`] delivers it).
-pub fn callback(out: &Outbox, url: &str, rep: &RunReport) {
+pub async fn callback(out: &Outbox, url: &str, rep: &RunReport) {
     let body = serde_json::to_string(&summary(out, rep)).unwrap_or_default();
     match out
-        .history
+        .control
         .outbox_add(&rep.run_id, OutboxKind::Callback, Some(url), &body)
+        .await
     {
         Ok(_) => {
-            let _ = out.history.set_callback(&rep.run_id, "pending");
+            let _ = out.control.set_callback(&rep.run_id, "pending").await;
             out.wake.notify_one();
         }
         Err(e) => {
             tracing::error!(run_id = %rep.run_id, error = %e, "cannot queue the callback");
             let _ = out
-                .history
-                .set_callback(&rep.run_id, &format!("not sent: {e}"));
+                .control
+                .set_callback(&rep.run_id, &format!("not sent: {e}"))
+                .await;
         }
     }
 }
 
 /// Queues the callback of a run that ended without running (expired in the queue, or its
 /// blueprint no longer loads after a restart): `{"event": "run.expired"|"run.not_run", …}`.
-pub fn callback_not_run(out: &Outbox, url: &str, run_id: &str, status: &str, reason: &str) {
+pub async fn callback_not_run(out: &Outbox, url: &str, run_id: &str, status: &str, reason: &str) {
     let body = json!({
         "event": if status == "expired" { "run.expired" } else { "run.not_run" },
         "run_id": run_id,
@@ -120,17 +123,18 @@ pub fn callback_not_run(out: &Outbox, url: &str, run_id: &str, status: &str, rea
     })
     .to_string();
     if out
-        .history
+        .control
         .outbox_add(run_id, OutboxKind::Callback, Some(url), &body)
+        .await
         .is_ok()
     {
-        let _ = out.history.set_callback(run_id, "pending");
+        let _ = out.control.set_callback(run_id, "pending").await;
         out.wake.notify_one();
     }
 }
 
 /// Queues the notifications a finished run calls for.
-pub fn notify(out: &Outbox, rep: &RunReport) {
+pub async fn notify(out: &Outbox, rep: &RunReport) {
     let mut lines = Vec::new();
     if out.notify.on_failure && rep.status != Status::Passed {
         lines.push(format!(
@@ -173,22 +177,23 @@ pub fn notify(out: &Outbox, rep: &RunReport) {
     }
     let mut text = lines.join("\n");
     text.push_str(&format!("\n{}/runs/{}", out.base_url, rep.run_id));
-    queue_text(out, &rep.run_id, &text);
+    queue_text(out, &rep.run_id, &text).await;
 }
 
 /// Queues `{"text": …}` for the notification URL, if one is configured.
-pub fn text(out: &Outbox, text: &str) {
-    queue_text(out, "", text);
+pub async fn text(out: &Outbox, text: &str) {
+    queue_text(out, "", text).await;
 }
 
-fn queue_text(out: &Outbox, run_id: &str, text: &str) {
+async fn queue_text(out: &Outbox, run_id: &str, text: &str) {
     if out.notify.url.is_none() {
         return;
     }
     let body = json!({ "text": text }).to_string();
     match out
-        .history
+        .control
         .outbox_add(run_id, OutboxKind::Notify, None, &body)
+        .await
     {
         Ok(_) => out.wake.notify_one(),
         Err(e) => tracing::error!(error = %e, "cannot queue a notification"),

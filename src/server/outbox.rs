@@ -17,11 +17,15 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::history::OutboxKind;
 use super::notify::{self, Outbox};
+use crate::control::{OutboxItem, OutboxKind};
 
 /// Messages delivered at once.
 pub const PARALLEL: usize = 4;
+
+/// How long a message taken for delivery is held from other workers; past it (this worker
+/// died), it is due again.
+const HOLD: Duration = Duration::from_secs(60);
 
 /// Longest wait between two attempts of one message.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -34,7 +38,15 @@ pub fn start(out: &Arc<Outbox>, stop: CancellationToken) -> tokio::task::JoinHan
         let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
-            let due = out.history.outbox_due(Utc::now(), 64).unwrap_or_default();
+            let free = slots.available_permits();
+            let due = if free == 0 {
+                Vec::new()
+            } else {
+                out.control
+                    .outbox_claim(free, HOLD)
+                    .await
+                    .unwrap_or_default()
+            };
             for item in due {
                 if !inflight
                     .lock()
@@ -46,9 +58,11 @@ pub fn start(out: &Arc<Outbox>, stop: CancellationToken) -> tokio::task::JoinHan
                 let out = out.clone();
                 let inflight = inflight.clone();
                 let slots = slots.clone();
+                out.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tasks.spawn(async move {
                     let _permit = slots.acquire_owned().await;
                     attempt(&out, item.clone()).await;
+                    out.busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     inflight
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -61,8 +75,9 @@ pub fn start(out: &Arc<Outbox>, stop: CancellationToken) -> tokio::task::JoinHan
             // another process sharing the database is picked up too), a new one is queued, or
             // the server stops.
             let wait = out
-                .history
+                .control
                 .outbox_next()
+                .await
                 .ok()
                 .flatten()
                 .and_then(|t| (t - Utc::now()).to_std().ok())
@@ -78,37 +93,43 @@ pub fn start(out: &Arc<Outbox>, stop: CancellationToken) -> tokio::task::JoinHan
     })
 }
 
-/// Waits until no message is due now, at most `limit`.
+/// Waits until no message is being delivered or due now, at most `limit`.
 pub async fn flush(out: &Outbox, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline
-        && out
-            .history
-            .outbox_due(Utc::now(), 1)
-            .is_ok_and(|d| !d.is_empty())
-    {
+    while tokio::time::Instant::now() < deadline {
+        let due_now = out
+            .control
+            .outbox_next()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|t| t <= Utc::now());
+        if !due_now && out.busy.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn attempt(out: &Outbox, item: super::history::OutboxItem) {
+async fn attempt(out: &Outbox, item: OutboxItem) {
     let (max, first) = notify::policy(out, item.kind);
     let n = item.attempts + 1;
     match notify::deliver(out, &item).await {
         Ok(()) => {
-            let _ = out.history.outbox_done(item.id, n, "delivered");
+            let _ = out.control.outbox_done(item.id, n, "delivered").await;
             if item.kind == OutboxKind::Callback {
                 let _ = out
-                    .history
-                    .set_callback(&item.run_id, &format!("delivered (attempt {n})"));
+                    .control
+                    .set_callback(&item.run_id, &format!("delivered (attempt {n})"))
+                    .await;
             }
         }
         Err(e) if n >= max => {
             let outcome = format!("failed after {n} attempts: {e}");
             notify::gave_up(&item, item.url.as_deref(), &e);
-            let _ = out.history.outbox_done(item.id, n, &outcome);
+            let _ = out.control.outbox_done(item.id, n, &outcome).await;
             if item.kind == OutboxKind::Callback {
-                let _ = out.history.set_callback(&item.run_id, &outcome);
+                let _ = out.control.set_callback(&item.run_id, &outcome).await;
             }
         }
         Err(e) => {
@@ -117,11 +138,12 @@ async fn attempt(out: &Outbox, item: super::history::OutboxItem) {
                 .unwrap_or(MAX_BACKOFF)
                 .min(MAX_BACKOFF);
             let next = Utc::now() + chrono::Duration::from_std(backoff).unwrap_or_default();
-            let _ = out.history.outbox_retry(item.id, n, next, &e);
+            let _ = out.control.outbox_retry(item.id, n, next, &e).await;
             if item.kind == OutboxKind::Callback {
                 let _ = out
-                    .history
-                    .set_callback(&item.run_id, &format!("retrying (attempt {n}: {e})"));
+                    .control
+                    .set_callback(&item.run_id, &format!("retrying (attempt {n}: {e})"))
+                    .await;
             }
         }
     }

@@ -13,10 +13,10 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::history::RunRow;
 use super::jobs::{App, RunRequest, SubmitError, Submitted};
 use super::signature;
 use super::webhook::{self, HookHeaders, Verified};
+use crate::control::{RunRow, RunStatus};
 
 /// Largest webhook body accepted; larger ones get 413 without being read whole.
 pub const MAX_BODY: usize = 1 << 20;
@@ -153,8 +153,7 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
         SubmitError::QueueFull(_) => "queue_full",
         SubmitError::Unavailable(_) => "provider",
         SubmitError::ShuttingDown => "shutting_down",
-        SubmitError::History(_) => "history",
-        SubmitError::State(_) => "state",
+        SubmitError::Control(_) => "control",
     };
     app.metrics.rejected(reason);
     match e {
@@ -172,9 +171,7 @@ pub(crate) fn submit_error(app: &App, e: &SubmitError) -> Response {
         SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
-        SubmitError::History(_) | SubmitError::State(_) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
+        SubmitError::Control(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -222,7 +219,7 @@ async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
             );
         }
     };
-    match app.history.delivery(&delivery) {
+    match app.control.delivery(&delivery).await {
         Ok(Some(orig)) => return accepted(&app, &orig, StatusCode::OK, true),
         Ok(None) => {}
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -234,9 +231,8 @@ async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         backup: req.backup,
         callback_url: req.callback_url,
         delivery: Some(delivery),
-        schedule: None,
         trigger: Some(crate::report::Trigger::Webhook),
-        provider: None,
+        ..RunRequest::default()
     };
     match app.submit(run).await {
         Ok(Submitted::New(row)) => accepted(&app, &row, StatusCode::ACCEPTED, false),
@@ -253,18 +249,26 @@ struct ListQuery {
 }
 
 async fn list_runs(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Response {
-    match app.history.list(
-        q.status.as_deref(),
-        q.blueprint.as_deref(),
-        q.limit.unwrap_or(50).min(1000),
-    ) {
+    let status = match q.status.as_deref().map(str::parse::<RunStatus>).transpose() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("status: {e}")),
+    };
+    match app
+        .control
+        .list(
+            status,
+            q.blueprint.as_deref(),
+            q.limit.unwrap_or(50).min(1000),
+        )
+        .await
+    {
         Ok(rows) => Json(json!({ "runs": rows })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.history.get(&id) {
+    match app.control.get(&id).await {
         Ok(Some((row, report))) => Json(json!({
             "run": row,
             "report": report,
@@ -282,7 +286,7 @@ async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respons
 }
 
 async fn junit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.history.get(&id) {
+    match app.control.get(&id).await {
         Ok(Some((_, Some(rep)))) => (
             [(header::CONTENT_TYPE, "application/xml")],
             crate::report::junit::to_junit(&rep),
@@ -298,12 +302,26 @@ async fn junit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response 
 }
 
 async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.history.get(&id) {
-        Ok(Some(_)) => {}
+    let row = match app.control.get(&id).await {
+        Ok(Some((row, _))) => row,
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {id}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    };
     let dir = app.state.run_dir(&id).join("logs");
+    // Logs stay on the machine that ran the run.
+    if !dir.exists()
+        && let Some(w) = row.worker.as_deref()
+        && !w.is_empty()
+        && w != app.control.worker().id
+    {
+        return (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!(
+                "(the logs of run {id} are on the worker that ran it: {w}; ask that worker's API)\n"
+            ),
+        )
+            .into_response();
+    }
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .map(|rd| {
             rd.flatten()
@@ -371,8 +389,9 @@ struct TrendQuery {
 
 async fn trend(State(app): State<Arc<App>>, Query(q): Query<TrendQuery>) -> Response {
     match app
-        .history
+        .control
         .trend(&q.blueprint, q.limit.unwrap_or(30).min(365))
+        .await
     {
         Ok(points) => Json(json!({ "blueprint": q.blueprint, "points": points })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -47,7 +47,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::blueprint::{AwsSettings, Blueprint, DatabaseSpec, Engine, ResourceSpec};
+use crate::blueprint::{AwsSettings, Blueprint, DatabaseSpec, Engine, ResourceKind, ResourceSpec};
 use crate::provider::{
     BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
     Probe, ProbeAnswer, ProbeOutcome, ProbeRequest, Provider, ProviderError, RecordSink,
@@ -425,7 +425,7 @@ impl AwsProvider {
     ) -> Option<&'r ResourceRecord> {
         let services: Vec<&ResourceRecord> = records
             .iter()
-            .filter(|r| r.kind == "service" && r.data.contains_key("instance_id"))
+            .filter(|r| r.kind == ResourceKind::Service && r.data.contains_key("instance_id"))
             .collect();
         url.and_then(|u| {
             services.iter().copied().find(|r| {
@@ -536,11 +536,14 @@ impl Provider for AwsProvider {
                     "security_group_name".into(),
                     names::security_group_name(&run.run_id),
                 );
-                ("database", names::db_instance_id(&run.run_id, name))
+                (
+                    ResourceKind::Database,
+                    names::db_instance_id(&run.run_id, name),
+                )
             }
             ResourceRequest::Bucket(b) => {
                 data.insert("source".into(), b.source.clone());
-                ("bucket", names::bucket_name(&run.run_id, name))
+                (ResourceKind::Bucket, names::bucket_name(&run.run_id, name))
             }
             ResourceRequest::Service(_) => {
                 let token = names::client_token(&run.run_id, name);
@@ -549,12 +552,12 @@ impl Provider for AwsProvider {
                     "security_group_name".into(),
                     names::security_group_name(&run.run_id),
                 );
-                ("service", token)
+                (ResourceKind::Service, token)
             }
         };
         ResourceRecord {
             address: format!("{kind}.{name}"),
-            kind: kind.into(),
+            kind,
             id,
             data,
         }
@@ -813,14 +816,14 @@ impl Provider for AwsProvider {
     async fn delete(&self, record: &ResourceRecord) -> Result<Deleted, ProviderError> {
         let run_id = Self::run_id_of(record)?;
         let c = self.clients_for(record);
-        match record.kind.as_str() {
-            "database" => rds::delete(&c, &record.id, run_id).await,
-            "bucket" => {
+        match record.kind {
+            ResourceKind::Database => rds::delete(&c, &record.id, run_id).await,
+            ResourceKind::Bucket => {
                 let name = record.address.strip_prefix("bucket.").unwrap_or_default();
                 let journaled_name = record.id == names::bucket_name(run_id, name);
                 s3::delete(&c, &record.id, run_id, journaled_name).await
             }
-            "service" => {
+            ResourceKind::Service => {
                 let mut found = ec2::tagged(&c, Some(run_id), Some(&record.address)).await?;
                 if record.id.starts_with("i-") && !found.iter().any(|i| i.id == record.id) {
                     found.extend(
@@ -836,10 +839,6 @@ impl Provider for AwsProvider {
                 ec2::terminate(&c, &found, run_id).await?;
                 Ok(Deleted::Destroyed)
             }
-            other => Err(ProviderError::Other(format!(
-                "{}: unknown resource kind `{other}`",
-                record.address
-            ))),
         }
     }
 
@@ -1267,7 +1266,7 @@ mod tests {
         };
         let record = ResourceRecord {
             address: "service.app".into(),
-            kind: "service".into(),
+            kind: ResourceKind::Service,
             id: "t".into(),
             data: BTreeMap::new(),
         };
@@ -1344,7 +1343,7 @@ mod tests {
         };
         let record = ResourceRecord {
             address: "service.app".into(),
-            kind: "service".into(),
+            kind: ResourceKind::Service,
             id: "t".into(),
             data: BTreeMap::new(),
         };

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::blueprint::{Engine, LocalSettings};
+use crate::blueprint::{Engine, LocalSettings, ResourceKind};
 use crate::process;
 use crate::provider::{
     BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
@@ -192,18 +192,18 @@ impl Provider for LocalProvider {
     fn plan_record(&self, run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord {
         let (kind, mut data) = match req {
             ResourceRequest::Database(d) => (
-                "database",
+                ResourceKind::Database,
                 BTreeMap::from([("engine".to_string(), d.engine.as_str().to_string())]),
             ),
-            ResourceRequest::Bucket(_) => ("bucket", BTreeMap::new()),
-            ResourceRequest::Service(_) => ("service", BTreeMap::new()),
+            ResourceRequest::Bucket(_) => (ResourceKind::Bucket, BTreeMap::new()),
+            ResourceRequest::Service(_) => (ResourceKind::Service, BTreeMap::new()),
         };
         let dir = self.state.work_dir(&run.run_id).join(name);
         data.insert("dir".into(), dir.display().to_string());
         data.insert("run_id".into(), run.run_id.clone());
         ResourceRecord {
             address: format!("{kind}.{name}"),
-            kind: kind.into(),
+            kind,
             id: dir.display().to_string(),
             data,
         }

@@ -1,0 +1,351 @@
+//! Step 2 of a run: walk the graph dependencies first and provision each resource — create,
+//! restore (databases, buckets), install (services) — at most `concurrency` at a time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::blueprint::template::Position;
+use crate::blueprint::{Blueprint, Resource, ResourceSpec};
+use crate::graph::Graph;
+use crate::journal::Entry;
+use crate::provider::{BackupInfo, InstallRequest, ProviderError, ResourceRequest};
+use crate::report::Status;
+
+use super::{Event, Failure, Shared, Step, failure, millis, panic_text};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NodeState {
+    Pending,
+    Running,
+    Ok,
+    Failed,
+    Skipped,
+}
+
+/// Where the walk left each resource.
+pub(super) struct Walk {
+    pub graph: Graph,
+    pub state: Vec<NodeState>,
+    pub status: Vec<Status>,
+    pub message: Vec<Option<String>>,
+    /// Every failed step, backups first, in the order they happened.
+    pub failures: Vec<Failure>,
+}
+
+impl Walk {
+    /// Every resource is up.
+    pub fn all_ok(&self) -> bool {
+        self.failures.is_empty() && self.state.iter().all(|s| *s == NodeState::Ok)
+    }
+}
+
+/// Provisions the blueprint's resources in dependency order. A resource whose dependency failed
+/// is "skipped: upstream failed"; after `cancel` nothing new starts. `failures` (the backups
+/// not found) stop the walk before anything is created.
+pub(super) async fn walk(
+    bp: &Blueprint,
+    shared: &Arc<Shared>,
+    backups: &BTreeMap<String, BackupInfo>,
+    failures: Vec<Failure>,
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Walk {
+    let graph = Graph::new(bp);
+    let n = graph.nodes.len();
+    let mut w = Walk {
+        graph,
+        state: vec![NodeState::Pending; n],
+        status: vec![Status::Pending; n],
+        message: vec![None; n],
+        failures,
+    };
+    if !w.failures.is_empty() {
+        return w;
+    }
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set: JoinSet<(usize, Result<(), Failure>)> = JoinSet::new();
+    let mut task_node: HashMap<tokio::task::Id, usize> = HashMap::new();
+    loop {
+        if !cancel.is_cancelled() {
+            for i in w.graph.order() {
+                if w.state[i] != NodeState::Pending {
+                    continue;
+                }
+                let deps = &w.graph.nodes[i].deps;
+                if let Some(&bad) = deps
+                    .iter()
+                    .find(|&&d| matches!(w.state[d], NodeState::Failed | NodeState::Skipped))
+                {
+                    w.state[i] = NodeState::Skipped;
+                    w.status[i] = Status::Skipped;
+                    let msg = format!("skipped: upstream failed ({})", w.graph.nodes[bad].address);
+                    shared.emit(Event::StepFinished {
+                        address: w.graph.nodes[i].address.clone(),
+                        step: Step::Create,
+                        status: Status::Skipped,
+                        duration_ms: 0,
+                        message: Some(msg.clone()),
+                    });
+                    w.message[i] = Some(msg);
+                    continue;
+                }
+                if deps.iter().all(|&d| w.state[d] == NodeState::Ok) {
+                    w.state[i] = NodeState::Running;
+                    let resource = bp.resources[i].clone();
+                    let backup = backups.get(&resource.name).cloned();
+                    let sh = shared.clone();
+                    let sem = sem.clone();
+                    let handle = set.spawn(async move {
+                        let _permit = sem.acquire_owned().await;
+                        (i, provision(&sh, &resource, backup.as_ref()).await)
+                    });
+                    task_node.insert(handle.id(), i);
+                }
+            }
+        }
+        let Some(res) = set.join_next().await else {
+            break;
+        };
+        match res {
+            Ok((i, Ok(()))) => {
+                w.state[i] = NodeState::Ok;
+                w.status[i] = Status::Passed;
+            }
+            Ok((i, Err(f))) => {
+                w.state[i] = NodeState::Failed;
+                w.status[i] = f.status;
+                w.message[i] = Some(f.message.clone());
+                w.failures.push(f);
+            }
+            Err(join_err) => {
+                // A panicking provider must not stop teardown: the resource whose task
+                // panicked fails (blamed on the environment); its siblings go on.
+                let idx = task_node.get(&join_err.id()).copied();
+                let address = idx.map_or_else(
+                    || "a resource".to_string(),
+                    |i| w.graph.nodes[i].address.clone(),
+                );
+                let msg = format!(
+                    "provisioning of {address} panicked: {}",
+                    panic_text(join_err)
+                );
+                if let Some(i) = idx {
+                    w.state[i] = NodeState::Failed;
+                    w.status[i] = Status::Error;
+                    w.message[i] = Some(msg.clone());
+                    shared.emit(Event::StepFinished {
+                        address: address.clone(),
+                        step: Step::Create,
+                        status: Status::Error,
+                        duration_ms: 0,
+                        message: Some(msg.clone()),
+                    });
+                }
+                w.failures.push(Failure {
+                    status: Status::Error,
+                    message: msg,
+                });
+            }
+        }
+    }
+    for i in 0..n {
+        if w.state[i] == NodeState::Pending {
+            w.message[i] = Some("not started: the run was interrupted".into());
+        }
+    }
+    w
+}
+
+impl Shared {
+    /// A step of `address` that began at `t` failed: its stage's time and status, the event,
+    /// and the failure to return.
+    fn step_failed(&self, address: &str, step: Step, t: Instant, f: Failure) -> Failure {
+        self.span(step.stage(), t, f.status, Some(f.message.clone()));
+        self.emit(Event::StepFinished {
+            address: address.to_string(),
+            step,
+            status: f.status,
+            duration_ms: millis(t.elapsed()),
+            message: Some(f.message.clone()),
+        });
+        f
+    }
+
+    /// A step of `address` that began at `t` passed.
+    fn step_passed(&self, address: &str, step: Step, t: Instant) {
+        self.span(step.stage(), t, Status::Passed, None);
+        self.emit(Event::StepFinished {
+            address: address.to_string(),
+            step,
+            status: Status::Passed,
+            duration_ms: millis(t.elapsed()),
+            message: None,
+        });
+    }
+
+    /// Journals an entry; a resource step never goes ahead without its entry on disk.
+    fn journal(&self, address: &str, entry: &Entry) -> Result<(), Failure> {
+        self.journal.append(entry).map_err(|e| Failure {
+            status: Status::Error,
+            message: format!("{address}: {e}"),
+        })
+    }
+}
+
+/// Creates, restores and installs one resource.
+async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Result<(), Failure> {
+    let address = r.address();
+    let req = match &r.spec {
+        ResourceSpec::Database(d) => ResourceRequest::Database(d.clone()),
+        ResourceSpec::Bucket(b) => ResourceRequest::Bucket(b.clone()),
+        ResourceSpec::Service(s) => ResourceRequest::Service(s.clone()),
+    };
+    let redactor = &sh.run.redactor;
+    if sh.cancel.is_cancelled() {
+        return Err(Failure {
+            status: Status::Error,
+            message: format!("{address}: not started, the run was interrupted"),
+        });
+    }
+
+    // create
+    let planned = sh.provider.plan_record(&sh.run, &r.name, &req);
+    sh.journal(
+        &address,
+        &Entry::Creating {
+            record: planned.clone(),
+        },
+    )?;
+    sh.set_record(&planned);
+    sh.emit(Event::StepStarted {
+        address: address.clone(),
+        step: Step::Create,
+        detail: None,
+    });
+    let t = Instant::now();
+    crate::failpoint::point("provider: before create");
+    let created = tokio::select! {
+        c = sh.provider.create(&sh.run, &planned, &req) => c,
+        () = sh.cancel.cancelled() => Err(ProviderError::Cancelled),
+    };
+    crate::failpoint::point("provider: after create");
+    let created = created.map_err(|e| {
+        sh.step_failed(
+            &address,
+            Step::Create,
+            t,
+            failure(&address, Step::Create, &e, redactor),
+        )
+    })?;
+    sh.journal(
+        &address,
+        &Entry::Created {
+            record: created.record.clone(),
+        },
+    )?;
+    sh.set_record(&created.record);
+    sh.add_outputs(&r.name, created.outputs);
+    sh.step_passed(&address, Step::Create, t);
+
+    // restore
+    if matches!(r.spec, ResourceSpec::Database(_) | ResourceSpec::Bucket(_)) {
+        let detail = backup.map(|b| b.id.clone()).or_else(|| match &r.spec {
+            ResourceSpec::Bucket(b) => Some(b.source.clone()),
+            _ => None,
+        });
+        sh.emit(Event::StepStarted {
+            address: address.clone(),
+            step: Step::Restore,
+            detail,
+        });
+        let t = Instant::now();
+        crate::failpoint::point("provider: before restore");
+        let restored = sh
+            .provider
+            .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
+            .await;
+        crate::failpoint::point("provider: after restore");
+        let outputs = restored.map_err(|e| {
+            sh.step_failed(
+                &address,
+                Step::Restore,
+                t,
+                failure(&address, Step::Restore, &e, redactor),
+            )
+        })?;
+        sh.add_outputs(&r.name, outputs);
+        sh.step_passed(&address, Step::Restore, t);
+    }
+
+    // install
+    if let ResourceSpec::Service(spec) = &r.spec {
+        sh.emit(Event::StepStarted {
+            address: address.clone(),
+            step: Step::Install,
+            detail: Some(sh.release.manifest.version.clone()),
+        });
+        let t = Instant::now();
+        let install_error = |what: String| {
+            sh.step_failed(
+                &address,
+                Step::Install,
+                t,
+                Failure {
+                    status: Status::Error,
+                    message: redactor.redact(&format!("install of {address} failed: {what}")),
+                },
+            )
+        };
+        let ctx = sh.ctx();
+        let mut env = BTreeMap::new();
+        for (k, v) in &spec.env {
+            let value = v
+                .render(&ctx)
+                .map_err(|e| install_error(format!("env {k}: {e}")))?;
+            env.insert(k.clone(), value);
+        }
+        let start = spec
+            .start
+            .as_ref()
+            .map(|s| s.render_in(&ctx, Position::Shell, &sh.vetted))
+            .transpose()
+            .map_err(|e| install_error(format!("start: {e}")))?;
+        let rec = sh
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|x| x.address == address)
+            .cloned()
+            .unwrap_or(created.record.clone());
+        let req = InstallRequest {
+            record: &rec,
+            spec,
+            release: &sh.release,
+            env,
+            start,
+            ready_timeout: spec.ready_timeout,
+            cancel: sh.cancel.clone(),
+        };
+        crate::failpoint::point("provider: before install");
+        let installed = sh.provider.install(&sh.run, req, sh).await;
+        crate::failpoint::point("provider: after install");
+        let inst = installed.map_err(|e| {
+            sh.step_failed(
+                &address,
+                Step::Install,
+                t,
+                failure(&address, Step::Install, &e, redactor),
+            )
+        })?;
+        sh.set_record(&inst.record);
+        sh.add_outputs(&r.name, inst.outputs);
+        sh.step_passed(&address, Step::Install, t);
+    }
+    Ok(())
+}
