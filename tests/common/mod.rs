@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod pg;
 pub mod server;
 
 use std::os::unix::fs::PermissionsExt;
