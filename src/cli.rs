@@ -908,10 +908,10 @@ async fn cleanup_cmd(
     match open_control(state, database_url).await {
         Ok(control) => {
             for c in &done {
-                let row = control.get(&c.run_id).await;
-                if let Ok(Some((row, _))) = row
-                    && row.status.is_active()
-                {
+                let Ok(Some((row, _))) = control.get(&c.run_id).await else {
+                    continue;
+                };
+                if row.status.is_active() {
                     let what = if c.closed {
                         "the run's process died; `dryrun cleanup` removed what it created"
                     } else {
@@ -919,6 +919,18 @@ async fn cleanup_cmd(
                     };
                     let _ = control
                         .set_status(&c.run_id, RunStatus::Interrupted, Some(what))
+                        .await;
+                } else if row.status == RunStatus::Interrupted && c.closed {
+                    // Another worker marked it (its process died on this machine): say that
+                    // the resources it pointed to are gone now.
+                    let host = control.worker().host.clone();
+                    let note = format!(
+                        "{}; later removed by `dryrun cleanup` on {host} at {}",
+                        row.failure.as_deref().unwrap_or("interrupted"),
+                        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+                    );
+                    let _ = control
+                        .set_status(&c.run_id, RunStatus::Interrupted, Some(&note))
                         .await;
                 }
             }

@@ -154,6 +154,11 @@ impl Server {
         self.spawn();
     }
 
+    /// The server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The state directory.
     pub fn state(&self) -> &Path {
         &self.state
@@ -168,6 +173,7 @@ impl Drop for Server {
         }
         let _ = Command::new(bin())
             .env("DRYRUN_STATE_DIR", &self.state)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["cleanup", "--all", "--yes"])
             .output();
     }
