@@ -369,3 +369,112 @@ fn the_server_runs_webhook_and_scheduled_rehearsals_on_aws() {
     drop(srv);
     assert_clean(&m, &before);
 }
+
+#[test]
+fn a_surviving_worker_tears_down_the_aws_resources_of_a_killed_one_from_the_shared_journal() {
+    use common::pg::ControlDb;
+    use common::server::{SECRET, Server, hook};
+    if !have_postgres() {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    }
+    let Some(m) = Moto::start_sim() else { return };
+    let before = m.production();
+    let db = ControlDb::start();
+    let url = db.url();
+    let mut env = m.env_pairs();
+    env.push(("DRYRUN_DATABASE_URL", url.clone()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Two workers, as on two machines; a short lease timeout keeps the test quick.
+    let config = "provider = \"aws\"\nlease_timeout = \"5s\"\n";
+    let root = root().join("blueprints");
+    let mut a = Server::start_with_env(&root, config, SECRET, &env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = serde_json::json!({
+        "blueprint": "aws/shop.yaml",
+        "release": RELEASE,
+        "params": {"source_db": PROD_DB, "assets_bucket": PROD_BUCKET, "ami": m.ami},
+    })
+    .to_string();
+    let (code, v) = rt.block_on(hook(&a.url, &body, "aws-adopt-1"));
+    assert_eq!(code, 202, "{v}");
+    let run_id = v["run_id"].as_str().unwrap().to_string();
+    // Worker b joins once a has claimed the run.
+    let start = Instant::now();
+    while rt.block_on(common::server::get(&format!("{}/v1/runs/{run_id}", a.url)))["run"]["status"]
+        != "running"
+    {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "worker a never started the run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut b = Server::start_with_env(&root, config, SECRET, &env);
+    // Kill a once the run's instance exists: the copy of production, the bucket and the instance
+    // are live in the cloud, and only the shared journal says so.
+    let start = Instant::now();
+    while !m
+        .tagged(Some(&run_id))
+        .iter()
+        .any(|t| t.starts_with("instance"))
+    {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "the run never launched its instance:\n{}",
+            m.sim_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    a.crash();
+    let killed = Instant::now();
+    let live = m.tagged(Some(&run_id));
+    // b takes a for dead after the lease timeout, adopts the journal and tears down.
+    let run = rt.block_on(async {
+        let client = db.client().await;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT status, failure FROM dryrun_runs WHERE run_id = $1",
+                    &[&run_id],
+                )
+                .await
+                .unwrap();
+            let status: String = row.get(0);
+            if status != "running" {
+                break (status, row.get::<_, Option<String>>(1).unwrap_or_default());
+            }
+            assert!(
+                killed.elapsed().as_secs() < 60,
+                "the killed worker's run still says running after 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    eprintln!(
+        "worker killed with {} live: {live:?}; torn down by the survivor after {:.1} s",
+        live.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(run.0, "interrupted");
+    assert!(
+        run.1
+            .contains("stopped during the run; its resources were cleaned up by worker"),
+        "{}",
+        run.1
+    );
+    assert!(!run.1.contains(ControlDb::password()));
+    // b's own state has the adopted journal, closed.
+    assert!(
+        b.state()
+            .join("runs")
+            .join(&run_id)
+            .join("journal.jsonl")
+            .exists()
+    );
+    let (code, err) = b.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains(ControlDb::password()));
+    assert_clean(&m, &before);
+    drop(a);
+}
