@@ -383,7 +383,7 @@ fn a_surviving_worker_tears_down_the_aws_resources_of_a_killed_one_from_the_shar
     let db = ControlDb::start();
     let url = db.url();
     let mut env = m.env_pairs();
-    env.push(("DRYRUN_DATABASE_URL", url.clone()));
+    env.push(("DRYRUN_DATABASE_URL", url));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Two workers, as on two machines; a short lease timeout keeps the test quick.
     let config = "provider = \"aws\"\nlease_timeout = \"5s\"\n";
