@@ -13,13 +13,19 @@
 //! a long CLI run would), so accepted runs only queue: that measures the acknowledgement path
 //! alone, without dry runs executing beside it. The leases are released before the drain.
 //!
+//! With `--workers N` (N > 1) it starts N servers, each with its own state directory, sharing one
+//! PostgreSQL control database: `--database-url`, or else a throw-away cluster it starts itself
+//! (initdb on a free 127.0.0.1 port, removed at the end). Requests go round-robin to the
+//! workers, and a repeated delivery goes to a different worker than its original, so dedup is
+//! measured across workers. Every worker must then list the same runs.
+//!
 //! Traffic goes to 127.0.0.1 only, and the load is bounded: `--rate` × `--seconds` requests,
 //! at most 2000, then it stops by itself.
 //!
 //! ```text
 //! cargo bench --bench webhook_load -- [--rate 200] [--seconds 10] [--repeat-every 10]
 //!     [--queue-limit 2048] [--concurrency 2] [--environments 4] [--drain-timeout 300]
-//!     [--hold-environments]
+//!     [--hold-environments] [--workers 1] [--database-url postgres://…]
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,6 +35,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod pg;
 
 /// Shared secret of the benchmark server.
 const SECRET: &str = "bench-webhook-secret";
@@ -49,6 +59,8 @@ struct Opts {
     environments: usize,
     drain_timeout: Duration,
     hold_environments: bool,
+    workers: usize,
+    database_url: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -61,6 +73,8 @@ fn opts() -> Opts {
         environments: 4,
         drain_timeout: Duration::from_secs(300),
         hold_environments: false,
+        workers: 1,
+        database_url: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -81,9 +95,13 @@ fn opts() -> Opts {
             }
             "--drain-timeout" => o.drain_timeout = Duration::from_secs(num("--drain-timeout")),
             "--hold-environments" => o.hold_environments = true,
+            "--workers" => o.workers = usize::try_from(num("--workers")).unwrap().clamp(1, 8),
+            "--database-url" => {
+                o.database_url = Some(args.next().expect("--database-url needs a URL"));
+            }
             "-h" | "--help" => {
                 println!(
-                    "webhook_load [--rate N] [--seconds N] [--repeat-every N] [--queue-limit N] [--concurrency N] [--environments N] [--drain-timeout SECONDS] [--hold-environments]"
+                    "webhook_load [--rate N] [--seconds N] [--repeat-every N] [--queue-limit N] [--concurrency N] [--environments N] [--drain-timeout SECONDS] [--hold-environments] [--workers N] [--database-url URL]"
                 );
                 std::process::exit(0);
             }
@@ -100,22 +118,37 @@ struct ServerProc {
     log: PathBuf,
 }
 
-impl ServerProc {
-    fn start(dir: &Path, o: &Opts) -> ServerProc {
-        let root = dir.join("blueprints");
-        std::fs::create_dir_all(root.join("releases/noop")).unwrap();
+/// The throw-away blueprints root: tiny install-only blueprints `bench-0`… and a no-op release.
+fn blueprints(dir: &Path, o: &Opts) -> PathBuf {
+    let root = dir.join("blueprints");
+    std::fs::create_dir_all(root.join("releases/noop")).unwrap();
+    std::fs::write(
+        root.join("releases/noop/dryrun-release.yaml"),
+        "version: \"1.0.0\"\ninstall:\n  - name: noop\n    run: \"true\"\n",
+    )
+    .unwrap();
+    for k in 0..o.environments {
         std::fs::write(
-            root.join("releases/noop/dryrun-release.yaml"),
-            "version: \"1.0.0\"\ninstall:\n  - name: noop\n    run: \"true\"\n",
+            root.join(format!("bench-{k}.yaml")),
+            format!("name: bench-{k}\nresources:\n  job:\n    type: service\n"),
         )
         .unwrap();
-        for k in 0..o.environments {
-            std::fs::write(
-                root.join(format!("bench-{k}.yaml")),
-                format!("name: bench-{k}\nresources:\n  job:\n    type: service\n"),
-            )
-            .unwrap();
-        }
+    }
+    root
+}
+
+impl ServerProc {
+    /// Starts worker `n`: its own state directory and log; the shared control database when
+    /// `database_url` is given.
+    fn start(
+        dir: &Path,
+        root: &Path,
+        o: &Opts,
+        n: usize,
+        database_url: Option<&str>,
+    ) -> ServerProc {
+        let dir = dir.join(format!("worker-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind(("127.0.0.1", 0))
             .unwrap()
             .local_addr()
@@ -134,7 +167,11 @@ impl ServerProc {
         .unwrap();
         let log = dir.join("serve.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dryrun"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dryrun"));
+        if let Some(url) = database_url {
+            cmd.env("DRYRUN_DATABASE_URL", url);
+        }
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&config)
             .env("DRYRUN_STATE_DIR", dir.join("state"))
@@ -226,6 +263,94 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// Environment leases the benchmark holds during the load (`--hold-environments`).
+enum Held {
+    None,
+    /// One server on SQLite: the lease files.
+    Files(Vec<dryrun::lease::Lease>),
+    /// Workers on PostgreSQL: lease rows, kept alive by this process's heartbeat (the workers
+    /// would take a silent holder for dead and its leases with it).
+    Rows(
+        Arc<dyn dryrun::control::Control>,
+        Vec<dryrun::control::Lease>,
+        tokio::task::JoinHandle<()>,
+    ),
+}
+
+impl Held {
+    async fn take(dir: &Path, o: &Opts, database_url: Option<&str>) -> Held {
+        if !o.hold_environments {
+            return Held::None;
+        }
+        let envs = (0..o.environments).map(|k| format!("local:bench-{k}"));
+        let Some(url) = database_url else {
+            let state = dryrun::state::StateDir::new(dir.join("worker-0").join("state"));
+            return Held::Files(
+                envs.map(|e| {
+                    dryrun::lease::try_acquire(&state, &e)
+                        .unwrap()
+                        .expect("environment lease is free")
+                })
+                .collect(),
+            );
+        };
+        let state = dryrun::state::StateDir::new(dir.join("holder"));
+        let control =
+            dryrun::control::open(&state, Some(url), "bench", dryrun::control::LEASE_TIMEOUT)
+                .await
+                .expect("control database");
+        let mut leases = Vec::new();
+        for (k, e) in envs.enumerate() {
+            leases.push(
+                control
+                    .lease(
+                        &e,
+                        &format!("bench-hold-{k}"),
+                        &tokio_util::sync::CancellationToken::new(),
+                        &mut |_| {},
+                    )
+                    .await
+                    .expect("environment lease is free"),
+            );
+        }
+        let c = control.clone();
+        let beat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(dryrun::control::HEARTBEAT).await;
+                let _ = c.heartbeat().await;
+            }
+        });
+        Held::Rows(control, leases, beat)
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Held::None => 0,
+            Held::Files(v) => v.len(),
+            Held::Rows(_, v, _) => v.len(),
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Held::None | Held::Files(_) => {}
+            Held::Rows(control, leases, beat) => {
+                for l in leases {
+                    control.release(l).await;
+                }
+                beat.abort();
+                control.stopped().await;
+            }
+        }
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 fn main() {
     let o = opts();
     let total = (o.rate * o.seconds).min(MAX_REQUESTS);
@@ -234,10 +359,26 @@ fn main() {
         .prefix("dryrun-bench-webhook-")
         .tempdir()
         .unwrap();
-    let mut server = ServerProc::start(dir.path(), &o);
+    // Several workers share a PostgreSQL control database: the one given, or a throw-away one.
+    let own_db = (o.workers > 1 && o.database_url.is_none()).then(pg::ControlDb::start);
+    let database_url = o
+        .database_url
+        .clone()
+        .or_else(|| own_db.as_ref().map(pg::ControlDb::url));
+    let root = blueprints(dir.path(), &o);
+    let mut servers: Vec<ServerProc> = (0..o.workers)
+        .map(|n| ServerProc::start(dir.path(), &root, &o, n, database_url.as_deref()))
+        .collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     println!(
-        "dryrun serve {} (release build), concurrency {}, queue_limit {}, {} environments{}; {} requests at {} req/s, every {}th a repeated delivery id",
-        server.url,
+        "dryrun serve ×{} {} (release build; {}), concurrency {} each, queue_limit {}, {} environments{}; {} requests at {} req/s, every {}th a repeated delivery id{}",
+        o.workers,
+        urls.join(" "),
+        match (&own_db, &database_url) {
+            (Some(db), _) => format!("throw-away PostgreSQL on 127.0.0.1:{}", db.port),
+            (None, Some(_)) => "PostgreSQL from --database-url".to_string(),
+            (None, None) => "SQLite".to_string(),
+        },
         o.concurrency,
         o.queue_limit,
         o.environments,
@@ -248,65 +389,56 @@ fn main() {
         },
         total,
         o.rate,
-        o.repeat_every
+        o.repeat_every,
+        if o.workers > 1 {
+            " (sent to another worker than the original)"
+        } else {
+            ""
+        }
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let held: Vec<dryrun::lease::Lease> = if o.hold_environments {
-        let state = dryrun::state::StateDir::new(dir.path().join("state"));
-        (0..o.environments)
-            .map(|k| {
-                dryrun::lease::try_acquire(&state, &format!("local:bench-{k}"))
-                    .unwrap()
-                    .expect("environment lease is free")
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let ok = rt.block_on(load(&server.url, &o, total, period, held));
-    let code = server.stop();
-    println!("server stopped with SIGTERM: exit code {code:?}");
-    if code != Some(0) || !ok {
-        eprintln!(
-            "--- server log (last 40 lines)\n{}",
-            std::fs::read_to_string(&server.log)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    let held = rt.block_on(Held::take(dir.path(), &o, database_url.as_deref()));
+    let ok = rt.block_on(load(&urls, &o, total, period, held));
+    let mut failed = !ok;
+    for (n, server) in servers.iter_mut().enumerate() {
+        let code = server.stop();
+        println!("worker {n} stopped with SIGTERM: exit code {code:?}");
+        if code != Some(0) || !ok {
+            eprintln!("--- worker {n} log (last 40 lines)\n{}", tail(&server.log));
+            failed = true;
+        }
+    }
+    drop(own_db);
+    if failed {
         std::process::exit(1);
     }
 }
 
 #[allow(clippy::too_many_lines)]
-async fn load(
-    url: &str,
-    o: &Opts,
-    total: u64,
-    period: Duration,
-    held: Vec<dryrun::lease::Lease>,
-) -> bool {
+async fn load(urls: &[String], o: &Opts, total: u64, period: Duration, held: Held) -> bool {
+    let url = urls[0].as_str();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .build()
         .unwrap();
-    let hook = Arc::new(format!("{url}/v1/hooks/dryrun"));
-    // One untimed request opens a connection, so the first sample is not a TCP handshake.
-    http.get(format!("{url}/healthz")).send().await.unwrap();
+    let hooks: Vec<Arc<String>> = urls
+        .iter()
+        .map(|u| Arc::new(format!("{u}/v1/hooks/dryrun")))
+        .collect();
+    // One untimed request per worker opens a connection, so the first sample is not a TCP
+    // handshake.
+    for u in urls {
+        http.get(format!("{u}/healthz")).send().await.unwrap();
+    }
 
-    // Plan every request first: the delivery id and the body (a repeat resends the original).
-    let mut plan: Vec<(String, String, bool)> = Vec::new();
+    // Plan every request first: the delivery id, the body (a repeat resends the original) and
+    // the worker: round-robin, a repeat to the worker after its original's.
+    let mut plan: Vec<(String, String, bool, usize)> = Vec::new();
     let mut next_new = 0u64;
     for i in 0..total {
         let repeat = o.repeat_every > 0 && i > 0 && (i + 1) % o.repeat_every == 0;
@@ -318,8 +450,8 @@ async fn load(
             } else {
                 (i * 7919) % i
             };
-            let (d, b, _) = plan[usize::try_from(j).unwrap()].clone();
-            plan.push((d, b, true));
+            let (d, b, _, w) = plan[usize::try_from(j).unwrap()].clone();
+            plan.push((d, b, true, (w + 1) % urls.len()));
         } else {
             let env = usize::try_from(next_new).unwrap() % o.environments;
             let body = format!(r#"{{"blueprint":"bench-{env}.yaml","release":"releases/noop"}}"#);
@@ -327,6 +459,7 @@ async fn load(
                 format!("bench-{}-{next_new}", std::process::id()),
                 body,
                 false,
+                usize::try_from(i).unwrap() % urls.len(),
             ));
             next_new += 1;
         }
@@ -334,11 +467,11 @@ async fn load(
 
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
-    for (i, (delivery, body, repeat)) in plan.into_iter().enumerate() {
+    for (i, (delivery, body, repeat, worker)) in plan.into_iter().enumerate() {
         let at = start + period * u32::try_from(i).unwrap();
         tokio::time::sleep_until(at).await;
         let http = http.clone();
-        let hook = hook.clone();
+        let hook = hooks[worker].clone();
         tasks.push(tokio::spawn(async move {
             let lag = at.elapsed();
             let sig = dryrun::server::signature::sign(SECRET.as_bytes(), body.as_bytes());
@@ -461,13 +594,13 @@ async fn load(
     }
     println!("repeated deliveries sent: {repeats}; answered 200 with the original run: {dup_ok}");
 
-    if !held.is_empty() {
+    if held.count() > 0 {
         println!(
             "releasing the {} environment leases held during the load",
-            held.len()
+            held.count()
         );
-        drop(held);
     }
+    held.release().await;
 
     // Wait for the queue to drain.
     let drain_start = Instant::now();
@@ -499,22 +632,28 @@ async fn load(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // Runs created, through the API (per blueprint: the API returns at most 1000 rows).
-    let mut runs: Vec<Value> = Vec::new();
-    for k in 0..o.environments {
-        let v = get_json(
-            &http,
-            &format!("{url}/v1/runs?blueprint=bench-{k}&limit={API_LIMIT}"),
-        )
-        .await;
-        let rows = v["runs"].as_array().cloned().unwrap_or_default();
-        if rows.len() >= API_LIMIT {
-            println!(
-                "FAIL: bench-{k} has {API_LIMIT} or more runs; the API cannot list them all: use more --environments"
-            );
-            ok = false;
+    // Runs created, through the API.
+    let (runs, listed) = list_runs(&http, url, o).await;
+    ok &= listed;
+    if urls.len() > 1 {
+        let ids = |runs: &[Value]| -> HashSet<String> {
+            runs.iter()
+                .filter_map(|r| r["run_id"].as_str().map(str::to_string))
+                .collect()
+        };
+        let first = ids(&runs);
+        let mut same = true;
+        for u in &urls[1..] {
+            let (other, listed) = list_runs(&http, u, o).await;
+            ok &= listed;
+            same &= ids(&other) == first;
         }
-        runs.extend(rows);
+        println!(
+            "every worker lists the same {} runs: {}",
+            first.len(),
+            if same { "yes" } else { "NO" }
+        );
+        ok &= same;
     }
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let mut left_behind = 0;
@@ -547,4 +686,27 @@ async fn load(
         if same { "yes" } else { "NO" }
     );
     ok && same
+}
+
+/// Every run of the benchmark's blueprints as one worker's API lists them (per blueprint: the
+/// API returns at most 1000 rows); false when a blueprint has too many to list.
+async fn list_runs(http: &reqwest::Client, url: &str, o: &Opts) -> (Vec<Value>, bool) {
+    let mut runs: Vec<Value> = Vec::new();
+    let mut ok = true;
+    for k in 0..o.environments {
+        let v = get_json(
+            http,
+            &format!("{url}/v1/runs?blueprint=bench-{k}&limit={API_LIMIT}"),
+        )
+        .await;
+        let rows = v["runs"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= API_LIMIT {
+            println!(
+                "FAIL: bench-{k} has {API_LIMIT} or more runs; the API cannot list them all: use more --environments"
+            );
+            ok = false;
+        }
+        runs.extend(rows);
+    }
+    (runs, ok)
 }

@@ -702,22 +702,45 @@ impl Control for Postgres {
         // same moment) is tried again; the loser then sees the lease and moves on.
         for _ in 0..4 {
             let tx = c.transaction().await.map_err(|e| pg(&e))?;
+            // The oldest queued run of each environment that has one (a loose index scan
+            // over the queue index: one probe per environment, however long the queue), of
+            // those the oldest whose environment is free.
             let head = tx
                 .prepare_cached(
-                    "SELECT run_id, environment FROM dryrun_runs r
-                     WHERE status = 'queued'
-                       AND NOT EXISTS (SELECT 1 FROM dryrun_leases l WHERE l.environment = r.environment)
-                       AND NOT EXISTS (SELECT 1 FROM dryrun_runs o WHERE o.environment = r.environment
-                         AND o.status = 'queued' AND (o.queued_at, o.run_id) < (r.queued_at, r.run_id))
-                     ORDER BY queued_at, run_id
-                     LIMIT 1
-                     FOR UPDATE SKIP LOCKED",
+                    "WITH RECURSIVE envs(environment) AS (
+                       (SELECT environment FROM dryrun_runs WHERE status = 'queued' ORDER BY environment LIMIT 1)
+                       UNION ALL
+                       SELECT (SELECT r.environment FROM dryrun_runs r WHERE r.status = 'queued'
+                                 AND r.environment > e.environment ORDER BY r.environment LIMIT 1)
+                       FROM envs e WHERE e.environment IS NOT NULL)
+                     SELECT h.run_id, h.environment FROM envs e
+                     CROSS JOIN LATERAL (
+                       SELECT r.run_id, r.environment, r.queued_at FROM dryrun_runs r
+                       WHERE r.status = 'queued' AND r.environment = e.environment
+                       ORDER BY r.queued_at, r.run_id LIMIT 1) h
+                     WHERE e.environment IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM dryrun_leases l WHERE l.environment = e.environment)
+                     ORDER BY h.queued_at, h.run_id
+                     LIMIT 1",
                 )
                 .await
                 .map_err(|e| pg(&e))?;
             let Some(h) = tx.query_opt(&head, &[]).await.map_err(|e| pg(&e))? else {
                 return Ok(None);
             };
+            // Another worker may be taking the same run: whoever locks it first has it (a
+            // run that is no longer queued when the lock is granted is skipped too).
+            let locked = tx
+                .query_opt(
+                    "SELECT 1 FROM dryrun_runs WHERE run_id = $1 AND status = 'queued' FOR UPDATE SKIP LOCKED",
+                    &[&h.get::<_, String>(0)],
+                )
+                .await
+                .map_err(|e| pg(&e))?;
+            if locked.is_none() {
+                drop(tx);
+                continue;
+            }
             let (run_id, env): (String, String) = (h.get(0), h.get(1));
             let took = tx
                 .execute(

@@ -450,7 +450,12 @@ impl App {
                     Ok(Some(c)) => {
                         complained = false;
                         let me = app.clone();
-                        app.tracker.spawn(Box::pin(me.run_claimed(c, permit)));
+                        app.tracker.spawn(Box::pin(async move {
+                            me.clone().run_claimed(c, permit).await;
+                            // Its environment is free again: claim the next run for it now
+                            // rather than at the next poll.
+                            me.wake.notify_one();
+                        }));
                         continue;
                     }
                     Ok(None) => complained = false,
