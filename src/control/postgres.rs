@@ -153,12 +153,24 @@ CREATE INDEX IF NOT EXISTS dryrun_outbox_due ON dryrun_outbox(next_at) WHERE don
 /// # Errors
 /// The URL does not parse; the message never repeats it (it may hold a password).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, ControlError> {
-    url.parse::<tokio_postgres::Config>().map_err(|e| {
+    let config = url.parse::<tokio_postgres::Config>().map_err(|e| {
         ControlError::Postgres(format!(
             "the database URL does not parse ({}); expected postgres://USER@HOST:PORT/DATABASE",
             describe(&e)
         ))
-    })
+    })?;
+    // The connection is made without TLS (no TLS stack is linked for it yet): a URL that
+    // demands TLS is refused here, plainly, rather than failing at connect time with a
+    // driver message.
+    if !matches!(
+        config.get_ssl_mode(),
+        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
+    ) {
+        return Err(ControlError::Postgres(
+            "the database URL asks for TLS (sslmode=require), which dryrun does not support yet: reach the control database over a private network, a Unix socket or a TLS tunnel, and drop sslmode (see docs/server.md#several-workers-on-postgresql)".into(),
+        ));
+    }
+    Ok(config)
 }
 
 impl Postgres {
@@ -1018,5 +1030,26 @@ impl crate::journal::Mirror for JournalWriter {
             .map_err(|_| "the journal writer has stopped".to_string())?;
         wait.recv()
             .map_err(|_| "the journal writer has stopped".to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_url;
+
+    #[test]
+    fn urls_parse_without_repeating_the_password_and_tls_is_refused_plainly() {
+        assert!(parse_url("postgres://dryrun:pw@127.0.0.1:5432/dryrun").is_ok());
+        assert!(parse_url("postgres://dryrun:pw@127.0.0.1:5432/dryrun?sslmode=prefer").is_ok());
+        let e = parse_url("postgres://dryrun:s3cret-pw@db.internal/dryrun?sslmode=require")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode=require") && e.contains("TLS"), "{e}");
+        assert!(!e.contains("s3cret-pw"));
+        let e = parse_url("postgres://dryrun:s3cret-pw@db.internal:notaport/dryrun")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not parse"), "{e}");
+        assert!(!e.contains("s3cret-pw"), "{e}");
     }
 }
