@@ -708,6 +708,18 @@ async fn run(
     // One run per environment: wait for a CLI or server run that holds it. The id, the lease
     // and the history row come from the runner, as for a server run.
     let control = open_control(state, database_url).await?;
+    // Shared with `dryrun serve` workers on PostgreSQL: heartbeat while waiting and running,
+    // or they would take this run for dead and recover it under our feet.
+    let alive = {
+        let shutdown = shutdown.clone();
+        runner::keep_alive(control.clone(), move |e| {
+            eprintln!("error: {e}; stopping the run");
+            if let Ok(mut r) = shutdown.reason.lock() {
+                *r = Some("the control database took this process for dead".into());
+            }
+            shutdown.soft.cancel();
+        })
+    };
     let env = lease::environment(provider.name(), &bp.name);
     let started = runner::start_direct(
         control.as_ref(),
@@ -777,6 +789,8 @@ async fn run(
         eprintln!("warning: the run is not in the history database: {e}");
     }
     let result = done.result;
+    drop(alive);
+    control.stopped().await;
     signals.abort();
     let _ = printer.await;
     let report = match result {

@@ -162,6 +162,48 @@ pub async fn start_direct(
     }
 }
 
+/// Keeps a process that is not `dryrun serve` (a CLI run) alive in the control plane while it
+/// waits for or holds an environment lease: a heartbeat every [`crate::control::HEARTBEAT`].
+/// Without it, workers sharing a PostgreSQL control plane would take the process for dead
+/// after their lease timeout and recover its run while it still runs. With SQLite the
+/// heartbeat does nothing. `on_dead` is called once if the process was taken for dead anyway
+/// (it was stopped or cut off for longer than the timeout); the heartbeat stops when the
+/// returned guard is dropped.
+pub fn keep_alive(
+    control: Arc<dyn Control>,
+    on_dead: impl FnOnce(&ControlError) + Send + 'static,
+) -> KeepAlive {
+    KeepAlive(tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(crate::control::HEARTBEAT).await;
+            match control.heartbeat().await {
+                Ok(()) => failing = false,
+                Err(e) if e.to_string().contains("taken for dead") => {
+                    on_dead(&e);
+                    return;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "heartbeat failed; retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }))
+}
+
+/// The heartbeat of [`keep_alive`]; stops when dropped.
+#[derive(Debug)]
+pub struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What [`execute`] did.
 #[derive(Debug)]
 pub struct Executed {

@@ -28,19 +28,18 @@ const TICK_SECS: i64 = 2;
 fn blueprints(dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("blueprints");
     let logs = dir.join("logs");
-    std::fs::create_dir_all(root.join("releases/slow")).unwrap();
     std::fs::create_dir_all(&logs).unwrap();
-    std::fs::write(
-        root.join("releases/slow/dryrun-release.yaml"),
-        concat!(
-            "version: \"1.0.0\"\n",
-            "install:\n",
-            "  - name: record\n",
-            "    run: 'echo start \"$DRYRUN_RUN_ID\" \"$(date +%s%N)\" >> \"$RAN_LOG\"; sleep 0.3; ",
-            "echo end \"$DRYRUN_RUN_ID\" \"$(date +%s%N)\" >> \"$RAN_LOG\"'\n",
-        ),
-    )
-    .unwrap();
+    // `slow` takes 0.3 s; `sleepy` 9 s, longer than a short lease timeout plus a heartbeat.
+    for (name, secs) in [("slow", "0.3"), ("sleepy", "9")] {
+        std::fs::create_dir_all(root.join("releases").join(name)).unwrap();
+        std::fs::write(
+            root.join("releases").join(name).join("dryrun-release.yaml"),
+            format!(
+                "version: \"1.0.0\"\ninstall:\n  - name: record\n    run: 'echo start \"$DRYRUN_RUN_ID\" \"$(date +%s%N)\" >> \"$RAN_LOG\"; sleep {secs}; echo end \"$DRYRUN_RUN_ID\" \"$(date +%s%N)\" >> \"$RAN_LOG\"'\n"
+            ),
+        )
+        .unwrap();
+    }
     let envs = (0..ENVIRONMENTS)
         .map(|k| format!("w-{k}"))
         .chain(["tick".to_string()]);
@@ -543,4 +542,107 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
     )
     .await;
     assert_eq!(workers_seen, 6, "three workers, each started twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_run_on_the_shared_database_keeps_its_lease_past_the_lease_timeout() {
+    if !have_postgres() {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    }
+    let db = ControlDb::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, logs) = blueprints(dir.path());
+    let url = db.url();
+    let env = [("DRYRUN_DATABASE_URL", url.as_str())];
+    // A worker quick to take others for dead: 5 s without a heartbeat.
+    let worker = Server::start_with_env(&root, "lease_timeout = \"5s\"\n", SECRET, &env);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Answered once the worker has opened the control database.
+    http.get(format!("{}/healthz", worker.url))
+        .send()
+        .await
+        .unwrap();
+    let client = db.client().await;
+    // A CLI run on another state directory (another machine), 9 s long.
+    let cli_state = state_dir();
+    let _reaper = Reaper(cli_state.path().to_path_buf());
+    let cli = std::process::Command::new(bin())
+        .env("DRYRUN_STATE_DIR", cli_state.path())
+        .env("DRYRUN_DATABASE_URL", &url)
+        .args(["run", "-q"])
+        .arg(root.join("w-0.yaml"))
+        .arg("--release")
+        .arg(root.join("releases/sleepy"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let cli_run: String = loop {
+        let r = client
+            .query_opt(
+                "SELECT run_id FROM dryrun_runs WHERE trigger = 'cli' AND status = 'running'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = r {
+            break r.get(0);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the CLI run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A webhook run of the same environment waits for the CLI run, however long it takes.
+    let (code, hooked) = deliver(
+        &http,
+        &worker.url,
+        r#"{"blueprint":"w-0.yaml","release":"releases/slow"}"#,
+        "after-cli",
+    )
+    .await;
+    assert_eq!(code, 202);
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = client
+        .query_one(
+            "SELECT status, failure FROM dryrun_runs WHERE run_id = $1",
+            &[&cli_run],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1)),
+        ("passed".to_string(), None),
+        "the worker left the CLI run alone"
+    );
+    let hooked = hooked.unwrap();
+    let done = common::server::wait_done(&worker.url, &hooked, Duration::from_secs(60)).await;
+    assert_eq!(done["run"]["status"], "passed");
+    let log = read_log(&logs.join("w-0.log"));
+    let (cli_ran, hook_ran) = (&log[&cli_run], &log[&hooked]);
+    assert!(
+        cli_ran.ends[0] <= hook_ran.starts[0],
+        "the webhook run started before the CLI run ended: {log:?}"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM dryrun_workers WHERE role = 'cli' AND stopped_by = 'itself'"
+        )
+        .await,
+        1,
+        "the CLI process says it stopped"
+    );
 }

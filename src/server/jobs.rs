@@ -451,7 +451,7 @@ impl App {
                         complained = false;
                         let me = app.clone();
                         app.tracker.spawn(Box::pin(async move {
-                            me.clone().run_claimed(c, permit).await;
+                            Box::pin(me.clone().run_claimed(c, permit)).await;
                             // Its environment is free again: claim the next run for it now
                             // rather than at the next poll.
                             me.wake.notify_one();
