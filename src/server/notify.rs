@@ -1,7 +1,8 @@
 //! Outgoing messages: the signed callback a webhook asked for, and Slack-compatible
 //! notifications (`{"text": …}`) on failure and on old backups. They are queued in the
-//! persistent outbox (the history database) and delivered by [`super::outbox`], so a slow or
-//! dead receiver never holds a run's environment or concurrency slot, and a restart loses none.
+//! persistent outbox (in the control plane, [`crate::control::Control::outbox_add`]) and
+//! delivered by [`super::outbox`], so a slow or dead receiver never holds a run's environment or
+//! concurrency slot, and a restart loses none.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,8 @@ use super::signature;
 use crate::control::{Control, OutboxItem, OutboxKind};
 use crate::secret::Secret;
 
-/// What queueing and delivering messages needs: the history (where the outbox is), the HTTP
-/// client, the signing secret, the server's base URL and the `[callbacks]` and `[notify]`
+/// What queueing and delivering messages needs: the control plane (where the outbox is), the
+/// HTTP client, the signing secret, the server's base URL and the `[callbacks]` and `[notify]`
 /// settings. Shared by the server (which queues) and the delivery task.
 #[derive(Debug)]
 pub struct Outbox {

@@ -1,12 +1,15 @@
-//! The outbox: callbacks and notifications are rows in the history database, delivered by one
-//! background task with retries and exponential backoff.
+//! The outbox: callbacks and notifications are rows in the control plane (through
+//! [`crate::control::Control`]: `history.sqlite`, or the shared PostgreSQL database), delivered
+//! by one background task per server process with retries and exponential backoff.
 //!
 //! # Guarantees
 //! - A run hands its messages to the outbox and ends: its environment, its concurrency slot and
 //!   its lease are free before anything is sent, so a slow receiver stalls no queue.
 //! - Messages survive a restart (and a crash): what was not delivered is sent when the server
-//!   starts again. Delivery is at least once; a callback carries the same `X-Dryrun-Delivery`
-//!   on every attempt, so a receiver can drop repeats.
+//!   starts again; with several workers sharing the PostgreSQL control plane, any worker's
+//!   task takes a due message, and one a dead worker had taken comes due again after its hold
+//!   (`HOLD`, 60 s). Delivery is at least once; a callback carries the same
+//!   `X-Dryrun-Delivery` on every attempt, so a receiver can drop repeats.
 //! - At most [`PARALLEL`] messages are in flight; each attempt has the HTTP client's 10 s limit.
 //! - Redirects are never followed.
 
