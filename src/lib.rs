@@ -15,8 +15,10 @@
 //! | checks | [`checks`] | http / command / sql checks with timeouts and retries |
 //! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
 //! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
-//! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, history, API, schedules, dashboard |
-//! | environments | [`lease`] | one run per environment across processes (CLI and server) |
+//! | start | [`runner`] | one way to start a run for the CLI and the server: lease, history row, engine, outcome; recovery of a dead run |
+//! | control plane | [`control`] | history, queue, dedup, leases, heartbeats, outbox, journal mirror: SQLite for one machine, PostgreSQL for several workers |
+//! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, API, schedules, dashboard, metrics |
+//! | environments | [`lease`] | the environment key and the file lease (one run per environment across processes on one machine) |
 //!
 //! [`process`] starts the release's processes (tagged, grouped, minimal environment, redacted
 //! logs) for the local provider and command checks; [`secret`] keeps secrets out of every view; [`state`] lays out the state directory;

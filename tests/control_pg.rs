@@ -301,3 +301,51 @@ async fn journal_entries_are_in_the_database_when_append_returns() {
     assert!(e.contains("control database"), "{e}");
     assert!(!e.contains(ControlDb::password()), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_one_machine_keeps_another_machines_unsettled_runs() {
+    if !have_pg() {
+        return;
+    }
+    let db = ControlDb::start();
+    let ((a, _da), (b, _db)) = tokio::join!(
+        worker(&db, Duration::from_secs(15)),
+        worker(&db, Duration::from_secs(15))
+    );
+    let long_ago = Utc::now() - chrono::Duration::days(100);
+    let ended = |id: &str, w: Option<&Postgres>, status: RunStatus, left: i64| RunRow {
+        status,
+        queued_at: long_ago,
+        started_at: Some(long_ago),
+        finished_at: Some(long_ago),
+        left_behind: Some(left),
+        worker: w.map(|w| w.worker().id.clone()),
+        ..queued(id, "shop")
+    };
+    for row in [
+        ended("a-passed", Some(&a), RunStatus::Passed, 0),
+        ended("a-interrupted", Some(&a), RunStatus::Interrupted, 0),
+        ended("b-passed", Some(&b), RunStatus::Passed, 0),
+        ended("b-interrupted", Some(&b), RunStatus::Interrupted, 0),
+        ended("b-left", Some(&b), RunStatus::Failed, 2),
+        ended("expired", None, RunStatus::Expired, 0),
+    ] {
+        a.insert(&row, None, Dedup::None).await.unwrap();
+    }
+    // Machine a prunes; none of these runs has a directory on a.
+    let mut gone = a
+        .prune(Utc::now() - chrono::Duration::days(90), &|_| false)
+        .await
+        .unwrap();
+    gone.sort();
+    assert_eq!(gone, ["a-interrupted", "a-passed", "b-passed", "expired"]);
+    for kept in ["b-interrupted", "b-left"] {
+        assert!(a.get(kept).await.unwrap().is_some(), "{kept} was pruned");
+    }
+    // Machine b, whose state directory says nothing remains, prunes its own.
+    let gone = b
+        .prune(Utc::now() - chrono::Duration::days(90), &|_| false)
+        .await
+        .unwrap();
+    assert_eq!(gone.len(), 2, "{gone:?}");
+}

@@ -578,15 +578,32 @@ impl Control for Postgres {
         before: DateTime<Utc>,
         keep: &(dyn for<'a> Fn(&'a str) -> bool + Sync),
     ) -> Result<Vec<String>, ControlError> {
+        // `keep` looks at this machine's state directory only. A run from another machine
+        // (or one whose worker row is gone) is judged by its row: one that was interrupted
+        // or left something behind stays until its own machine prunes it, where its journal
+        // says whether anything remains.
         let ids: Vec<String> = self
             .query(
-                "SELECT run_id FROM dryrun_runs WHERE status NOT IN ('queued', 'running') AND COALESCE(finished_at, queued_at) < $1",
-                &[&before],
+                "SELECT r.run_id, (w.machine IS NOT DISTINCT FROM $2) AS mine,
+                        (r.status = 'interrupted' OR COALESCE(r.left_behind, 0) > 0) AS unsettled,
+                        (r.worker IS NULL) AS never_ran
+                 FROM dryrun_runs r LEFT JOIN dryrun_workers w ON w.id = r.worker
+                 WHERE r.status NOT IN ('queued', 'running') AND COALESCE(r.finished_at, r.queued_at) < $1",
+                &[&before, &self.worker.machine],
             )
             .await?
             .iter()
+            .filter(|r| {
+                let id: String = r.get(0);
+                let (mine, unsettled, never_ran): (bool, bool, bool) =
+                    (r.get(1), r.get(2), r.get(3));
+                if mine || never_ran {
+                    !keep(&id)
+                } else {
+                    !unsettled
+                }
+            })
             .map(|r| r.get::<_, String>(0))
-            .filter(|id| !keep(id))
             .collect();
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| pg(&e))?;

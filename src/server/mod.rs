@@ -112,7 +112,8 @@ fn start_retention(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Runs the server until `shutdown` fires, then drains: stops accepting, lets running dry runs
-/// tear down within the configured grace period, marks queued runs cancelled.
+/// tear down within the configured grace period; queued runs stay queued for the next start
+/// (or another worker).
 ///
 /// # Errors
 /// Start-up failures ([`ServeError`]).
