@@ -256,9 +256,11 @@ pub async fn execute(
 /// from its journal in this state directory, or (PostgreSQL) from the journal entries in the
 /// control database, or by its tag — marks it `interrupted` with what happened, and gives its
 /// lease back. A run of the local provider on another machine can only be cleaned there; its
-/// history says so. Returns the text recorded, or `None` when the run is still in progress in
-/// a process on this machine (left alone).
-pub async fn recover(control: &dyn Control, state: &StateDir, orphan: Orphan) -> Option<String> {
+/// history says so. A server run whose worker died after claiming it but before its first
+/// journal entry created nothing anywhere: it is queued again, at its place in the queue.
+/// Returns what was done, or `None` when the run is still in progress in a process on this
+/// machine (left alone).
+pub async fn recover(control: &dyn Control, state: &StateDir, orphan: Orphan) -> Option<Recovered> {
     let Orphan { row, worker, lease } = orphan;
     let who = worker.as_ref().map_or_else(
         || "the server".to_string(),
@@ -277,7 +279,22 @@ pub async fn recover(control: &dyn Control, state: &StateDir, orphan: Orphan) ->
         .is_none_or(|w| w.machine == control.worker().machine);
     let journal_file = state.run_dir(&run_id).join("journal.jsonl");
     if !journal_file.exists() && !here {
-        let entries = control.journal(&run_id).await.unwrap_or_default();
+        let entries = control.journal(&run_id).await;
+        // No journal entry in the database: the worker died between the claim and the run's
+        // first entry, which precedes every side effect. (An unreadable journal is not
+        // taken for an empty one.)
+        if entries.as_ref().is_ok_and(Vec::is_empty)
+            && row.trigger != Trigger::Cli
+            && matches!(control.requeue(&run_id).await, Ok(true))
+        {
+            if let Some(l) = lease {
+                control.release(l).await;
+            }
+            return Some(Recovered::Requeued(format!(
+                "{who} stopped after claiming the run and before it began (nothing was created); it is queued again"
+            )));
+        }
+        let entries = entries.unwrap_or_default();
         if row.provider == "local" {
             let w = worker.as_ref();
             return conclude(
@@ -360,14 +377,23 @@ async fn conclude(
     run_id: &str,
     lease: Option<Lease>,
     text: String,
-) -> Option<String> {
+) -> Option<Recovered> {
     let _ = control
         .set_status(run_id, RunStatus::Interrupted, Some(&text))
         .await;
     if let Some(l) = lease {
         control.release(l).await;
     }
-    Some(text)
+    Some(Recovered::Interrupted(text))
+}
+
+/// What [`recover`] did with a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// Marked `interrupted`, with this text (what was cleaned up, or where to clean up).
+    Interrupted(String),
+    /// It had not begun: queued again (the text says why).
+    Requeued(String),
 }
 
 /// Writes journal entries from the control database as this state directory's journal of the

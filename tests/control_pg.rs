@@ -349,3 +349,74 @@ async fn retention_on_one_machine_keeps_another_machines_unsettled_runs() {
         .unwrap();
     assert_eq!(gone.len(), 2, "{gone:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_place() {
+    if !have_pg() {
+        return;
+    }
+    let db = ControlDb::start();
+    let timeout = Duration::from_secs(2);
+    let (dead, _d1) = worker(&db, timeout).await;
+    let (b, dir_b) = worker(&db, timeout).await;
+    let t0 = Utc::now();
+    for (i, (id, env)) in [("never-began", "shop"), ("began", "blog"), ("next", "shop")]
+        .into_iter()
+        .enumerate()
+    {
+        let row = RunRow {
+            queued_at: t0 + chrono::Duration::milliseconds(i64::try_from(i).unwrap()),
+            ..queued(id, env)
+        };
+        dead.insert(&row, Some("{}"), Dedup::None).await.unwrap();
+    }
+    let first = dead.claim().await.unwrap().unwrap();
+    let second = dead.claim().await.unwrap().unwrap();
+    assert_eq!(
+        (first.row.run_id.as_str(), second.row.run_id.as_str()),
+        ("never-began", "began")
+    );
+    // "began" wrote its first journal entry; "never-began" died before its own.
+    dead.journal_mirror()
+        .unwrap()
+        .append("began", r#"{"entry":"started"}"#)
+        .unwrap();
+    dead.heartbeat().await.unwrap();
+    let t = Instant::now();
+    let mut orphans = Vec::new();
+    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
+        b.heartbeat().await.unwrap();
+        orphans = b.orphans(false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(orphans.len(), 2);
+    let state_b = StateDir::new(dir_b.path());
+    let mut outcomes = BTreeMap::new();
+    for o in orphans {
+        let id = o.row.run_id.clone();
+        outcomes.insert(id, dryrun::runner::recover(&b, &state_b, o).await);
+    }
+    match &outcomes["never-began"] {
+        Some(dryrun::runner::Recovered::Requeued(why)) => {
+            assert!(why.contains("queued again"), "{why}");
+        }
+        other => panic!("never-began: {other:?}"),
+    }
+    match &outcomes["began"] {
+        Some(dryrun::runner::Recovered::Interrupted(note)) => {
+            assert!(note.contains("local resources are on"), "{note}");
+        }
+        other => panic!("began: {other:?}"),
+    }
+    let (row, _) = b.get("never-began").await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.worker, row.started_at),
+        (RunStatus::Queued, None, None)
+    );
+    // Its place in the queue is kept: it is claimed before the run accepted after it.
+    let again = b.claim().await.unwrap().unwrap();
+    assert_eq!(again.row.run_id, "never-began");
+    assert_eq!(again.row.worker.as_deref(), Some(b.worker().id.as_str()));
+    let (row, _) = b.get("began").await.unwrap().unwrap();
+    assert_eq!(row.status, RunStatus::Interrupted);
+}

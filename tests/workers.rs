@@ -233,7 +233,14 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
     }
     workers[1].crash();
     let killed_at = Instant::now();
-    let killed_running = count(&client, &of_victim("running")).await;
+    let killed_runs: Vec<String> = client
+        .query(&of_victim("running").replace("count(*)", "run_id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let killed_running = killed_runs.len();
     while count(&client, &of_victim("running")).await > 0 {
         assert!(
             killed_at.elapsed() < Duration::from_secs(30),
@@ -243,7 +250,7 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
     }
     let marked_after = killed_at.elapsed();
     eprintln!(
-        "kill -9 of a worker with {killed_running} running run(s): marked interrupted by a survivor after {:.1} s (default lease timeout)",
+        "kill -9 of a worker with {killed_running} running run(s): recovered by a survivor after {:.1} s (default lease timeout)",
         marked_after.as_secs_f64()
     );
 
@@ -298,7 +305,8 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
             r.run_id
         );
     }
-    // Only the runs the killed worker was executing ended interrupted; everything else passed.
+    // Only runs the killed worker was executing ended interrupted; everything else passed —
+    // a run it had claimed but not begun was queued again and run by another worker.
     let mut interrupted = Vec::new();
     for r in &all {
         match r.status.as_str() {
@@ -310,6 +318,7 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
                         .is_some_and(|w| w.contains(&format!("/{victim_pid}/"))),
                     "only the killed worker's runs are interrupted: {r:?}"
                 );
+                assert!(killed_runs.contains(&r.run_id), "{r:?}");
                 let note = r.failure.as_deref().unwrap_or_default();
                 assert!(
                     note.contains("stopped during the run") && note.contains("dryrun cleanup"),
@@ -320,10 +329,28 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
             other => panic!("run {} ended {other}: {:?}", r.run_id, r.failure),
         }
     }
+    let requeued: Vec<&Row> = all
+        .iter()
+        .filter(|r| killed_runs.contains(&r.run_id) && r.status == "passed")
+        .collect();
+    for r in &requeued {
+        assert!(
+            !r.worker
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&format!("/{victim_pid}/")),
+            "a run claimed by the killed worker passed: another worker ran it: {r:?}"
+        );
+    }
     assert_eq!(
-        i64::try_from(interrupted.len()).unwrap(),
+        interrupted.len() + requeued.len(),
         killed_running,
-        "exactly the runs the killed worker was executing are interrupted"
+        "every run the killed worker held ended interrupted or ran again elsewhere"
+    );
+    eprintln!(
+        "of the killed worker's {killed_running} running run(s): {} interrupted, {} not yet begun and queued again",
+        interrupted.len(),
+        requeued.len()
     );
     let by_worker: BTreeMap<String, usize> = all.iter().fold(BTreeMap::new(), |mut m, r| {
         *m.entry(r.worker.clone().unwrap_or_default()).or_default() += 1;

@@ -448,6 +448,10 @@ pub trait Control: Send + Sync + std::fmt::Debug {
         failure: Option<&str>,
     ) -> Result<(), ControlError>;
 
+    /// Puts a `running` run that never began back in the queue, at its original place (no
+    /// worker, no start time). False when the run is not `running`.
+    async fn requeue(&self, run_id: &str) -> Result<bool, ControlError>;
+
     /// Records the finished run's report.
     async fn finish(&self, rep: &RunReport) -> Result<(), ControlError>;
 

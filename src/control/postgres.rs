@@ -436,6 +436,16 @@ impl Control for Postgres {
         Ok(())
     }
 
+    async fn requeue(&self, run_id: &str) -> Result<bool, ControlError> {
+        Ok(self
+            .execute(
+                "UPDATE dryrun_runs SET status = 'queued', worker = NULL, started_at = NULL, finished_at = NULL WHERE run_id = $1 AND status = 'running'",
+                &[&run_id],
+            )
+            .await?
+            == 1)
+    }
+
     async fn finish(&self, rep: &RunReport) -> Result<(), ControlError> {
         let json = serde_json::to_string(rep).unwrap_or_default();
         self.execute(

@@ -270,6 +270,13 @@ impl Control for Sqlite {
         Ok(())
     }
 
+    async fn requeue(&self, run_id: &str) -> Result<bool, ControlError> {
+        Ok(self.conn().execute(
+            "UPDATE runs SET status = 'queued', worker = NULL, started_at = NULL, finished_at = NULL WHERE run_id = ?1 AND status = 'running'",
+            params![run_id],
+        )? == 1)
+    }
+
     async fn finish(&self, rep: &RunReport) -> Result<(), ControlError> {
         let json = serde_json::to_string(rep).unwrap_or_default();
         self.conn().execute(

@@ -712,9 +712,17 @@ impl App {
         };
         for o in orphans {
             let run_id = o.row.run_id.clone();
-            if let Some(outcome) = runner::recover(self.control.as_ref(), &self.state, o).await {
-                eprintln!("dryrun serve: run {run_id} was interrupted: {outcome}");
-                tracing::warn!(run_id = %run_id, outcome = %outcome, "recovered an interrupted run");
+            match runner::recover(self.control.as_ref(), &self.state, o).await {
+                Some(runner::Recovered::Interrupted(outcome)) => {
+                    eprintln!("dryrun serve: run {run_id} was interrupted: {outcome}");
+                    tracing::warn!(run_id = %run_id, outcome = %outcome, "recovered an interrupted run");
+                }
+                Some(runner::Recovered::Requeued(why)) => {
+                    eprintln!("dryrun serve: run {run_id}: {why}");
+                    tracing::warn!(run_id = %run_id, outcome = %why, "queued a claimed run again");
+                    self.wake.notify_one();
+                }
+                None => {}
             }
         }
     }
