@@ -194,3 +194,34 @@ fn missing_release_is_a_usage_error_and_creates_nothing() {
     assert_eq!(out.status.code(), Some(2));
     assert!(run_ids(state.path()).is_empty());
 }
+
+#[test]
+fn a_run_stopped_by_a_missing_secret_leaves_no_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("release")).unwrap();
+    std::fs::write(
+        dir.path().join("release/dryrun-release.yaml"),
+        "version: \"1.0.0\"\ninstall:\n  - name: noop\n    run: \"true\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("sec.yaml"),
+        "name: sec\nsecrets:\n  token:\n    env: DRYRUN_TEST_SURELY_UNSET_VAR\nresources:\n  job:\n    type: service\n    env:\n      TOKEN: \"{{secrets.token}}\"\n",
+    )
+    .unwrap();
+    let state = state_dir();
+    let out = run(dryrun(state.path())
+        .env_remove("DRYRUN_TEST_SURELY_UNSET_VAR")
+        .arg("run")
+        .arg(dir.path().join("sec.yaml"))
+        .arg("--release")
+        .arg(dir.path().join("release")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("DRYRUN_TEST_SURELY_UNSET_VAR"), "{err}");
+    assert!(
+        run_ids(state.path()).is_empty(),
+        "left: {:?}",
+        run_ids(state.path())
+    );
+}
