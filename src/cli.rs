@@ -1151,9 +1151,11 @@ async fn serve_cmd(
                 _ => exit::INFRA,
             })
         })?;
-    Ok(if stopped.abandoned.is_empty() {
-        exit::PASSED
-    } else {
+    Ok(if !stopped.abandoned.is_empty() {
         exit::LEFT_BEHIND
+    } else if stopped.taken_for_dead {
+        exit::INFRA
+    } else {
+        exit::PASSED
     })
 }

@@ -243,9 +243,7 @@ pub async fn execute(
             // The engine stopped before its journal (a missing secret): nothing was created,
             // and the run's claimed directory is empty. Only an empty directory is removed.
             let _ = std::fs::remove_dir(state.run_dir(run_id));
-            control
-                .set_status(run_id, RunStatus::Error, Some(&e.to_string()))
-                .await
+            control.fail(run_id, &e.to_string()).await
         }
     };
     control.release(lease).await;

@@ -271,6 +271,10 @@ async fn journal_entries_are_in_the_database_when_append_returns() {
     let (w, _d) = worker(&db, Duration::from_secs(15)).await;
     let dir = tempfile::tempdir().unwrap();
     let state = StateDir::new(dir.path());
+    w.insert(&queued("run-j", "shop"), Some("{}"), Dedup::None)
+        .await
+        .unwrap();
+    assert_eq!(w.claim().await.unwrap().unwrap().row.run_id, "run-j");
     let j = dryrun::journal::Journal::create(&state, "run-j", w.journal_mirror()).unwrap();
     let entries = [
         dryrun::journal::Entry::Kept { until: Utc::now() },
@@ -419,4 +423,48 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
     assert_eq!(again.row.worker.as_deref(), Some(b.worker().id.as_str()));
     let (row, _) = b.get("began").await.unwrap().unwrap();
     assert_eq!(row.status, RunStatus::Interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_taken_for_dead_can_neither_journal_nor_record_a_run_another_took_over() {
+    if !have_pg() {
+        return;
+    }
+    let db = ControlDb::start();
+    let timeout = Duration::from_secs(2);
+    let (frozen, _d1) = worker(&db, timeout).await;
+    let (b, dir_b) = worker(&db, timeout).await;
+    frozen
+        .insert(&queued("r", "shop"), Some("{}"), Dedup::None)
+        .await
+        .unwrap();
+    frozen.claim().await.unwrap().unwrap();
+    let mirror = frozen.journal_mirror().unwrap();
+    // While it is its own run, the frozen-to-be worker journals.
+    mirror.append("r", r#"{"entry":"started"}"#).unwrap();
+    frozen.heartbeat().await.unwrap();
+    let t = Instant::now();
+    let mut orphans = Vec::new();
+    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
+        b.heartbeat().await.unwrap();
+        orphans = b.orphans(false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(orphans.len(), 1);
+    let state_b = StateDir::new(dir_b.path());
+    let outcome = dryrun::runner::recover(&b, &state_b, orphans.pop().unwrap()).await;
+    assert!(
+        matches!(outcome, Some(dryrun::runner::Recovered::Interrupted(_))),
+        "{outcome:?}"
+    );
+    // The frozen worker wakes up mid-run: its next step cannot be journaled, so it is not
+    // taken; its outcome does not overwrite the survivor's record.
+    let e = mirror.append("r", r#"{"entry":"creating"}"#).unwrap_err();
+    assert!(e.contains("no longer this worker's"), "{e}");
+    let e = frozen.fail("r", "late").await.unwrap_err().to_string();
+    assert!(e.contains("no longer this worker's"), "{e}");
+    let (row, _) = b.get("r").await.unwrap().unwrap();
+    assert_eq!(row.status, RunStatus::Interrupted);
+    assert_ne!(row.failure.as_deref(), Some("late"));
+    assert_eq!(b.journal("r").await.unwrap().len(), 1);
 }

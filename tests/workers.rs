@@ -673,3 +673,107 @@ async fn a_cli_run_on_the_shared_database_keeps_its_lease_past_the_lease_timeout
         "the CLI process says it stopped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_was_taken_for_dead_stops_its_runs_and_exits_with_failure() {
+    use std::io::Read as _;
+    if !have_postgres() {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    }
+    let db = ControlDb::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, _logs) = blueprints(dir.path());
+    let url = db.url();
+    let env = [("DRYRUN_DATABASE_URL", url.as_str())];
+    let config = "lease_timeout = \"5s\"\n";
+    let mut a = Server::start_with_env(&root, config, SECRET, &env);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (code, run) = deliver(
+        &http,
+        &a.url,
+        r#"{"blueprint":"w-1.yaml","release":"releases/sleepy"}"#,
+        "frozen-1",
+    )
+    .await;
+    assert_eq!(code, 202);
+    let run = run.unwrap();
+    let client = db.client().await;
+    let start = Instant::now();
+    while run_status(&client, &run).await != "running" {
+        assert!(start.elapsed() < Duration::from_secs(30), "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut b = Server::start_with_env(&root, config, SECRET, &env);
+    // Worker a freezes (SIGSTOP: a hung machine, a long GC pause, a cut network) mid-run.
+    let a_pid = nix::unistd::Pid::from_raw(i32::try_from(a.pid().unwrap()).unwrap());
+    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    while run_status(&client, &run).await == "running" {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(30),
+            "the frozen worker's run still says running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let marked = frozen.elapsed();
+    // It wakes up: its next heartbeat finds it was taken for dead; it stops its run, tears
+    // down what the run created on its machine, and exits with a failure.
+    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let woke = Instant::now();
+    let mut child = a.child.take().unwrap();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            woke.elapsed() < Duration::from_secs(40),
+            "the worker taken for dead kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    eprintln!("--- worker a stderr\n{err}");
+    eprintln!(
+        "frozen worker's run recovered after {:.1} s; the worker exited {:.1} s after waking",
+        marked.as_secs_f64(),
+        woke.elapsed().as_secs_f64()
+    );
+    assert_eq!(exit.code(), Some(3), "{err}");
+    assert!(err.contains("taken for dead"), "{err}");
+    assert!(!err.contains(ControlDb::password()));
+    assert_nothing_left(a.state(), &run);
+    // The survivor's record stands: `interrupted` when the run had begun on a, or — when a
+    // froze between the claim and the run's first step — `passed` on the survivor, which ran
+    // it again. A's late outcome is refused either way (fenced on the run's owner).
+    let row = client
+        .query_one(
+            "SELECT status, worker FROM dryrun_runs WHERE run_id = $1",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    let (final_status, owner): (String, Option<String>) = (row.get(0), row.get(1));
+    let a_id = format!("/{}/", a_pid.as_raw());
+    match final_status.as_str() {
+        "interrupted" => assert!(owner.is_some_and(|w| w.contains(&a_id))),
+        "passed" => assert!(owner.is_some_and(|w| !w.contains(&a_id))),
+        other => panic!("the frozen worker's run ended {other}"),
+    }
+    let (code, err_b) = b.stop();
+    assert_eq!(code, Some(0), "{err_b}");
+}
+
+async fn run_status(client: &tokio_postgres::Client, run: &str) -> String {
+    client
+        .query_one("SELECT status FROM dryrun_runs WHERE run_id = $1", &[&run])
+        .await
+        .unwrap()
+        .get(0)
+}

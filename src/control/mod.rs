@@ -452,8 +452,13 @@ pub trait Control: Send + Sync + std::fmt::Debug {
     /// worker, no start time). False when the run is not `running`.
     async fn requeue(&self, run_id: &str) -> Result<bool, ControlError>;
 
-    /// Records the finished run's report.
+    /// Records the finished run's report. With PostgreSQL only while the run is `running` on
+    /// this worker: a worker taken for dead does not overwrite what another recorded.
     async fn finish(&self, rep: &RunReport) -> Result<(), ControlError>;
+
+    /// Records that a run this worker executes ended before its report (status `error`), on
+    /// the same terms as [`Control::finish`].
+    async fn fail(&self, run_id: &str, text: &str) -> Result<(), ControlError>;
 
     /// The request a queued run was accepted with (JSON), if it was recorded.
     async fn request(&self, run_id: &str) -> Result<Option<String>, ControlError>;

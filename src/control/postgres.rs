@@ -174,6 +174,19 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, ControlError> {
 }
 
 impl Postgres {
+    /// The outcome of an update of a run this worker executes: none when the run is no longer
+    /// this worker's (another recovered it after this one was taken for dead).
+    fn owned(&self, run_id: &str, updated: u64) -> Result<(), ControlError> {
+        if updated == 1 {
+            Ok(())
+        } else {
+            Err(ControlError::Postgres(format!(
+                "run {run_id} is no longer this worker's ({}): another worker recovered it after this one was taken for dead; its outcome here is not recorded",
+                self.worker.id
+            )))
+        }
+    }
+
     /// Connects, creates or updates the tables, and registers this worker.
     ///
     /// # Errors
@@ -216,7 +229,7 @@ impl Postgres {
         .map_err(|e| pg(&e))?;
         tx.commit().await.map_err(|e| pg(&e))?;
         drop(client);
-        let mirror = Arc::new(JournalWriter::start(config.clone()));
+        let mirror = Arc::new(JournalWriter::start(config.clone(), worker.id.clone()));
         Ok(Postgres {
             pool,
             config,
@@ -448,10 +461,10 @@ impl Control for Postgres {
 
     async fn finish(&self, rep: &RunReport) -> Result<(), ControlError> {
         let json = serde_json::to_string(rep).unwrap_or_default();
-        self.execute(
+        let n = self.execute(
             "UPDATE dryrun_runs SET status = $2, release_version = $3, started_at = COALESCE(started_at, $4), finished_at = $5,
                duration_ms = $6, restore_ms = $7, backup_id = $8, backup_age_s = $9, exit_code = $10, left_behind = $11,
-               failure = $12, report = $13 WHERE run_id = $1",
+               failure = $12, report = $13 WHERE run_id = $1 AND worker = $14 AND status = 'running'",
             &[
                 &rep.run_id,
                 &RunStatus::of_report(rep.status).as_str(),
@@ -466,10 +479,22 @@ impl Control for Postgres {
                 &i64::try_from(rep.left_behind.len()).unwrap_or(0),
                 &rep.failure,
                 &json,
+                &self.worker.id,
             ],
         )
         .await?;
-        Ok(())
+        self.owned(&rep.run_id, n)
+    }
+
+    async fn fail(&self, run_id: &str, text: &str) -> Result<(), ControlError> {
+        let n = self
+            .execute(
+                "UPDATE dryrun_runs SET status = 'error', failure = $2, finished_at = now()
+                 WHERE run_id = $1 AND worker = $3 AND status = 'running'",
+                &[&run_id, &text, &self.worker.id],
+            )
+            .await?;
+        self.owned(run_id, n)
     }
 
     async fn request(&self, run_id: &str) -> Result<Option<String>, ControlError> {
@@ -988,13 +1013,18 @@ type Job = (
 /// Writes journal entries to `dryrun_journal` from a thread of its own, with its own
 /// connection: the journal's `append` is synchronous (it runs before the step it announces, in
 /// any runtime), so it hands the entry over and waits for the insert to commit.
+///
+/// The insert is also the fence between workers: it is made only while the run's row says
+/// `running` on this worker. A worker that was taken for dead (frozen, cut off) and whose run
+/// another worker has recovered or claimed again cannot journal — so cannot take — one more
+/// step of it; teardown, which ignores journal errors, still removes what it had made.
 #[derive(Debug)]
 struct JournalWriter {
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
 impl JournalWriter {
-    fn start(config: tokio_postgres::Config) -> JournalWriter {
+    fn start(config: tokio_postgres::Config, worker: String) -> JournalWriter {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("dryrun-journal-pg".into())
@@ -1022,12 +1052,19 @@ impl JournalWriter {
                             let Some(c) = client.as_ref() else { continue };
                             match c
                                 .execute(
-                                    "INSERT INTO dryrun_journal (run_id, entry) VALUES ($1, $2)",
-                                    &[&run_id, &line],
+                                    "INSERT INTO dryrun_journal (run_id, entry) SELECT $1, $2
+                                     WHERE EXISTS (SELECT 1 FROM dryrun_runs
+                                       WHERE run_id = $1 AND worker = $3 AND status = 'running')",
+                                    &[&run_id, &line, &worker],
                                 )
                                 .await
                             {
-                                Ok(_) => return Ok(()),
+                                Ok(1) => return Ok(()),
+                                Ok(_) => {
+                                    return Err(format!(
+                                        "run {run_id} is no longer this worker's ({worker}): another worker recovered it after this one was taken for dead"
+                                    ));
+                                }
                                 Err(e) if c.is_closed() => {
                                     tracing::warn!(error = %describe(&e), "journal connection lost; reconnecting");
                                     client = None;

@@ -270,6 +270,10 @@ impl Control for Sqlite {
         Ok(())
     }
 
+    async fn fail(&self, run_id: &str, text: &str) -> Result<(), ControlError> {
+        self.set_status(run_id, RunStatus::Error, Some(text)).await
+    }
+
     async fn requeue(&self, run_id: &str) -> Result<bool, ControlError> {
         Ok(self.conn().execute(
             "UPDATE runs SET status = 'queued', worker = NULL, started_at = NULL, finished_at = NULL WHERE run_id = ?1 AND status = 'running'",

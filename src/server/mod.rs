@@ -71,6 +71,9 @@ pub enum ServeError {
 pub struct Stopped {
     /// Runs that were still tearing down when the grace period ended.
     pub abandoned: Vec<String>,
+    /// The worker stopped because the other workers had taken it for dead (its heartbeat
+    /// stopped for longer than `lease_timeout`): a failure, so that a supervisor restarts it.
+    pub taken_for_dead: bool,
 }
 
 /// Removes what is older than `retention`: finished runs' history rows, their delivery ids and
@@ -181,10 +184,13 @@ pub async fn serve(
     let server = tokio::spawn(async move { server.await });
     // Stops at the signal, or when this worker finds it was taken for dead (see
     // `App::start_heartbeat`).
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        () = app.stop.cancelled() => shutdown.cancel(),
-    }
+    let taken_for_dead = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = app.stop.cancelled() => {
+            shutdown.cancel();
+            true
+        }
+    };
     eprintln!(
         "dryrun serve: shutting down: no new runs; waiting up to {} for running dry runs to tear down",
         humantime::format_duration(app.cfg.shutdown_grace)
@@ -212,5 +218,8 @@ pub async fn serve(
             abandoned.join(", ")
         );
     }
-    Ok(Stopped { abandoned })
+    Ok(Stopped {
+        abandoned,
+        taken_for_dead,
+    })
 }
