@@ -138,8 +138,68 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
     std::fs::write(&shot, c.screenshot().await.unwrap()).unwrap();
     eprintln!("screenshot of the finished run page: {}", shot.display());
 
+    // A failing rehearsal of the same blueprint from the CLI on the server's state directory.
+    let out = run(dryrun(srv.state()).args([
+        "run",
+        "blueprints/demo/shop.yaml",
+        "--release",
+        "blueprints/demo/releases/v3",
+        "-q",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "v3 fails");
+
     // Back on the index, the run is in the table.
     c.goto(&format!("{}/", srv.url)).await.unwrap();
+    // The trend chart: an SVG drawn by the server, one mark per run linked to its page, the
+    // passed run green and the failed one red, newest on the right, with the figures as a
+    // tooltip.
+    let marks = c
+        .find_all(Locator::Css(
+            "svg.trend-chart[data-blueprint=\"shop\"] circle.mark",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(marks.len(), 2, "one mark per finished run");
+    let mut xs = Vec::new();
+    for (m, want) in marks.iter().zip(["passed", "failed"]) {
+        let class = m.attr("class").await.unwrap().unwrap_or_default();
+        assert!(class.contains(want), "{class}");
+        xs.push(m.attr("cx").await.unwrap().unwrap().parse::<f64>().unwrap());
+        let fill = m.css_value("fill").await.unwrap();
+        assert!(!fill.is_empty() && fill != "none", "{fill}");
+    }
+    assert!(xs[0] < xs[1], "newest on the right: {xs:?}");
+    assert_eq!(
+        marks[0].attr("data-run").await.unwrap().as_deref(),
+        Some(run_id.as_str())
+    );
+    let tip = c
+        .find(Locator::Css(&format!(
+            "svg.trend-chart circle[data-run=\"{run_id}\"] title"
+        )))
+        .await
+        .unwrap()
+        .html(true)
+        .await
+        .unwrap();
+    assert!(tip.contains("passed") && tip.contains("total"), "{tip}");
+    let line = c
+        .find(Locator::Css(
+            "svg.trend-chart[data-blueprint=\"shop\"] polyline.total",
+        ))
+        .await
+        .unwrap()
+        .attr("points")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(line.split(' ').count(), 2, "{line}");
+    let shot = driver.artifact("index-trend.png");
+    std::fs::write(&shot, c.screenshot().await.unwrap()).unwrap();
+    eprintln!(
+        "screenshot of the index with the trend chart: {}",
+        shot.display()
+    );
     let row = c
         .find(Locator::Css(&format!("#runs tr[data-run=\"{run_id}\"]")))
         .await

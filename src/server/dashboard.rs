@@ -153,6 +153,72 @@ fn releases(app: &App) -> Vec<String> {
     out
 }
 
+/// Size of a trend chart (SVG user units) and its inner margins.
+const CHART_W: f64 = 480.0;
+const CHART_H: f64 = 140.0;
+const CHART_PAD: (f64, f64, f64, f64) = (10.0, 14.0, 10.0, 18.0); // left, top, right, bottom
+
+/// The rehearsal trend of one blueprint as SVG geometry, for the template to draw without a
+/// script: total and restore time as lines on one scale, backup age as a line on its own
+/// scale, one mark per run (linked to its page, coloured by its status, a tooltip with its
+/// figures), oldest on the left. Points arrive oldest first. Drawn by hand: a few lines of
+/// arithmetic, where a charting crate would bring a renderer and its own markup.
+fn trend_chart(pts: &[crate::control::TrendPoint]) -> Value {
+    let (left, top, right, bottom) = CHART_PAD;
+    let (w, h) = (CHART_W - left - right, CHART_H - top - bottom);
+    #[allow(clippy::cast_precision_loss)]
+    let x = |i: usize| {
+        if pts.len() < 2 {
+            left + w / 2.0
+        } else {
+            left + w * i as f64 / (pts.len() - 1) as f64
+        }
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let y = |v: i64, max: i64| top + h - h * v as f64 / max.max(1) as f64;
+    let max_total = pts.iter().filter_map(|p| p.duration_ms).max().unwrap_or(0);
+    let max_age = pts.iter().filter_map(|p| p.backup_age_s).max().unwrap_or(0);
+    let line = |get: &dyn Fn(&crate::control::TrendPoint) -> Option<i64>, max: i64| -> String {
+        pts.iter()
+            .enumerate()
+            .filter_map(|(i, p)| get(p).map(|v| format!("{:.1},{:.1}", x(i), y(v, max))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let ms =
+        |v: Option<i64>| v.map_or_else(|| "-".into(), |d| human_ms(u64::try_from(d).unwrap_or(0)));
+    let marks: Vec<Value> = pts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            json!({
+                "run_id": p.run_id,
+                "status": p.status,
+                "x": format!("{:.1}", x(i)),
+                "y": format!("{:.1}", y(p.duration_ms.unwrap_or(0), max_total)),
+                "title": format!(
+                    "{} · {} · total {} · restore {} · backup age {}",
+                    p.started_at.format("%Y-%m-%d %H:%M"),
+                    p.status,
+                    ms(p.duration_ms),
+                    ms(p.restore_ms),
+                    p.backup_age_s.map_or_else(|| "-".into(), human_secs)
+                ),
+            })
+        })
+        .collect();
+    json!({
+        "width": CHART_W, "height": CHART_H,
+        "base_y": format!("{:.1}", top + h), "left": left, "right": CHART_W - right,
+        "total_points": line(&|p| p.duration_ms, max_total),
+        "restore_points": line(&|p| p.restore_ms, max_total),
+        "age_points": line(&|p| p.backup_age_s, max_age),
+        "max_total": ms(Some(max_total)),
+        "max_age": human_secs(max_age),
+        "marks": marks,
+    })
+}
+
 async fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
     let rows = app.control.list(None, None, 50).await.unwrap_or_default();
     let runs: Vec<Value> = rows
@@ -179,6 +245,7 @@ async fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value
             if pts.is_empty() {
                 return None;
             }
+            let chart = trend_chart(&pts);
             let max_total = pts.iter().filter_map(|p| p.duration_ms).max().unwrap_or(1).max(1);
             let points: Vec<Value> = pts
                 .iter()
@@ -194,7 +261,7 @@ async fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value
                     })
                 })
                 .collect();
-            Some(json!({ "blueprint": b, "points": points }))
+            Some(json!({ "blueprint": b, "points": points, "chart": chart }))
         })
         .collect();
     json!({ "runs": runs, "trends": trends, "blueprints": app.blueprint_files(), "releases": releases(app), "notice": notice, "visitor": visitor.json() })
@@ -400,4 +467,80 @@ fn html_escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{RunStatus, TrendPoint};
+
+    fn point(id: &str, status: RunStatus, total: Option<i64>, age: Option<i64>) -> TrendPoint {
+        TrendPoint {
+            run_id: id.into(),
+            started_at: chrono::Utc::now(),
+            status,
+            restore_ms: total.map(|t| t / 2),
+            duration_ms: total,
+            backup_age_s: age,
+        }
+    }
+
+    fn coords(points: &str) -> Vec<(f64, f64)> {
+        points
+            .split(' ')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (x, y) = p.split_once(',').unwrap();
+                (x.parse().unwrap(), y.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_trend_chart_puts_the_longest_run_at_the_top_and_the_newest_on_the_right() {
+        let c = trend_chart(&[
+            point("a", RunStatus::Passed, Some(1000), Some(3600)),
+            point("b", RunStatus::Failed, Some(4000), Some(7200)),
+            point("c", RunStatus::Error, None, None),
+        ]);
+        let (left, top, right, bottom) = CHART_PAD;
+        let total = coords(c["total_points"].as_str().unwrap());
+        // Runs without a figure have a mark but no point on the line.
+        assert_eq!(total.len(), 2);
+        assert!(
+            (total[1].1 - top).abs() < 0.05,
+            "longest at the top: {total:?}"
+        );
+        assert!(
+            (total[0].1 - (top + 0.75 * (CHART_H - top - bottom))).abs() < 0.05,
+            "a quarter of the longest: {total:?}"
+        );
+        let marks = c["marks"].as_array().unwrap();
+        assert_eq!(marks.len(), 3);
+        let xs: Vec<f64> = marks
+            .iter()
+            .map(|m| m["x"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert!((xs[0] - left).abs() < 0.05 && (xs[2] - (CHART_W - right)).abs() < 0.05);
+        assert!(xs[0] < xs[1] && xs[1] < xs[2]);
+        assert_eq!(
+            marks
+                .iter()
+                .map(|m| m["status"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["passed", "failed", "error"]
+        );
+        assert!(
+            marks[1]["title"].as_str().unwrap().contains("total 4.0 s"),
+            "{}",
+            marks[1]["title"]
+        );
+        // Backup age on its own scale: the oldest backup at the top.
+        let age = coords(c["age_points"].as_str().unwrap());
+        assert!((age[1].1 - top).abs() < 0.05);
+        // One run: a single mark in the middle.
+        let one = trend_chart(&[point("a", RunStatus::Passed, Some(10), None)]);
+        let x: f64 = one["marks"][0]["x"].as_str().unwrap().parse().unwrap();
+        assert!((x - (left + (CHART_W - left - right) / 2.0)).abs() < 0.05);
+    }
 }
