@@ -296,6 +296,25 @@ pub async fn recover(control: &dyn Control, state: &StateDir, orphan: Orphan) ->
             )));
         }
         let entries = entries.unwrap_or_default();
+        // The run ended and its journal was closed (nothing of it remains), but its worker
+        // died before recording the outcome.
+        let closed = entries.iter().any(|l| {
+            matches!(
+                serde_json::from_str::<crate::journal::Entry>(l),
+                Ok(crate::journal::Entry::Closed { .. })
+            )
+        });
+        if closed {
+            return conclude(
+                control,
+                &run_id,
+                lease,
+                format!(
+                    "{who} stopped after the run ended and before recording its outcome; its journal is closed: nothing of the run remains"
+                ),
+            )
+            .await;
+        }
         if row.provider == "local" {
             let w = worker.as_ref();
             return conclude(

@@ -364,9 +364,14 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
     let (dead, _d1) = worker(&db, timeout).await;
     let (b, dir_b) = worker(&db, timeout).await;
     let t0 = Utc::now();
-    for (i, (id, env)) in [("never-began", "shop"), ("began", "blog"), ("next", "shop")]
-        .into_iter()
-        .enumerate()
+    for (i, (id, env)) in [
+        ("never-began", "shop"),
+        ("began", "blog"),
+        ("next", "shop"),
+        ("ended", "wiki"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let row = RunRow {
             queued_at: t0 + chrono::Duration::milliseconds(i64::try_from(i).unwrap()),
@@ -380,10 +385,19 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
         (first.row.run_id.as_str(), second.row.run_id.as_str()),
         ("never-began", "began")
     );
-    // "began" wrote its first journal entry; "never-began" died before its own.
-    dead.journal_mirror()
-        .unwrap()
-        .append("began", r#"{"entry":"started"}"#)
+    let third = dead.claim().await.unwrap().unwrap();
+    assert_eq!(third.row.run_id, "ended");
+    // "began" wrote its first journal entry; "never-began" died before its own; "ended" had
+    // closed its journal (nothing remained) but not yet recorded its outcome.
+    let mirror = dead.journal_mirror().unwrap();
+    mirror.append("began", r#"{"entry":"started"}"#).unwrap();
+    mirror.append("ended", r#"{"entry":"started"}"#).unwrap();
+    let closed = dryrun::journal::Entry::Closed {
+        at: Utc::now(),
+        by: "run".into(),
+    };
+    mirror
+        .append("ended", &serde_json::to_string(&closed).unwrap())
         .unwrap();
     dead.heartbeat().await.unwrap();
     let t = Instant::now();
@@ -393,7 +407,7 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
         orphans = b.orphans(false).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(orphans.len(), 2);
+    assert_eq!(orphans.len(), 3);
     let state_b = StateDir::new(dir_b.path());
     let mut outcomes = BTreeMap::new();
     for o in orphans {
@@ -405,6 +419,12 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
             assert!(why.contains("queued again"), "{why}");
         }
         other => panic!("never-began: {other:?}"),
+    }
+    match &outcomes["ended"] {
+        Some(dryrun::runner::Recovered::Interrupted(note)) => {
+            assert!(note.contains("nothing of the run remains"), "{note}");
+        }
+        other => panic!("ended: {other:?}"),
     }
     match &outcomes["began"] {
         Some(dryrun::runner::Recovered::Interrupted(note)) => {
