@@ -179,7 +179,7 @@ pub fn keep_alive(
             tokio::time::sleep(crate::control::HEARTBEAT).await;
             match control.heartbeat().await {
                 Ok(()) => failing = false,
-                Err(e) if e.to_string().contains("taken for dead") => {
+                Err(e @ ControlError::TakenForDead { .. }) => {
                     on_dead(&e);
                     return;
                 }

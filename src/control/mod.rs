@@ -47,6 +47,17 @@ pub enum ControlError {
     /// Waiting for a lease was cancelled.
     #[error("cancelled while waiting for environment {0}")]
     Cancelled(String),
+    /// The other workers took this one for dead (no heartbeat for the lease timeout) and
+    /// recovered its runs.
+    #[error(
+        "worker {worker} was taken for dead (no heartbeat for {silent}) and its runs recovered by another worker"
+    )]
+    TakenForDead {
+        /// This worker's id.
+        worker: String,
+        /// The lease timeout it exceeded, human-readable.
+        silent: String,
+    },
 }
 
 /// Where a run is in its life. `Passed`, `Failed` and `Error` come from its report.

@@ -907,11 +907,10 @@ impl Control for Postgres {
             )
             .await?;
         if n == 0 {
-            return Err(ControlError::Postgres(format!(
-                "worker {} was taken for dead (no heartbeat for {}) and its runs recovered by another worker",
-                self.worker.id,
-                humantime::format_duration(self.lease_timeout)
-            )));
+            return Err(ControlError::TakenForDead {
+                worker: self.worker.id.clone(),
+                silent: humantime::format_duration(self.lease_timeout).to_string(),
+            });
         }
         Ok(())
     }

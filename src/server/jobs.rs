@@ -657,12 +657,9 @@ impl App {
             .unwrap_or_default()
     }
 
-    /// Stops accepting and claiming, tears down running runs (first signal to each), waits up
-    /// to `grace`, then gives up on teardown (second signal). Queued runs stay queued. Returns
-    /// the runs still going at the end.
-    pub async fn drain(&self, grace: Duration) -> Vec<String> {
-        self.stop.cancel();
-        self.tracker.close();
+    /// Sends every running run the first signal (stop, tear down) with `reason` for its report;
+    /// a run that already has a reason keeps it (the first cause is the one reported).
+    fn interrupt_running(&self, reason: &str) {
         for s in self
             .running
             .lock()
@@ -670,10 +667,19 @@ impl App {
             .values()
         {
             if let Ok(mut r) = s.reason.lock() {
-                *r = Some("server shutdown (SIGTERM)".into());
+                r.get_or_insert_with(|| reason.to_string());
             }
             s.soft.cancel();
         }
+    }
+
+    /// Stops accepting and claiming, tears down running runs (first signal to each), waits up
+    /// to `grace`, then gives up on teardown (second signal). Queued runs stay queued. Returns
+    /// the runs still going at the end.
+    pub async fn drain(&self, grace: Duration) -> Vec<String> {
+        self.stop.cancel();
+        self.tracker.close();
+        self.interrupt_running("server shutdown (SIGTERM)");
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_ok()
@@ -790,20 +796,10 @@ impl App {
                 }
                 match app.control.heartbeat().await {
                     Ok(()) => {}
-                    Err(ControlError::Postgres(e)) if e.contains("taken for dead") => {
+                    Err(e @ ControlError::TakenForDead { .. }) => {
                         eprintln!("dryrun serve: {e}; stopping this worker's runs");
                         tracing::error!(error = %e, "this worker was taken for dead");
-                        for s in app
-                            .running
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .values()
-                        {
-                            if let Ok(mut r) = s.reason.lock() {
-                                *r = Some("the worker lost its leases (no heartbeat)".into());
-                            }
-                            s.soft.cancel();
-                        }
+                        app.interrupt_running("the worker lost its leases (no heartbeat)");
                         app.stop.cancel();
                         return;
                     }
