@@ -629,11 +629,7 @@ async fn run(
     (endpoint, database_url): (Option<&str>, Option<&str>),
 ) -> anyhow::Result<i32> {
     if let Some(id) = &run_id_arg
-        && (id.is_empty()
-            || id.len() > 80
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        && !crate::state::is_run_id(id)
     {
         eprintln!("error: --run-id `{id}`: use letters, digits, `-` and `_` (at most 80)");
         return Err(Exit(exit::USAGE).into());

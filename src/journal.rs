@@ -410,7 +410,7 @@ pub fn prune(state: &StateDir, before: DateTime<Utc>) -> Result<Vec<String>, Jou
     let mut removed = Vec::new();
     for r in list_runs(state)? {
         let old = r.started_at.is_some_and(|t| t < before);
-        if !old || !r.closed || r.run_id.is_empty() || r.run_id.contains(['/', '.']) {
+        if !old || !r.closed || !crate::state::is_run_id(&r.run_id) {
             continue;
         }
         let dir = state.run_dir(&r.run_id);

@@ -275,6 +275,17 @@ pub async fn recover(control: &dyn Control, state: &StateDir, orphan: Orphan) ->
         return None;
     }
     let run_id = row.run_id.clone();
+    if !crate::state::is_run_id(&run_id) {
+        // Only a damaged or tampered shared database has such a row: its id must not name a
+        // path here. Nothing is touched.
+        return conclude(
+            control,
+            &run_id,
+            lease,
+            format!("{who} stopped during the run; its id is not a valid run id, so nothing was cleaned up from here"),
+        )
+        .await;
+    }
     let here = worker
         .as_ref()
         .is_none_or(|w| w.machine == control.worker().machine);

@@ -178,7 +178,8 @@ impl StateDir {
         Ok(std::fs::read_to_string(&path)?.trim().to_string())
     }
 
-    /// History directory of a run.
+    /// History directory of a run. Only for ids that pass [`is_run_id`]: an id read from
+    /// outside (a flag, a URL, a shared database row) is checked first.
     #[must_use]
     pub fn run_dir(&self, run_id: &str) -> PathBuf {
         self.root.join("runs").join(run_id)
@@ -200,5 +201,42 @@ impl StateDir {
     #[must_use]
     pub fn work_root(&self) -> PathBuf {
         self.root.join("copies")
+    }
+}
+
+/// Whether `id` can be a run id: letters, digits, `-` and `_`, at most 80 — so it names one
+/// directory under `runs/` and nothing else (no `/`, no `..`). Ids made by dryrun always pass;
+/// ids arriving from outside (`--run-id`, URLs, rows of a shared control database) are checked
+/// with it before they touch the file system.
+#[must_use]
+pub fn is_run_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 80
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod run_id_tests {
+    use super::is_run_id;
+
+    #[test]
+    fn run_ids_name_one_directory_and_nothing_else() {
+        assert!(is_run_id("shop-20261130-221540-62c213ff"));
+        assert!(is_run_id("my_run-1"));
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/b",
+            "a.b",
+            "a\0b",
+            "a b",
+            "ä",
+            &"x".repeat(81),
+        ] {
+            assert!(!is_run_id(bad), "{bad:?}");
+        }
     }
 }

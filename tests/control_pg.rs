@@ -488,3 +488,49 @@ async fn a_worker_taken_for_dead_can_neither_journal_nor_record_a_run_another_to
     assert_ne!(row.failure.as_deref(), Some("late"));
     assert_eq!(b.journal("r").await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_run_id_in_the_shared_database_never_names_a_path_during_recovery() {
+    if !have_pg() {
+        return;
+    }
+    let db = ControlDb::start();
+    let timeout = Duration::from_secs(2);
+    let (dead, _d1) = worker(&db, timeout).await;
+    let (b, dir_b) = worker(&db, timeout).await;
+    // A row written by a compromised machine: its id climbs out of `runs/`, and its journal
+    // (stored in the database) would be copied to that path by the AWS recovery.
+    let hostile = "../../dryrun-escaped";
+    let row = RunRow {
+        provider: "aws".into(),
+        environment: "aws:shop".into(),
+        ..queued(hostile, "shop")
+    };
+    dead.insert(&row, Some("{}"), Dedup::None).await.unwrap();
+    assert_eq!(dead.claim().await.unwrap().unwrap().row.run_id, hostile);
+    dead.journal_mirror()
+        .unwrap()
+        .append(hostile, r#"{"entry":"started"}"#)
+        .unwrap();
+    dead.heartbeat().await.unwrap();
+    let t = Instant::now();
+    let mut orphans = Vec::new();
+    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
+        b.heartbeat().await.unwrap();
+        orphans = b.orphans(false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(orphans.len(), 1);
+    let state_b = StateDir::new(dir_b.path().join("state"));
+    let outcome = dryrun::runner::recover(&b, &state_b, orphans.pop().unwrap()).await;
+    match outcome {
+        Some(dryrun::runner::Recovered::Interrupted(note)) => {
+            assert!(note.contains("not a valid run id"), "{note}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let escaped = dir_b.path().join("dryrun-escaped");
+    assert!(!escaped.exists(), "{} was written", escaped.display());
+    let (row, _) = b.get(hostile).await.unwrap().unwrap();
+    assert_eq!(row.status, RunStatus::Interrupted);
+}

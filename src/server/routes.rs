@@ -302,6 +302,9 @@ async fn junit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response 
 }
 
 async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if !crate::state::is_run_id(&id) {
+        return error(StatusCode::NOT_FOUND, String::from("no such run"));
+    }
     let row = match app.control.get(&id).await {
         Ok(Some((row, _))) => row,
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {id}")),
