@@ -33,6 +33,20 @@ async fn worker(db: &ControlDb, lease_timeout: Duration) -> (Postgres, tempfile:
     )
 }
 
+/// What worker `w` recovers once the silent workers' timeout has passed (it heartbeats
+/// meanwhile); empty after 10 s.
+async fn orphans_seen_by(w: &Postgres) -> Vec<dryrun::control::Orphan> {
+    let t = Instant::now();
+    loop {
+        w.heartbeat().await.unwrap();
+        let orphans = w.orphans(false).await.unwrap();
+        if !orphans.is_empty() || t.elapsed() > Duration::from_secs(10) {
+            return orphans;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn queued(id: &str, blueprint: &str) -> RunRow {
     RunRow::queued(id, blueprint, "bp.yaml", "local", Trigger::Webhook, "r")
 }
@@ -400,13 +414,7 @@ async fn a_run_claimed_by_a_dead_worker_that_had_not_begun_is_queued_again_in_pl
         .append("ended", &serde_json::to_string(&closed).unwrap())
         .unwrap();
     dead.heartbeat().await.unwrap();
-    let t = Instant::now();
-    let mut orphans = Vec::new();
-    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
-        b.heartbeat().await.unwrap();
-        orphans = b.orphans(false).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let orphans = orphans_seen_by(&b).await;
     assert_eq!(orphans.len(), 3);
     let state_b = StateDir::new(dir_b.path());
     let mut outcomes = BTreeMap::new();
@@ -463,13 +471,7 @@ async fn a_worker_taken_for_dead_can_neither_journal_nor_record_a_run_another_to
     // While it is its own run, the frozen-to-be worker journals.
     mirror.append("r", r#"{"entry":"started"}"#).unwrap();
     frozen.heartbeat().await.unwrap();
-    let t = Instant::now();
-    let mut orphans = Vec::new();
-    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
-        b.heartbeat().await.unwrap();
-        orphans = b.orphans(false).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut orphans = orphans_seen_by(&b).await;
     assert_eq!(orphans.len(), 1);
     let state_b = StateDir::new(dir_b.path());
     let outcome = dryrun::runner::recover(&b, &state_b, orphans.pop().unwrap()).await;
@@ -513,13 +515,7 @@ async fn a_tampered_run_id_in_the_shared_database_never_names_a_path_during_reco
         .append(hostile, r#"{"entry":"started"}"#)
         .unwrap();
     dead.heartbeat().await.unwrap();
-    let t = Instant::now();
-    let mut orphans = Vec::new();
-    while t.elapsed() < Duration::from_secs(10) && orphans.is_empty() {
-        b.heartbeat().await.unwrap();
-        orphans = b.orphans(false).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut orphans = orphans_seen_by(&b).await;
     assert_eq!(orphans.len(), 1);
     let state_b = StateDir::new(dir_b.path().join("state"));
     let outcome = dryrun::runner::recover(&b, &state_b, orphans.pop().unwrap()).await;

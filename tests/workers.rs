@@ -118,27 +118,9 @@ async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// POSTs a signed delivery; status and `run_id`.
-async fn deliver(
-    http: &reqwest::Client,
-    url: &str,
-    body: &str,
-    delivery: &str,
-) -> (u16, Option<String>) {
-    let r = http
-        .post(format!("{url}/v1/hooks/dryrun"))
-        .header(
-            "x-hub-signature-256",
-            dryrun::server::signature::sign(SECRET.as_bytes(), body.as_bytes()),
-        )
-        .header("x-dryrun-delivery", delivery)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let v: serde_json::Value = r.json().await.unwrap_or_default();
+/// POSTs a signed delivery (`common::server::hook`); status and `run_id`.
+async fn deliver(url: &str, body: &str, delivery: &str) -> (u16, Option<String>) {
+    let (status, v) = common::server::hook(url, body, delivery).await;
     (status, v["run_id"].as_str().map(str::to_string))
 }
 
@@ -177,12 +159,10 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
         if i % 10 == 0 {
             to.push(urls[(i + 1) % 3].clone());
         }
-        let http = http.clone();
         tasks.push(tokio::spawn(async move {
-            let answers = futures_util::future::join_all(
-                to.iter().map(|u| deliver(&http, u, &body, &delivery)),
-            )
-            .await;
+            let answers =
+                futures_util::future::join_all(to.iter().map(|u| deliver(u, &body, &delivery)))
+                    .await;
             (delivery, answers)
         }));
         if i % 20 == 19 {
@@ -560,7 +540,6 @@ async fn three_workers_on_one_postgres_lose_nothing_when_one_is_killed() {
     }
     // A delivery repeated now, to any worker, still names its first run.
     let (code, run) = deliver(
-        &http,
         &workers[1].url,
         r#"{"blueprint":"w-0.yaml","release":"releases/slow"}"#,
         "d-0",
@@ -629,7 +608,6 @@ async fn a_cli_run_on_the_shared_database_keeps_its_lease_past_the_lease_timeout
     };
     // A webhook run of the same environment waits for the CLI run, however long it takes.
     let (code, hooked) = deliver(
-        &http,
         &worker.url,
         r#"{"blueprint":"w-0.yaml","release":"releases/slow"}"#,
         "after-cli",
@@ -692,9 +670,7 @@ async fn a_worker_that_was_taken_for_dead_stops_its_runs_and_exits_with_failure(
     let env = [("DRYRUN_DATABASE_URL", url.as_str())];
     let config = "lease_timeout = \"5s\"\n";
     let mut a = Server::start_with_env(&root, config, SECRET, &env);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let (code, run) = deliver(
-        &http,
         &a.url,
         r#"{"blueprint":"w-1.yaml","release":"releases/sleepy"}"#,
         "frozen-1",
