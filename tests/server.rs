@@ -246,6 +246,23 @@ async fn forged_replayed_oversized_and_escaping_requests_create_no_run() {
     )
     .await;
     assert_eq!(code, 400);
+    // The run's provider, its worker and its queue state are the server's to choose: a body
+    // naming them is refused, and nothing is queued.
+    for (field, value) in [
+        ("provider", r#""aws""#),
+        ("schedule", r#""nightly""#),
+        ("fire_at", r#""2026-01-01T00:00:00Z""#),
+        ("trigger", r#""schedule""#),
+        ("delivery", r#""other""#),
+    ] {
+        let (code, v) = hook(
+            &url,
+            &format!(r#"{{"blueprint":"slow.yaml","release":"releases/slow","{field}":{value}}}"#),
+            &format!("p-{field}"),
+        )
+        .await;
+        assert_eq!(code, 400, "{field}: {v}");
+    }
     assert_eq!(
         get(&format!("{url}/v1/runs")).await["runs"]
             .as_array()
