@@ -411,6 +411,30 @@ mod tests {
     }
 
     #[test]
+    fn a_short_lease_timeout_and_a_bad_database_url_are_refused_without_the_password() {
+        let mut c = Config {
+            lease_timeout: Duration::from_secs(1),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("lease_timeout must be at least 5s")
+        );
+        c.lease_timeout = Duration::from_secs(5);
+        assert!(c.validate().is_ok());
+        for url in [
+            "postgres://u:hunter2-pw@db:notaport/x",
+            "postgres://u:hunter2-pw@db/x?sslmode=require",
+        ] {
+            c.database_url = Some(url.into());
+            let e = c.validate().unwrap_err();
+            assert!(e.starts_with("database_url: "), "{e}");
+            assert!(!e.contains("hunter2-pw"), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_schedules_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
