@@ -56,6 +56,8 @@ pub struct CheckEnv<'a> {
     pub vetted: &'a [String],
     /// Environment of command checks run on this machine ([`process::ChildEnv`]).
     pub child_env: &'a process::ChildEnv,
+    /// The run's side-effect sinks (`mail` checks read what they received).
+    pub sinks: &'a crate::sinks::Sinks,
 }
 
 /// Why an attempt gave no verdict, and who is to blame. The release (a template that does not
@@ -169,6 +171,25 @@ pub async fn run(
 }
 
 async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict> {
+    if let CheckSpec::Mail {
+        count,
+        to_contains,
+        subject_contains,
+    } = &check.spec
+    {
+        let render = |t: &Option<String>| {
+            t.as_ref()
+                .map(|s| crate::blueprint::template::render(s, env.ctx))
+                .transpose()
+        };
+        let (to, subject) = (render(to_contains)?, render(subject_contains)?);
+        return Ok(mail_verdict(
+            &env.sinks.snapshot().mail,
+            *count,
+            to.as_deref(),
+            subject.as_deref(),
+        ));
+    }
     let probe = render_probe(&check.spec, env)?;
     let req = ProbeRequest {
         check: &check.name,
@@ -228,6 +249,44 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict
     Ok(v)
 }
 
+/// A `mail` check: the mails matching `to`/`subject` (all when neither is given), `count` of
+/// them (default: at least one).
+fn mail_verdict(
+    mail: &[crate::sinks::Mail],
+    count: Option<u64>,
+    to: Option<&str>,
+    subject: Option<&str>,
+) -> Verdict {
+    let matching = mail
+        .iter()
+        .filter(|m| to.is_none_or(|t| m.to.iter().any(|r| r.contains(t))))
+        .filter(|m| subject.is_none_or(|s| m.subject.contains(s)))
+        .count() as u64;
+    let mut what = Vec::new();
+    if let Some(t) = to {
+        what.push(format!("to an address containing \"{t}\""));
+    }
+    if let Some(s) = subject {
+        what.push(format!("with a subject containing \"{s}\""));
+    }
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", what.join(" "))
+    };
+    let ok = count.map_or(matching > 0, |c| matching == c);
+    let problems = if ok {
+        Vec::new()
+    } else {
+        vec![format!(
+            "expected {} mail(s){what}, the SMTP sink received {matching} (of {} in all)",
+            count.map_or_else(|| "at least 1".to_string(), |c| c.to_string()),
+            mail.len()
+        )]
+    };
+    verdict(&problems, "mail", None)
+}
+
 /// Renders the check's templates into the action to run.
 fn render_probe(spec: &CheckSpec, env: &CheckEnv<'_>) -> Result<Probe, String> {
     Ok(match spec {
@@ -255,6 +314,7 @@ fn render_probe(spec: &CheckSpec, env: &CheckEnv<'_>) -> Result<Probe, String> {
             database: database.clone(),
             query: query.render_in(env.ctx, Position::Sql, env.vetted)?,
         },
+        CheckSpec::Mail { .. } => return Err("a mail check has no probe".into()),
     })
 }
 
@@ -583,4 +643,37 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
         || e.to_string(),
         |d| format!("{}: {}", d.severity(), d.message()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::Mail;
+
+    fn mail(to: &str, subject: &str) -> Mail {
+        Mail {
+            from: "shop@example.com".into(),
+            to: vec![to.into()],
+            subject: subject.into(),
+        }
+    }
+
+    #[test]
+    fn mail_checks_count_the_matching_mails() {
+        let got = [
+            mail("a@example.com", "Order #1"),
+            mail("b@example.com", "Welcome"),
+        ];
+        assert!(mail_verdict(&got, None, None, None).passed);
+        assert!(mail_verdict(&got, Some(2), None, None).passed);
+        assert!(mail_verdict(&got, Some(1), Some("a@"), Some("Order")).passed);
+        assert!(mail_verdict(&got, Some(0), Some("c@"), None).passed);
+        let v = mail_verdict(&got, Some(1), Some("a@"), Some("Welcome"));
+        assert!(!v.passed);
+        assert_eq!(
+            v.message.unwrap(),
+            "mail: expected 1 mail(s) to an address containing \"a@\" with a subject containing \"Welcome\", the SMTP sink received 0 (of 2 in all)"
+        );
+        assert!(!mail_verdict(&[], None, None, None).passed, "none received");
+    }
 }

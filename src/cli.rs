@@ -183,6 +183,23 @@ enum Command {
         #[arg(long, value_name = "ID", hide = true)]
         run_id: Option<String>,
     },
+    /// Find personal data in the latest backup: restore each database into a throw-away copy,
+    /// classify every column (names and a sample of values through the detectors), print the
+    /// findings and a starting `masking:` block, tear the copy down. Installs nothing, masks
+    /// nothing. Exit 0 when the blueprint's rules classify every finding, 1 when some column
+    /// has no rule, 3 when the copy could not be made.
+    #[command(
+        after_help = "Example:\n  dryrun scan blueprints/demo/shop.yaml >> masking-draft.yaml"
+    )]
+    Scan {
+        /// Blueprint file.
+        blueprint: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Print report.json (with `masking.databases[].findings`) instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Destroy what interrupted or kept runs left behind. Lists first; deletes only with --yes.
     Cleanup {
         /// The run to clean (see `dryrun runs`).
@@ -417,6 +434,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             common,
             format,
         } => plan(&blueprint, &common, format, &state, color, endpoint).await,
+        Command::Scan {
+            blueprint,
+            common,
+            json,
+        } => {
+            run(
+                &blueprint,
+                None,
+                &common,
+                None,
+                None,
+                json,
+                (4, engine::TEARDOWN_TIMEOUT, None),
+                cli.quiet,
+                &state,
+                color,
+                (endpoint, database_url),
+            )
+            .await
+        }
         Command::Run {
             blueprint,
             release,
@@ -430,7 +467,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             run(
                 &blueprint,
-                &release,
+                Some(&release),
                 &common,
                 report_dir.as_deref(),
                 keep,
@@ -615,9 +652,10 @@ async fn plan(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `dryrun run` and, with no release, `dryrun scan` (databases only, classified, not masked).
 async fn run(
     path: &Path,
-    release_ref: &str,
+    release_ref: Option<&str>,
     common: &Common,
     report_dir: Option<&Path>,
     keep: Option<Duration>,
@@ -645,14 +683,24 @@ async fn run(
     }
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
-    let bp = compile(path, &params, color)?;
+    let mut bp = compile(path, &params, color)?;
     let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
+    let scan = release_ref.is_none();
+    if scan {
+        bp.resources
+            .retain(|r| matches!(r.spec, crate::blueprint::ResourceSpec::Database(_)));
+        bp.checks.clear();
+        bp.teardown = crate::blueprint::TeardownPolicy::Always;
+    }
+    let release_ref = release_ref.unwrap_or("");
     // The operator's own path may be anywhere; a URL must be one the provider fetches.
-    if let Err(e) = crate::reference::classify(
-        release_ref,
-        "--release",
-        crate::provider::remote_schemes(common.provider.as_str()),
-    ) {
+    if !scan
+        && let Err(e) = crate::reference::classify(
+            release_ref,
+            "--release",
+            crate::provider::remote_schemes(common.provider.as_str()),
+        )
+    {
         eprintln!("error: {e}");
         return Err(Exit(exit::USAGE).into());
     }
@@ -669,11 +717,16 @@ async fn run(
         Ok(_) => {}
         Err(e) => return Err(e).context("the run could not start"),
     }
-    let fetched = provider
-        .fetch_release(release_ref, &state.root().join("releases"))
-        .await
-        .with_context(|| format!("fetch release {release_ref}"))?;
+    let fetched = if scan {
+        None
+    } else {
+        provider
+            .fetch_release(release_ref, &state.root().join("releases"))
+            .await
+            .with_context(|| format!("fetch release {release_ref}"))?
+    };
     let loaded = match &fetched {
+        _ if scan => Ok(Release::none()),
         Some(file) => Release::load_fetched(release_ref, file),
         None => Release::load(release_ref),
     };
@@ -757,6 +810,7 @@ async fn run(
     if let Some(e) = &started.history_error {
         eprintln!("warning: history database: {e}; the run is recorded in its journal only");
     }
+    let masking_rules = bp.masking.clone();
     let launch = runner::Launch {
         bp,
         provider,
@@ -768,6 +822,7 @@ async fn run(
         compile_ms,
         teardown_timeout,
         secrets: database_url.map(Secret::new).into_iter().collect(),
+        scan,
     };
     let done = runner::execute(
         control.as_ref(),
@@ -808,6 +863,10 @@ async fn run(
     }
     if json {
         print!("{}", report::json::to_json(&report));
+    } else if scan {
+        let (text, code) = report::terminal::scan_summary(&report, &masking_rules);
+        print!("{text}");
+        return Ok(code);
     } else {
         print!("{}", report::terminal::summary(&report, color));
         if let (Some(dir), None) = (report_dir, &report_error) {

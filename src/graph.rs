@@ -207,6 +207,7 @@ impl Plan {
                     CheckSpec::Sql {
                         database, query, ..
                     } => format!("{database}: {}", query.src),
+                    CheckSpec::Mail { .. } => "the run's SMTP sink".to_string(),
                 },
             })
             .collect();

@@ -12,7 +12,9 @@
 //! | backends | [`provider`] | the one [`provider::Provider`] trait; [`provider::local`] is the embedded default |
 //! | release | [`release`] | loads the candidate release and its manifest |
 //! | references | [`reference`] | the rules for `blueprint`/`release` values from outside: paths stay in the root, only known remote forms |
-//! | checks | [`checks`] | http / command / sql checks with timeouts and retries |
+//! | checks | [`checks`] | http / command / sql / mail checks with timeouts and retries |
+//! | personal data | [`privacy`] | the gate that refuses unclassified personal data, masking inside the copy, verification |
+//! | side effects | [`sinks`], [`firewall`] | SMTP/HTTP sinks that record what the release sends; the local provider's egress firewall |
 //! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
 //! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
 //! | start | [`runner`] | one way to start a run for the CLI and the server: lease, history row, engine, outcome; recovery of a dead run |
@@ -30,9 +32,11 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod failpoint;
+pub mod firewall;
 pub mod graph;
 pub mod journal;
 pub mod lease;
+pub mod privacy;
 pub mod process;
 pub mod provider;
 pub mod reference;
@@ -41,4 +45,5 @@ pub mod report;
 pub mod runner;
 pub mod secret;
 pub mod server;
+pub mod sinks;
 pub mod state;

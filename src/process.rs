@@ -95,6 +95,27 @@ pub fn shell(
     c
 }
 
+/// [`shell`] run through a wrapper program that ends by executing its arguments (`nsenter
+/// --net=PATH --`: the firewall's namespace, [`crate::firewall`]); tagged in the same way.
+pub fn shell_wrapped(
+    wrapper: &(std::path::PathBuf, Vec<String>),
+    cmdline: &str,
+    cwd: &Path,
+    base: &ChildEnv,
+    env: &BTreeMap<String, String>,
+    run_id: &str,
+    address: &str,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(&wrapper.0);
+    c.args(&wrapper.1)
+        .arg("sh")
+        .arg("-c")
+        .arg(cmdline)
+        .current_dir(cwd);
+    tagged(&mut c, base, env, run_id, address);
+    c
+}
+
 /// Gives a command the environment `base` + `env` + the tag (clearing everything it would
 /// inherit) and puts it in its own process group.
 pub fn tagged(

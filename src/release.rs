@@ -142,6 +142,22 @@ struct RawHealth {
 }
 
 impl Release {
+    /// No release: what `dryrun scan` runs with (it installs nothing).
+    #[must_use]
+    pub fn none() -> Release {
+        Release {
+            reference: "(none: dryrun scan)".into(),
+            source: Source::Dir(PathBuf::new()),
+            manifest: Manifest {
+                version: "none".into(),
+                git_sha: None,
+                install: Vec::new(),
+                start: None,
+                health: None,
+            },
+        }
+    }
+
     /// Loads a release from a directory or `.tar.gz` path.
     ///
     /// # Errors

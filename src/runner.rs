@@ -45,6 +45,8 @@ pub struct Launch {
     pub teardown_timeout: Duration,
     /// Secrets the caller holds, for the run's redactor.
     pub secrets: Vec<Secret>,
+    /// `dryrun scan` ([`RunOptions::scan`]).
+    pub scan: bool,
 }
 
 impl std::fmt::Debug for Launch {
@@ -235,6 +237,7 @@ pub async fn execute(
         teardown_timeout: launch.teardown_timeout,
         secrets: launch.secrets,
         mirror: control.journal_mirror(),
+        scan: launch.scan,
     };
     let result = engine::run(&launch.bp, launch.provider, state, opts, events, shutdown).await;
     let recorded = match &result {

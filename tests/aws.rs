@@ -417,6 +417,29 @@ fn kept_copy_is_private_tagged_and_blocked_then_cleanup_removes_it() {
                 .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
                 .collect::<Vec<_>>(),
         );
+        // Egress: AWS's default (everything, anywhere) is replaced by the members, HTTPS (SSM
+        // and S3) and nothing else.
+        let egress = sg.ip_permissions_egress();
+        assert!(
+            !egress.iter().any(|p| p.ip_protocol() == Some("-1")
+                && p.ip_ranges()
+                    .iter()
+                    .any(|r| r.cidr_ip() == Some("0.0.0.0/0"))),
+            "open egress remains: {egress:?}"
+        );
+        assert!(egress.iter().any(|p| {
+            p.ip_protocol() == Some("tcp")
+                && p.from_port() == Some(443)
+                && p.ip_ranges()
+                    .iter()
+                    .any(|r| r.cidr_ip() == Some("0.0.0.0/0"))
+        }));
+        assert!(egress.iter().any(|p| {
+            p.user_id_group_pairs()
+                .iter()
+                .any(|g| g.group_id() == sg.group_id())
+        }));
+        assert_eq!(egress.len(), 2, "{egress:?}");
         for p in sg.ip_permissions() {
             for range in p.ip_ranges() {
                 assert_ne!(range.cidr_ip(), Some("0.0.0.0/0"), "world-open ingress");

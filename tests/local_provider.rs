@@ -249,6 +249,8 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
                 start: None,
                 ready_timeout: spec.ready_timeout,
                 cancel: Default::default(),
+                firewall: &dryrun::firewall::Policy::default(),
+                reachable: Vec::new(),
             },
             &Sink,
         )

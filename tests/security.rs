@@ -682,6 +682,8 @@ providers:
 resources:
   db: {type: database, engine: sqlite, source: shop-db, database: shop}
   files: {type: bucket, source: "{{params.bucket}}"}
+masking:
+  db: {customers.email: email}
 checks:
   - name: shell
     type: command

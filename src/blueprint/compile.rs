@@ -53,9 +53,12 @@ const TOP_KEYS: &[&str] = &[
     "checks",
     "teardown",
     "ttl",
+    "masking",
+    "pii_gate",
+    "firewall",
 ];
 const KINDS: &[&str] = &["database", "bucket", "service"];
-const CHECK_KINDS: &[&str] = &["http", "command", "sql"];
+const CHECK_KINDS: &[&str] = &["http", "command", "sql", "mail"];
 const ENGINES: &[&str] = &["sqlite", "postgres"];
 
 /// Reads and compiles a blueprint file with `--param` values.
@@ -271,6 +274,35 @@ struct RawSql {
 struct RawSqlExpect {
     value: Option<String>,
     rows: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMail {
+    #[serde(rename = "type")]
+    _kind: String,
+    name: Spanned<String>,
+    #[serde(default)]
+    expect: RawMailExpect,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMailExpect {
+    count: Option<u64>,
+    to_contains: Option<String>,
+    subject_contains: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirewall {
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -684,6 +716,36 @@ impl Compiler<'_> {
             }
         };
 
+        // masking + the personal data gate
+        let masking = match top.get_node("masking") {
+            Some(n) => self.masking(n, &resources),
+            None => BTreeMap::new(),
+        };
+        let pii_gate = match top
+            .get_node("pii_gate")
+            .and_then(|n| self.de::<Spanned<String>>(n, "pii_gate"))
+        {
+            None => crate::privacy::Gate::On,
+            Some(g) => match g.as_str() {
+                "on" => crate::privacy::Gate::On,
+                "off" => crate::privacy::Gate::Off,
+                other => {
+                    self.diag_at(
+                        g.span().start(),
+                        format!("`pii_gate` is `on` or `off`, not {}", shown(other)),
+                        "here",
+                        Some("`off` lets unclassified personal data reach the release; leave it `on` unless the copy holds none".into()),
+                    );
+                    crate::privacy::Gate::On
+                }
+            },
+        };
+
+        let firewall = match top.get_node("firewall") {
+            Some(n) => self.firewall(n),
+            None => crate::firewall::Policy::default(),
+        };
+
         // cross references
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
         for (owner, dep) in &dep_uses {
@@ -778,7 +840,154 @@ impl Compiler<'_> {
             checks,
             teardown,
             ttl,
+            masking,
+            pii_gate,
+            firewall,
         })
+    }
+
+    /// `firewall: auto|required|off`, or `firewall: {mode, allow: [host:port, …]}`.
+    fn firewall(&mut self, node: &Node) -> crate::firewall::Policy {
+        use crate::firewall::{Mode, Policy};
+        let (mode, allow) = if let Some(s) = node.as_scalar() {
+            (
+                Some(Spanned::new(*s.span(), s.as_str().to_string())),
+                Vec::new(),
+            )
+        } else {
+            match self.de::<RawFirewall>(node, "firewall") {
+                Some(r) => (r.mode, r.allow),
+                None => return Policy::default(),
+            }
+        };
+        let mode = match mode.as_ref().map(|m| m.as_str()) {
+            None | Some("auto") => Mode::Auto,
+            Some("required") => Mode::Required,
+            Some("off") => Mode::Off,
+            Some(other) => {
+                let help = did_you_mean(other, ["auto", "required", "off"]).map_or_else(
+                    || "one of: auto, required, off".to_string(),
+                    |s| format!("did you mean `{s}`?"),
+                );
+                self.diag_at(
+                    mode.as_ref().and_then(|m| m.span().start()),
+                    format!("unknown firewall mode {}", shown(other)),
+                    "unknown mode",
+                    Some(help),
+                );
+                Mode::Auto
+            }
+        };
+        let mut out = Vec::new();
+        for a in allow {
+            let ok = a
+                .as_str()
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if ok {
+                out.push(a.as_str().to_string());
+            } else {
+                self.diag_at(
+                    a.span().start(),
+                    format!("{} is not `host:port`", shown(a.as_str())),
+                    "here",
+                    Some("e.g. `127.0.0.1:9200` or `[::1]:8443`".into()),
+                );
+            }
+        }
+        Policy { mode, allow: out }
+    }
+
+    /// `masking:` — database resource → `table.column` → strategy.
+    fn masking(
+        &mut self,
+        node: &Node,
+        resources: &[Resource],
+    ) -> BTreeMap<String, Vec<crate::privacy::Rule>> {
+        use crate::privacy::{Rule, Strategy};
+        let mut out = BTreeMap::new();
+        let Some(m) = self.mapping(node, "masking") else {
+            return out;
+        };
+        let dbs: Vec<String> = resources
+            .iter()
+            .filter(|r| matches!(r.spec, ResourceSpec::Database(_)))
+            .map(|r| r.name.clone())
+            .collect();
+        for (k, v) in m.iter() {
+            let db = k.as_str();
+            if !dbs.iter().any(|d| d == db) {
+                let help = did_you_mean(db, dbs.iter().map(String::as_str))
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .unwrap_or_else(|| format!("databases in this blueprint: {}", dbs.join(", ")));
+                self.diag_at(
+                    k.span().start(),
+                    format!("`masking` names `{db}`, which is not a database resource"),
+                    "not a database",
+                    Some(help),
+                );
+                continue;
+            }
+            let Some(cols) = v.as_mapping() else {
+                self.diag_at(
+                    v.span().start(),
+                    format!("`masking.{db}` must be a mapping of `table.column: strategy`"),
+                    "here",
+                    Some("e.g. `customers.email: email`".into()),
+                );
+                continue;
+            };
+            let mut rules = Vec::new();
+            for (ck, cv) in cols.iter() {
+                let at = ck.span().start();
+                let Some((table, column)) = ck
+                    .as_str()
+                    .rsplit_once('.')
+                    .filter(|(t, c)| !t.is_empty() && !c.is_empty())
+                else {
+                    self.diag_at(
+                        at,
+                        format!("{} is not `table.column`", shown(ck.as_str())),
+                        "here",
+                        Some("write the table and the column: `customers.email: email` (`schema.table.column` outside `public`)".into()),
+                    );
+                    continue;
+                };
+                let Some(text) = cv.as_scalar().map(|s| s.as_str().to_string()) else {
+                    self.diag_at(
+                        cv.span().start(),
+                        "a strategy is one word",
+                        "here",
+                        Some(format!("one of: {}", Strategy::NAMES.join(", "))),
+                    );
+                    continue;
+                };
+                let Some(strategy) = Strategy::parse(&text) else {
+                    let help = did_you_mean(&text, Strategy::NAMES.iter().copied()).map_or_else(
+                        || format!("one of: {}", Strategy::NAMES.join(", ")),
+                        |s| format!("did you mean `{s}`?"),
+                    );
+                    self.diag_at(
+                        cv.span().start(),
+                        format!(
+                            "unknown masking strategy {} for {}",
+                            shown(&text),
+                            shown(ck.as_str())
+                        ),
+                        "unknown strategy",
+                        Some(help),
+                    );
+                    continue;
+                };
+                rules.push(Rule {
+                    table: table.to_string(),
+                    column: column.to_string(),
+                    strategy,
+                });
+            }
+            out.insert(db.to_string(), rules);
+        }
+        out
     }
 
     /// `providers.local.pass_env`: environment variable names; dryrun's own credentials and
@@ -1314,6 +1523,28 @@ impl Compiler<'_> {
                 };
                 (r.name, r.timeout, r.retries, r.interval, spec)
             }
+            "mail" => {
+                let r: RawMail = self.de(node, &label)?;
+                for v in r
+                    .expect
+                    .to_contains
+                    .iter()
+                    .chain(r.expect.subject_contains.iter())
+                {
+                    tpls.push(TplUse {
+                        src: v.clone(),
+                        at: r.name.span().start().copied(),
+                        resources_allowed: true,
+                        position: Position::Plain,
+                    });
+                }
+                let spec = CheckSpec::Mail {
+                    count: r.expect.count,
+                    to_contains: r.expect.to_contains,
+                    subject_contains: r.expect.subject_contains,
+                };
+                (r.name, r.timeout, r.retries, r.interval, spec)
+            }
             other => {
                 let help = did_you_mean(other, CHECK_KINDS.iter().copied()).map_or_else(
                     || format!("check types: {}", CHECK_KINDS.join(", ")),
@@ -1429,6 +1660,38 @@ impl Compiler<'_> {
                         format!("`{}`: the release has no field `{f}`", r.dotted()),
                         "in this value",
                         Some("release fields: ref, version, git_sha".into()),
+                    );
+                }
+                ["sinks", ..] if !u.resources_allowed => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}`: the sinks exist only during a run", r.dotted()),
+                        "in this value",
+                        Some("use sinks in service env, service start and checks".into()),
+                    );
+                }
+                ["sinks", "smtp" | "http", f] if !["url", "host", "port"].contains(f) => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}`: a sink has no field `{f}`", r.dotted()),
+                        "in this value",
+                        Some("sink fields: url, host, port".into()),
+                    );
+                }
+                ["sinks", s, _] if !["smtp", "http"].contains(s) => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}`: there is no sink `{s}`", r.dotted()),
+                        "in this value",
+                        Some("sinks: smtp, http".into()),
+                    );
+                }
+                ["sinks", ..] if seg.len() != 3 => {
+                    self.diag_at(
+                        u.at.as_ref(),
+                        format!("`{}` must name a sink and a field", r.dotted()),
+                        "in this value",
+                        Some("e.g. `sinks.smtp.url`, `sinks.http.url`".into()),
                     );
                 }
                 ["run", f] if !["id", "blueprint"].contains(f) => {
@@ -1690,5 +1953,38 @@ mod tests {
             "{}",
             &r[..r.len().min(2000)]
         );
+    }
+
+    #[test]
+    fn masking_firewall_and_sinks_are_checked_with_their_fixes() {
+        let base = "name: x\nresources:\n  db: {type: database, engine: sqlite, source: s}\n  files: {type: bucket, source: b}\n";
+        let d = diags(&format!(
+            "{base}masking:\n  db:\n    customers.email: emial\n    nodot: hash\n  files:\n    a.b: keep\npii_gate: maybe\nfirewall:\n  mode: strict\n  allow: [\"no-port\", \"h:99999\"]\nchecks:\n  - name: m\n    type: mail\n    expect: {{to_contains: \"{{{{sinks.smtp.uri}}}}\", subject_contains: \"{{{{sinks.ftp.url}}}}\"}}\n"
+        ));
+        let all = d.join("\n");
+        for want in [
+            "unknown masking strategy \"emial\" for \"customers.email\"",
+            "\"nodot\" is not `table.column`",
+            "`masking` names `files`, which is not a database resource",
+            "`pii_gate` is `on` or `off`, not \"maybe\"",
+            "unknown firewall mode \"strict\"",
+            "\"no-port\" is not `host:port`",
+            "\"h:99999\" is not `host:port`",
+            "`sinks.smtp.uri`: a sink has no field `uri`",
+            "`sinks.ftp.url`: there is no sink `ftp`",
+        ] {
+            assert!(all.contains(want), "missing `{want}` in:\n{all}");
+        }
+        assert_eq!(d.len(), 9, "{all}");
+        let ok = compile(
+            Path::new("t.yaml"),
+            &format!("{base}masking:\n  db:\n    public.customers.email: email\n    t.notes: \"null\"\npii_gate: off\nfirewall: required\n"),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(ok.masking["db"][0].table, "public.customers");
+        assert_eq!(ok.masking["db"][1].strategy, crate::privacy::Strategy::Null);
+        assert_eq!(ok.pii_gate, crate::privacy::Gate::Off);
+        assert_eq!(ok.firewall.mode, crate::firewall::Mode::Required);
     }
 }

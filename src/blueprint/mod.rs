@@ -93,6 +93,12 @@ pub struct Blueprint {
     /// can reap it.
     #[serde(with = "humantime_serde_compat")]
     pub ttl: Duration,
+    /// `masking:` rules by database resource name (see [`crate::privacy`]).
+    pub masking: BTreeMap<String, Vec<crate::privacy::Rule>>,
+    /// `pii_gate:`: whether unclassified personal data stops the run (default `on`).
+    pub pii_gate: crate::privacy::Gate,
+    /// `firewall:`: whether the release's processes are confined to loopback (local provider).
+    pub firewall: crate::firewall::Policy,
 }
 
 impl Blueprint {
@@ -285,16 +291,19 @@ pub enum CheckKind {
     Command,
     /// A SQL query.
     Sql,
+    /// Mail the SMTP sink received.
+    Mail,
 }
 
 impl CheckKind {
-    /// `http`, `command` or `sql`.
+    /// `http`, `command`, `sql` or `mail`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             CheckKind::Http => "http",
             CheckKind::Command => "command",
             CheckKind::Sql => "sql",
+            CheckKind::Mail => "mail",
         }
     }
 }
@@ -482,6 +491,15 @@ pub enum CheckSpec {
         /// Expected number of rows.
         rows: Option<u64>,
     },
+    /// Mail the run's SMTP sink received ([`crate::sinks`]).
+    Mail {
+        /// How many (matching) mails; default: at least one.
+        count: Option<u64>,
+        /// Substring of a recipient address.
+        to_contains: Option<String>,
+        /// Substring of the subject.
+        subject_contains: Option<String>,
+    },
 }
 
 impl CheckSpec {
@@ -492,6 +510,7 @@ impl CheckSpec {
             CheckSpec::Http { .. } => CheckKind::Http,
             CheckSpec::Command { .. } => CheckKind::Command,
             CheckSpec::Sql { .. } => CheckKind::Sql,
+            CheckSpec::Mail { .. } => CheckKind::Mail,
         }
     }
 
@@ -516,6 +535,7 @@ impl CheckSpec {
                 v.push(database.clone());
                 v
             }
+            CheckSpec::Mail { .. } => Vec::new(),
         }
     }
 }

@@ -101,7 +101,7 @@ pub fn has_raw_output(src: &str) -> bool {
 }
 
 /// Roots a template may name.
-pub const ROOTS: &[&str] = &["params", "secrets", "resources", "release", "run"];
+pub const ROOTS: &[&str] = &["params", "secrets", "resources", "release", "run", "sinks"];
 
 /// A dotted path named in a template, e.g. `resources.db.url`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,8 @@ pub enum Step {
     Create,
     /// A database or bucket is restored.
     Restore,
+    /// A restored database is scanned for personal data and masked.
+    Mask,
     /// The release is installed into a service.
     Install,
     /// The resource is deleted (teardown).
@@ -21,12 +23,13 @@ pub enum Step {
 }
 
 impl Step {
-    /// `create`, `restore`, `install` or `delete`.
+    /// `create`, `restore`, `mask`, `install` or `delete`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Create => "create",
             Step::Restore => "restore",
+            Step::Mask => "mask",
             Step::Install => "install",
             Step::Delete => "delete",
         }
@@ -37,7 +40,7 @@ impl Step {
     pub fn stage(self) -> Stage {
         match self {
             Step::Create => Stage::Provision,
-            Step::Restore => Stage::Restore,
+            Step::Restore | Step::Mask => Stage::Restore,
             Step::Install => Stage::Install,
             Step::Delete => Stage::Teardown,
         }

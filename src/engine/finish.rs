@@ -26,6 +26,7 @@ pub(super) struct Outcome {
     pub checked: Checked,
     pub verdict: Verdict,
     pub torn: TornDown,
+    pub firewall: Option<crate::firewall::FirewallReport>,
 }
 
 /// Writes `Finished` (and `Closed` when nothing remains) to the journal and builds the report.
@@ -40,6 +41,7 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         checked,
         verdict,
         mut torn,
+        firewall,
     } = o;
     let run_id = shared.run.run_id.clone();
     let mut status = verdict.status;
@@ -223,5 +225,23 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         kept_until: torn.kept_until,
         failure: failure.map(|m| shared.run.redactor.redact(&m)),
         api_calls: provider.api_calls(),
+        side_effects: shared.sinks.snapshot(),
+        firewall,
+        masking: {
+            let done = shared
+                .privacy
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let databases = bp
+                .resources
+                .iter()
+                .any(|r| matches!(r.spec, crate::blueprint::ResourceSpec::Database(_)));
+            databases.then_some(crate::privacy::MaskingReport {
+                gate: shared.privacy.gate,
+                databases: done,
+            })
+        },
     }
 }

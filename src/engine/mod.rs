@@ -68,6 +68,9 @@ pub struct RunOptions {
     pub secrets: Vec<Secret>,
     /// Where the journal's entries also go (the shared control database), if anywhere.
     pub mirror: Option<Arc<dyn crate::journal::Mirror>>,
+    /// `dryrun scan`: restore the databases and classify their columns; mask nothing, install
+    /// nothing (the caller passes a blueprint without services and checks).
+    pub scan: bool,
 }
 
 /// Cancellation of a run.
@@ -95,6 +98,9 @@ pub enum EngineError {
     /// The journal cannot be written: nothing is created without it.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The side-effect sinks could not listen on loopback.
+    #[error("start the side-effect sinks on 127.0.0.1: {0}")]
+    Sinks(std::io::Error),
 }
 
 /// Generates a run id: `BLUEPRINT-YYYYMMDD-HHMMSS-XXXXXXXX` (UTC, 32 random bits). Unique in
@@ -159,6 +165,22 @@ struct Shared {
     spans: Mutex<BTreeMap<Stage, Span>>,
     events: UnboundedSender<Event>,
     cancel: CancellationToken,
+    /// The personal data gate and masking rules, and what they did.
+    privacy: PrivacyRun,
+    /// The SMTP and HTTP sinks the release sends to instead of the world.
+    sinks: crate::sinks::Sinks,
+    /// The blueprint's egress firewall.
+    firewall: crate::firewall::Policy,
+}
+
+/// The run's side of [`crate::privacy`].
+struct PrivacyRun {
+    rules: BTreeMap<String, Vec<crate::privacy::Rule>>,
+    gate: crate::privacy::Gate,
+    /// Random per run: masked values are deterministic within this copy only.
+    key: crate::privacy::MaskKey,
+    scan: bool,
+    done: Mutex<Vec<crate::privacy::DatabaseMasking>>,
 }
 
 impl Shared {
@@ -289,6 +311,11 @@ pub async fn run(
     .await;
     // 3. checks.
     let checked = run_checks(bp, &shared, state, &walked, &shutdown.soft).await;
+    // What the firewall refused, read while the copy still runs.
+    let firewall = shared.provider.egress(&shared.run.run_id).await;
+    if let Some(f) = &firewall {
+        shared.sinks.add_blocked(f.1.clone());
+    }
     let verdict = Verdict::of(&walked.failures, &checked, &shutdown);
     // 4. teardown (or keep).
     let torn = teardown::tear_down_or_keep(
@@ -314,6 +341,7 @@ pub async fn run(
             checked,
             verdict,
             torn,
+            firewall: firewall.map(|f| f.0),
         },
     );
     redact_logs(&shared.run.log_dir, &shared.run.redactor);
@@ -354,6 +382,7 @@ fn begin(
         secrets.insert(name.clone(), Value::String(value));
     }
 
+    let sinks = crate::sinks::Sinks::start().map_err(EngineError::Sinks)?;
     let journal = Arc::new(Journal::create(state, &run_id, opts.mirror.clone())?);
     let expires_at =
         started_at + chrono::Duration::from_std(bp.ttl).unwrap_or(chrono::Duration::hours(6));
@@ -385,6 +414,7 @@ fn begin(
         "release": {"ref": opts.release.reference, "version": opts.release.manifest.version, "git_sha": opts.release.manifest.git_sha.clone().unwrap_or_default()},
         "run": {"id": run_id, "blueprint": bp.name},
         "resources": {},
+        "sinks": sinks.context(),
     });
     Ok(Shared {
         provider,
@@ -404,6 +434,15 @@ fn begin(
         spans: Mutex::new(BTreeMap::new()),
         events,
         cancel: shutdown.soft.clone(),
+        privacy: PrivacyRun {
+            rules: bp.masking.clone(),
+            gate: bp.pii_gate,
+            key: crate::privacy::MaskKey::random(),
+            scan: opts.scan,
+            done: Mutex::new(Vec::new()),
+        },
+        sinks,
+        firewall: bp.firewall.clone(),
     })
 }
 
@@ -517,6 +556,7 @@ async fn run_checks(
             records: &records,
             vetted: &vetted,
             child_env: &child_env,
+            sinks: &shared.sinks,
         };
         let name = c.name.clone();
         let rep = checks::run(c, &env, |attempt, msg| {

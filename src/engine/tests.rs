@@ -70,7 +70,14 @@ fn rig() -> Rig {
 impl Rig {
     fn blueprint(&self, yaml: &str) -> Blueprint {
         let path = self.dir.path().join("blueprint.yaml");
-        blueprint::compile(&path, yaml, &BTreeMap::new())
+        // The fake's databases are not real files: the personal data gate is tested on real
+        // SQLite and PostgreSQL copies (tests/privacy.rs).
+        let yaml = if yaml.contains("pii_gate") {
+            yaml.to_string()
+        } else {
+            format!("{yaml}\npii_gate: off\n")
+        };
+        blueprint::compile(&path, &yaml, &BTreeMap::new())
             .unwrap_or_else(|e| panic!("test blueprint does not compile:\n{e}"))
     }
 
@@ -86,6 +93,7 @@ impl Rig {
             teardown_timeout: super::TEARDOWN_TIMEOUT,
             secrets: Vec::new(),
             mirror: None,
+            scan: false,
         }
     }
 

@@ -55,7 +55,24 @@ pub(super) async fn walk(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Walk {
-    let graph = Graph::new(bp);
+    let mut graph = Graph::new(bp);
+    // Nothing of the release starts before every database passed the personal data gate.
+    let databases: Vec<usize> = bp
+        .resources
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.spec, ResourceSpec::Database(_)))
+        .map(|(i, _)| i)
+        .collect();
+    for (i, r) in bp.resources.iter().enumerate() {
+        if matches!(r.spec, ResourceSpec::Service(_)) {
+            for &d in &databases {
+                if !graph.nodes[i].deps.contains(&d) {
+                    graph.nodes[i].deps.push(d);
+                }
+            }
+        }
+    }
     let n = graph.nodes.len();
     let mut w = Walk {
         graph,
@@ -162,6 +179,29 @@ pub(super) async fn walk(
 }
 
 impl Shared {
+    /// What the release may reach on this machine: the sinks and every database copy that
+    /// listens on loopback (the firewall opens a door to each).
+    fn reachable(&self) -> Vec<std::net::SocketAddr> {
+        let mut v = vec![self.sinks.smtp, self.sinks.http];
+        let outs = self
+            .outputs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Databases are the resources with an `engine` output (a service's own port is not a
+        // door out: it is relayed in).
+        for o in outs.values().filter(|o| o.contains_key("engine")) {
+            let (Some(h), Some(p)) = (o.get("host"), o.get("port")) else {
+                continue;
+            };
+            if let Ok(a) = format!("{}:{}", h.value, p.value).parse::<std::net::SocketAddr>()
+                && a.ip().is_loopback()
+            {
+                v.push(a);
+            }
+        }
+        v
+    }
+
     /// A step of `address` that began at `t` failed: its stage's time and status, the event,
     /// and the failure to return.
     fn step_failed(&self, address: &str, step: Step, t: Instant, f: Failure) -> Failure {
@@ -194,6 +234,110 @@ impl Shared {
             status: Status::Error,
             message: format!("{address}: {e}"),
         })
+    }
+}
+
+/// The personal data gate and masking of a restored database, before anything else reads it
+/// (services wait for every database: see [`walk`]). A database the runner cannot reach
+/// (AWS without `runner_in_vpc`) cannot be scanned: with the gate on or rules to apply, that
+/// stops the run too.
+async fn protect(sh: &Shared, name: &str, address: &str) -> Result<(), Failure> {
+    use crate::provider::{Probe, ProbeOutcome, ProbeRequest};
+    let rules = sh.privacy.rules.get(name).cloned().unwrap_or_default();
+    if sh.privacy.gate == crate::privacy::Gate::Off && rules.is_empty() && !sh.privacy.scan {
+        return Ok(());
+    }
+    sh.emit(Event::StepStarted {
+        address: address.to_string(),
+        step: Step::Mask,
+        detail: Some(if sh.privacy.scan {
+            "scan only".into()
+        } else {
+            format!("{} rule(s)", rules.len())
+        }),
+    });
+    let t = Instant::now();
+    let fail = |message: String| {
+        sh.step_failed(
+            address,
+            Step::Mask,
+            t,
+            Failure {
+                status: Status::Error,
+                message: sh.run.redactor.redact(&message),
+            },
+        )
+    };
+    let probe = Probe::Sql {
+        database: name.to_string(),
+        query: "SELECT 1".into(),
+    };
+    let records = sh.records();
+    let reach = sh
+        .provider
+        .probe(
+            &sh.run,
+            ProbeRequest {
+                check: "personal data gate",
+                probe: &probe,
+                records: &records,
+                timeout: std::time::Duration::from_secs(30),
+            },
+        )
+        .await;
+    match reach {
+        Ok(ProbeOutcome::Local) => {}
+        Ok(ProbeOutcome::Skipped(why) | ProbeOutcome::Failed { message: why, .. }) => {
+            return Err(fail(format!(
+                "personal data gate: {address} cannot be scanned or masked from this runner ({why}); run dryrun where it reaches the database, or set `pii_gate: off` and no `masking` rules if the copy holds no personal data"
+            )));
+        }
+        Ok(ProbeOutcome::Remote { via, .. }) => {
+            return Err(fail(format!(
+                "personal data gate: {address} is only reachable through {via}; masking needs a direct connection"
+            )));
+        }
+        Err(e) => return Err(fail(format!("personal data gate: {address}: {e}"))),
+    }
+    let outputs = sh
+        .outputs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(name)
+        .cloned()
+        .unwrap_or_default();
+    let result = async {
+        let mut db = crate::privacy::open(name, &outputs).await?;
+        crate::privacy::protect(
+            name,
+            db.as_mut(),
+            &rules,
+            sh.privacy.gate,
+            &sh.privacy.key,
+            sh.privacy.scan,
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(done) => {
+            sh.privacy
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(done);
+            // Not a span of the restore stage: `restore_ms` measures restoring only (masking has
+            // its own times in report.json `masking`).
+            sh.emit(Event::StepFinished {
+                address: address.to_string(),
+                step: Step::Mask,
+                status: Status::Passed,
+                duration_ms: millis(t.elapsed()),
+                message: None,
+            });
+            Ok(())
+        }
+        Err(e) => Err(fail(e.to_string())),
     }
 }
 
@@ -280,6 +424,9 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
         })?;
         sh.add_outputs(&r.name, outputs);
         sh.step_passed(&address, Step::Restore, t);
+        if matches!(r.spec, ResourceSpec::Database(_)) {
+            protect(sh, &r.name, &address).await?;
+        }
     }
 
     // install
@@ -331,6 +478,8 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
             start,
             ready_timeout: spec.ready_timeout,
             cancel: sh.cancel.clone(),
+            firewall: &sh.firewall,
+            reachable: sh.reachable(),
         };
         crate::failpoint::point("provider: before install");
         let installed = sh.provider.install(&sh.run, req, sh).await;

@@ -202,6 +202,11 @@ pub struct InstallRequest<'a> {
     pub ready_timeout: Duration,
     /// Stops waiting when cancelled.
     pub cancel: CancellationToken,
+    /// The blueprint's egress firewall.
+    pub firewall: &'a crate::firewall::Policy,
+    /// Addresses on this machine the release must reach besides the run's own copies (the
+    /// side-effect sinks).
+    pub reachable: Vec<std::net::SocketAddr>,
 }
 
 /// Result of `install`.
@@ -538,6 +543,17 @@ pub trait Provider: Send + Sync {
     /// them. Default: none.
     fn held_secrets(&self) -> Vec<crate::secret::Secret> {
         Vec::new()
+    }
+
+    /// The egress firewall of a run's release processes: how it confined them and the
+    /// destinations it refused (`address:port`). Called after the checks, before teardown.
+    /// Default: `None` (the provider confines nothing itself; AWS: the security group,
+    /// docs/providers/aws.md).
+    async fn egress(
+        &self,
+        _run_id: &str,
+    ) -> Option<(crate::firewall::FirewallReport, Vec<String>)> {
+        None
     }
 
     /// Requests made to the backend so far, by operation (AWS: counted by an SDK

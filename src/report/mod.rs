@@ -275,6 +275,16 @@ pub struct RunReport {
     /// Requests the provider made to its backend, by operation (AWS only; empty otherwise).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub api_calls: BTreeMap<String, u64>,
+    /// The personal data gate and masking: per database, the columns with a rule and their
+    /// strategy, rows rewritten, times. Absent when the gate was off and nothing was masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masking: Option<crate::privacy::MaskingReport>,
+    /// What the release sent to the sinks and what the firewall refused.
+    #[serde(default)]
+    pub side_effects: crate::sinks::SideEffects,
+    /// The egress firewall: whether it confined the release, and how (local provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<crate::firewall::FirewallReport>,
 }
 
 impl RunReport {

@@ -193,10 +193,148 @@ fn summary_resources(out: &mut String, report: &RunReport, p: Paint) {
             push_indented(out, message, 6);
         }
     }
+    if let Some(m) = &report.masking {
+        summary_masking(out, m);
+    }
+    summary_side_effects(out, report);
     if !report.api_calls.is_empty() {
         let total: u64 = report.api_calls.values().sum();
         let _ = writeln!(out, "api calls: {total} ({} provider)", report.provider);
     }
+}
+
+/// What the release sent to the sinks and what the firewall refused; the firewall's state.
+fn summary_side_effects(out: &mut String, report: &RunReport) {
+    let se = &report.side_effects;
+    for m in se.mail.iter().take(10) {
+        let _ = writeln!(
+            out,
+            "mail (sink): {} -> {}: {:?}",
+            m.from,
+            m.to.join(", "),
+            m.subject
+        );
+    }
+    for r in se.http.iter().take(10) {
+        let _ = writeln!(out, "http (sink): {} {}{}", r.method, r.host, r.path);
+    }
+    let more =
+        (se.mail.len().saturating_sub(10) + se.http.len().saturating_sub(10)) as u64 + se.dropped;
+    if more > 0 {
+        let _ = writeln!(out, "  … and {more} more (report.json side_effects)");
+    }
+    if let Some(f) = &report.firewall {
+        let state = if f.enforced {
+            "enforced"
+        } else {
+            "NOT enforced"
+        };
+        let _ = writeln!(out, "firewall: {state}: {}", f.how);
+    }
+    if !se.blocked.is_empty() {
+        let _ = writeln!(
+            out,
+            "blocked: the release tried to connect to {}",
+            se.blocked.join(", ")
+        );
+    }
+}
+
+/// One line per protected database: what was masked, what was kept, how long it took.
+fn summary_masking(out: &mut String, m: &crate::privacy::MaskingReport) {
+    use crate::privacy::{Gate, Strategy};
+    if m.databases.is_empty() {
+        if m.gate == Gate::Off {
+            out.push_str("personal data gate: off (the blueprint's `pii_gate: off`)\n");
+        }
+        return;
+    }
+    for d in &m.databases {
+        let masked: Vec<String> = d
+            .columns
+            .iter()
+            .filter(|c| c.strategy != Strategy::Keep)
+            .map(|c| format!("{}.{} ({})", c.table, c.column, c.strategy.as_str()))
+            .collect();
+        let kept = d.columns.len() - masked.len();
+        let gate = match m.gate {
+            Gate::On => format!("gate passed, {} column(s) scanned", d.scanned_columns),
+            Gate::Off => "gate off".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "masking: {}: {} column(s) masked, {kept} kept, {} row(s) in {} ms; {gate}",
+            d.resource,
+            masked.len(),
+            d.rows,
+            d.mask_ms
+        );
+        if !masked.is_empty() {
+            let _ = writeln!(out, "  {}", masked.join(", "));
+        }
+    }
+}
+
+/// `dryrun scan`'s output: every finding with the rule that covers it, then a `masking:` block
+/// for the findings without one; and the exit code (0: every finding has a rule; 1: some have
+/// none; the run's own code when the copy could not be made).
+#[must_use]
+pub fn scan_summary(
+    report: &RunReport,
+    rules: &std::collections::BTreeMap<String, Vec<crate::privacy::Rule>>,
+) -> (String, i32) {
+    let mut out = String::new();
+    if report.status != Status::Passed {
+        let _ = writeln!(
+            out,
+            "scan failed: {}",
+            report
+                .failure
+                .as_deref()
+                .unwrap_or("the copy could not be made")
+        );
+        return (out, report.exit_code);
+    }
+    let mut missing = 0;
+    let dbs = report
+        .masking
+        .as_ref()
+        .map(|m| m.databases.as_slice())
+        .unwrap_or_default();
+    for d in dbs {
+        let rules = rules.get(&d.resource).cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "database {}: {} column(s) scanned, {} finding(s)",
+            d.resource,
+            d.scanned_columns,
+            d.findings.len()
+        );
+        let mut unruled = Vec::new();
+        for f in &d.findings {
+            let rule = rules
+                .iter()
+                .find(|r| r.table == f.table && r.column == f.column)
+                .map_or("no rule", |r| r.strategy.as_str());
+            let _ = writeln!(out, "  {f}  [rule: {rule}]");
+            if rule == "no rule" {
+                unruled.push(f.clone());
+            }
+        }
+        if !unruled.is_empty() {
+            missing += unruled.len();
+            let _ = writeln!(
+                out,
+                "\nstarting rules for {} (review each: `keep` what is not personal data):",
+                d.resource
+            );
+            out.push_str(&crate::privacy::snippet(&d.resource, &unruled));
+        }
+    }
+    if missing == 0 {
+        out.push_str("every finding has a masking rule\n");
+    }
+    (out, i32::from(missing > 0))
 }
 
 fn summary_left_behind(out: &mut String, report: &RunReport, p: Paint) {
@@ -848,6 +986,9 @@ pub(crate) mod testutil {
             kept_until: None,
             failure: None,
             api_calls: std::collections::BTreeMap::new(),
+            masking: None,
+            side_effects: crate::sinks::SideEffects::default(),
+            firewall: None,
         };
         match status {
             Status::Failed => {

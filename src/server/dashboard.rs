@@ -333,6 +333,23 @@ async fn run_page(
             data["backup_age"] = json!(human_secs(b.age_seconds));
         }
         data["failure"] = json!(rep.failure);
+        if let Some(m) = &rep.masking {
+            data["masking"] = json!({
+                "gate": m.gate,
+                "databases": m.databases.iter().map(|d| json!({
+                    "resource": d.resource,
+                    "rows": d.rows,
+                    "scanned": d.scanned_columns,
+                    "ms": d.mask_ms,
+                    "columns": d.columns,
+                })).collect::<Vec<_>>(),
+            });
+        }
+        let se = &rep.side_effects;
+        if !se.is_empty() || rep.firewall.is_some() {
+            data["side_effects"] = serde_json::to_value(se).unwrap_or_default();
+            data["firewall"] = serde_json::to_value(&rep.firewall).unwrap_or_default();
+        }
     }
     visitor.finish(page(&format!("Run {id}"), "run", &data, live))
 }

@@ -565,6 +565,7 @@ impl App {
                 .into_iter()
                 .chain(callback_url.iter().map(Secret::new))
                 .collect(),
+            scan: false,
         };
         let started = Instant::now();
         let done = runner::execute(

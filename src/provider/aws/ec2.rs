@@ -119,6 +119,8 @@ pub struct Group {
     pub tags: Vec<(String, String)>,
     /// Ingress CIDRs (for reports and tests).
     pub ingress_cidrs: Vec<String>,
+    /// Egress rules as `protocol port-range destination` (for tests).
+    pub egress: Vec<String>,
 }
 
 /// Security groups that carry a run tag (`run_id` given: that run's; `name`: with that name).
@@ -158,6 +160,33 @@ pub async fn groups(
                         .filter_map(|r| r.cidr_ip().map(ToString::to_string))
                 })
                 .collect(),
+            egress: g
+                .ip_permissions_egress()
+                .iter()
+                .flat_map(|p| {
+                    let ports = format!(
+                        "{} {}-{}",
+                        p.ip_protocol().unwrap_or("?"),
+                        p.from_port().unwrap_or(-1),
+                        p.to_port().unwrap_or(-1)
+                    );
+                    p.ip_ranges()
+                        .iter()
+                        .filter_map(|r| r.cidr_ip().map(ToString::to_string))
+                        .chain(
+                            p.ipv6_ranges()
+                                .iter()
+                                .filter_map(|r| r.cidr_ipv6().map(ToString::to_string)),
+                        )
+                        .chain(
+                            p.user_id_group_pairs()
+                                .iter()
+                                .filter_map(|g| g.group_id().map(ToString::to_string)),
+                        )
+                        .map(move |d| format!("{ports} {d}"))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
         })
         .collect())
 }
@@ -173,7 +202,7 @@ pub async fn create_group(
     vpc: &str,
     tags: &[(String, String)],
     run_id: &str,
-    runner_cidr: Option<&str>,
+    (runner_cidr, egress): (Option<&str>, Option<&[EgressRule]>),
 ) -> Result<String, ProviderError> {
     let created = c
         .ec2
@@ -249,10 +278,128 @@ pub async fn create_group(
         .await
     {
         // A retried call whose first attempt was applied.
-        Err(e) if sdk_code(&e) == Some("InvalidPermission.Duplicate") => Ok(id),
+        Err(e) if sdk_code(&e) == Some("InvalidPermission.Duplicate") => {}
+        r => {
+            r.map_err(api(format!("allow members of {id} to reach each other")))?;
+        }
+    }
+    if let Some(allow) = egress {
+        restrict_egress(c, &id, allow).await?;
+    }
+    Ok(id)
+}
+
+/// An egress rule of the run's group: a CIDR and a TCP port.
+pub type EgressRule = (String, u16);
+
+/// `firewall.allow` entries as egress rules: on AWS each is `IP:PORT` or `CIDR:PORT`.
+///
+/// # Errors
+/// An entry that names a host (security groups take addresses only).
+pub fn egress_allow(allow: &[String]) -> Result<Vec<EgressRule>, ProviderError> {
+    allow
+        .iter()
+        .map(|a| {
+            let (host, port) = a.rsplit_once(':').unwrap_or((a, ""));
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let addr = host.split('/').next().unwrap_or(host);
+            match (addr.parse::<std::net::IpAddr>(), port.parse::<u16>()) {
+                (Ok(ip), Ok(p)) => {
+                    let cidr = if host.contains('/') {
+                        host.to_string()
+                    } else if ip.is_ipv4() {
+                        format!("{host}/32")
+                    } else {
+                        format!("{host}/128")
+                    };
+                    Ok((cidr, p))
+                }
+                _ => Err(ProviderError::Other(format!(
+                    "firewall.allow `{a}`: on AWS an entry is IP:PORT or CIDR:PORT (a security group cannot name a host)"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Replaces AWS's default open egress of the run's group by: its members (the copy's database),
+/// HTTPS anywhere (the SSM agent and the release download reach the SSM and S3 endpoints; with
+/// VPC endpoints this could be their prefix lists), and the blueprint's allowed addresses.
+async fn restrict_egress(
+    c: &Clients,
+    id: &str,
+    allow: &[(String, u16)],
+) -> Result<(), ProviderError> {
+    let all = IpPermission::builder()
+        .ip_protocol("-1")
+        .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+        .build();
+    match c
+        .ec2
+        .revoke_security_group_egress()
+        .group_id(id)
+        .ip_permissions(all)
+        .send()
+        .await
+    {
+        Err(e) if sdk_code(&e) == Some("InvalidPermission.NotFound") => {}
+        r => {
+            r.map_err(api(format!("close the default egress of {id}")))?;
+        }
+    }
+    let mut perms = vec![
+        IpPermission::builder()
+            .ip_protocol("-1")
+            .user_id_group_pairs(UserIdGroupPair::builder().group_id(id).build())
+            .build(),
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(443)
+            .to_port(443)
+            .ip_ranges(
+                IpRange::builder()
+                    .cidr_ip("0.0.0.0/0")
+                    .description("SSM and S3 endpoints (HTTPS)")
+                    .build(),
+            )
+            .build(),
+    ];
+    for (cidr, port) in allow {
+        let p = i32::from(*port);
+        let b = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(p)
+            .to_port(p);
+        perms.push(if cidr.contains(':') {
+            b.ipv6_ranges(
+                aws_sdk_ec2::types::Ipv6Range::builder()
+                    .cidr_ipv6(cidr)
+                    .description("firewall.allow")
+                    .build(),
+            )
+            .build()
+        } else {
+            b.ip_ranges(
+                IpRange::builder()
+                    .cidr_ip(cidr)
+                    .description("firewall.allow")
+                    .build(),
+            )
+            .build()
+        });
+    }
+    match c
+        .ec2
+        .authorize_security_group_egress()
+        .group_id(id)
+        .set_ip_permissions(Some(perms))
+        .send()
+        .await
+    {
+        Err(e) if sdk_code(&e) == Some("InvalidPermission.Duplicate") => Ok(()),
         r => r
-            .map(|_| id.clone())
-            .map_err(api(format!("allow members of {id} to reach each other"))),
+            .map(|_| ())
+            .map_err(api(format!("allow the egress the copy needs from {id}"))),
     }
 }
 
@@ -562,4 +709,31 @@ pub async fn terminate(c: &Clients, found: &[Instance], run_id: &str) -> Result<
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_entries_become_cidr_rules_and_host_names_are_refused() {
+        let ok = egress_allow(&[
+            "10.1.2.3:5432".into(),
+            "10.0.0.0/16:443".into(),
+            "[2001:db8::1]:8443".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok,
+            vec![
+                ("10.1.2.3/32".to_string(), 5432),
+                ("10.0.0.0/16".to_string(), 443),
+                ("2001:db8::1/128".to_string(), 8443)
+            ]
+        );
+        let e = egress_allow(&["search.internal:443".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on AWS an entry is IP:PORT or CIDR:PORT"), "{e}");
+    }
 }

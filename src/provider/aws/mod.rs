@@ -113,6 +113,8 @@ pub struct AwsProvider {
     db_sources: Vec<String>,
     groups: tokio::sync::Mutex<HashMap<String, String>>,
     sources: tokio::sync::Mutex<HashMap<String, Option<rds::Instance>>>,
+    /// The blueprint's egress firewall: the security group's egress rules.
+    firewall: crate::firewall::Policy,
 }
 
 impl std::fmt::Debug for AwsProvider {
@@ -184,6 +186,7 @@ impl AwsProvider {
             db_sources,
             groups: tokio::sync::Mutex::new(HashMap::new()),
             sources: tokio::sync::Mutex::new(HashMap::new()),
+            firewall: bp.map(|b| b.firewall.clone()).unwrap_or_default(),
         })
     }
 
@@ -247,13 +250,17 @@ impl AwsProvider {
         } else {
             None
         };
+        let egress = match self.firewall.mode {
+            crate::firewall::Mode::Off => None,
+            _ => Some(ec2::egress_allow(&self.firewall.allow)?),
+        };
         let id = ec2::create_group(
             &self.clients(),
             &name,
             &vpc,
             &names::tags(run, "run", &name),
             &run.run_id,
-            runner_cidr,
+            (runner_cidr, egress.as_deref()),
         )
         .await?;
         groups.insert(run.run_id.clone(), id.clone());
@@ -1059,6 +1066,36 @@ impl Provider for AwsProvider {
         self.held.clone()
     }
 
+    async fn egress(&self, run_id: &str) -> Option<(crate::firewall::FirewallReport, Vec<String>)> {
+        let group = self.groups.lock().await.get(run_id).cloned()?;
+        let mode = self.firewall.mode;
+        let report = if mode == crate::firewall::Mode::Off {
+            crate::firewall::FirewallReport {
+                mode,
+                enforced: false,
+                how: format!(
+                    "off (the blueprint's `firewall: off`): security group {group} keeps AWS's open egress"
+                ),
+                allowed: Vec::new(),
+            }
+        } else {
+            let mut allowed = vec![
+                "the group's members".to_string(),
+                "0.0.0.0/0:443 (SSM and S3 endpoints)".to_string(),
+            ];
+            allowed.extend(self.firewall.allow.iter().cloned());
+            crate::firewall::FirewallReport {
+                mode,
+                enforced: true,
+                how: format!(
+                    "security group {group}: egress only to its members, HTTPS and the allowed addresses (attempts are not recorded on AWS)"
+                ),
+                allowed,
+            }
+        };
+        Some((report, Vec::new()))
+    }
+
     fn api_calls(&self) -> BTreeMap<String, u64> {
         self.conn.calls()
     }
@@ -1276,6 +1313,7 @@ mod tests {
             ready_timeout: Duration::from_secs(60),
             aws: None,
         };
+        let policy = crate::firewall::Policy::default();
         let req = InstallRequest {
             record: &record,
             spec: &spec,
@@ -1284,6 +1322,8 @@ mod tests {
             start: None,
             ready_timeout: Duration::from_secs(60),
             cancel: CancellationToken::new(),
+            firewall: &policy,
+            reachable: Vec::new(),
         };
         AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r", 8080).unwrap()
     }
@@ -1353,6 +1393,7 @@ mod tests {
             ready_timeout: Duration::from_secs(60),
             aws: None,
         };
+        let policy = crate::firewall::Policy::default();
         let req = InstallRequest {
             record: &record,
             spec: &spec,
@@ -1364,6 +1405,8 @@ mod tests {
             start: None,
             ready_timeout: Duration::from_secs(60),
             cancel: CancellationToken::new(),
+            firewall: &policy,
+            reachable: Vec::new(),
         };
         let text =
             AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r?a=1&b=2", 8080)

@@ -17,7 +17,7 @@ pub mod postgres;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -52,6 +52,17 @@ pub struct LocalProvider {
     settings: Option<LocalSettings>,
     bin_dir: PathBuf,
     passwords: Mutex<HashMap<String, Secret>>,
+    /// Each run's egress firewall, from its first install until its sweep.
+    firewalls: Mutex<HashMap<String, Firewall>>,
+}
+
+/// A run's firewall as the provider holds it.
+#[derive(Clone)]
+enum Firewall {
+    /// The release runs in this namespace.
+    Active(crate::firewall::Mode, Arc<crate::firewall::Netns>),
+    /// Not confined, and why.
+    Open(crate::firewall::Mode, String),
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -76,7 +87,71 @@ impl LocalProvider {
             settings,
             bin_dir,
             passwords: Mutex::new(HashMap::new()),
+            firewalls: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The run's firewall: made at its first install (the namespace, the relays out to the
+    /// sinks, database copies and allowed hosts); `firewall: required` that cannot be enforced
+    /// is an error.
+    async fn firewall(
+        &self,
+        run_id: &str,
+        policy: &crate::firewall::Policy,
+        reachable: &[std::net::SocketAddr],
+    ) -> Result<Option<Arc<crate::firewall::Netns>>, ProviderError> {
+        use crate::firewall::{Mode, Netns};
+        let known = self
+            .firewalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(run_id)
+            .cloned();
+        let fw = if let Some(f) = known {
+            f
+        } else {
+            let made = if policy.mode == Mode::Off {
+                Firewall::Open(
+                    Mode::Off,
+                    "off (the blueprint's `firewall: off`): the release may connect anywhere"
+                        .into(),
+                )
+            } else {
+                let created = tokio::task::spawn_blocking(Netns::create)
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match created {
+                    Ok(ns) => Firewall::Active(policy.mode, Arc::new(ns)),
+                    Err(why) if policy.mode == Mode::Required => {
+                        return Err(ProviderError::Other(format!(
+                            "`firewall: required`, but the release cannot be confined: {why}"
+                        )));
+                    }
+                    Err(why) => Firewall::Open(policy.mode, why),
+                }
+            };
+            self.firewalls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(run_id.to_string(), made.clone());
+            made
+        };
+        let Firewall::Active(_, ns) = fw else {
+            return Ok(None);
+        };
+        let mut doors: Vec<std::net::SocketAddr> = reachable.to_vec();
+        for entry in &policy.allow {
+            let found = tokio::net::lookup_host(entry.as_str()).await.map_err(|e| {
+                ProviderError::Other(format!("firewall.allow `{entry}`: cannot resolve it: {e}"))
+            })?;
+            doors.extend(found);
+        }
+        for d in doors {
+            ns.relay_out(d).await.map_err(ProviderError::io(format!(
+                "open the firewall to {d} for the release"
+            )))?;
+        }
+        Ok(Some(ns))
     }
 
     /// Directory exported to install steps and services as `DRYRUN_BIN_DIR` (where the `dryrun`
@@ -454,6 +529,16 @@ impl Provider for LocalProvider {
         crate::state::create_private_dir(&home)
             .map_err(ProviderError::io(format!("create {}", home.display())))?;
         let base = process::ChildEnv::new(&home, self.pass_env());
+        let netns = self
+            .firewall(&run.run_id, req.firewall, &req.reachable)
+            .await?;
+        let wrapper = netns.as_ref().map(|n| n.nsenter());
+        let shell = |cmdline: &str, address: &str| match &wrapper {
+            Some(w) => {
+                process::shell_wrapped(w, cmdline, &rel_dir, &base, &env, &run.run_id, address)
+            }
+            None => process::shell(cmdline, &rel_dir, &base, &env, &run.run_id, address),
+        };
 
         let mut steps = Vec::new();
         for step in &req.release.manifest.install {
@@ -461,14 +546,7 @@ impl Provider for LocalProvider {
             let log_path = run
                 .log_dir
                 .join(format!("{name}.install.{}.log", sanitize(&step.name)));
-            let mut cmd = process::shell(
-                &step.run,
-                &rel_dir,
-                &base,
-                &env,
-                &run.run_id,
-                &record.address,
-            );
+            let mut cmd = shell(&step.run, &record.address);
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             let mut child = cmd.spawn().map_err(ProviderError::io(format!(
                 "start install step `{}`",
@@ -518,8 +596,14 @@ impl Provider for LocalProvider {
             .or_else(|| req.release.manifest.start.clone());
         if let Some(start) = start {
             let log_path = run.log_dir.join(format!("{name}.log"));
-            let mut cmd =
-                process::shell(&start, &rel_dir, &base, &env, &run.run_id, &record.address);
+            let mut cmd = shell(&start, &record.address);
+            if let Some(ns) = &netns {
+                // Health checks and checks reach the service's port through a relay.
+                ns.relay_in(port).await.map_err(ProviderError::io(format!(
+                    "relay 127.0.0.1:{port} into the firewall of {}",
+                    record.address
+                )))?;
+            }
             // The service's output goes through a pump in its own process, which outlives
             // dryrun with a kept copy; a library user without the `dryrun` binary next to it
             // gets a pump inside this process.
@@ -596,7 +680,18 @@ impl Provider for LocalProvider {
                         ),
                     });
                 }
+                // Through the firewall's relay a connection is always accepted: whether the
+                // service listens is asked inside, so that "connection refused" stays visible.
+                let refused = match &netns {
+                    Some(ns) => !ns.listening(port).await,
+                    None => false,
+                };
                 let ok = match &path {
+                    Some(p) if refused => {
+                        last = format!("GET {p}: connection refused");
+                        false
+                    }
+                    None if refused => false,
                     Some(p) => match client
                         .get(format!("http://127.0.0.1:{port}{p}"))
                         .send()
@@ -619,6 +714,7 @@ impl Provider for LocalProvider {
                             false
                         }
                     },
+                    None if netns.is_some() => true,
                     None => tokio::net::TcpStream::connect(("127.0.0.1", port))
                         .await
                         .is_ok(),
@@ -705,7 +801,50 @@ impl Provider for LocalProvider {
         })
     }
 
+    async fn egress(&self, run_id: &str) -> Option<(crate::firewall::FirewallReport, Vec<String>)> {
+        use crate::firewall::FirewallReport;
+        let fw = self
+            .firewalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(run_id)
+            .cloned()?;
+        Some(match fw {
+            Firewall::Active(mode, ns) => {
+                let blocked = tokio::task::spawn_blocking({
+                    let ns = ns.clone();
+                    move || ns.blocked()
+                })
+                .await
+                .unwrap_or_default();
+                let report = FirewallReport {
+                    mode,
+                    enforced: true,
+                    how: ns.how(),
+                    allowed: ns.allowed(),
+                };
+                (report, blocked)
+            }
+            Firewall::Open(mode, how) => {
+                let report = FirewallReport {
+                    mode,
+                    enforced: false,
+                    how,
+                    allowed: Vec::new(),
+                };
+                (report, Vec::new())
+            }
+        })
+    }
+
     async fn sweep(&self, run_id: &str, remove: bool) -> Result<Vec<Orphan>, ProviderError> {
+        if remove {
+            // The relays end; the namespace goes with its last process.
+            self.firewalls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(run_id);
+        }
         let mut found = Vec::new();
         for p in process::find_tagged(run_id, None) {
             found.push(Orphan {
