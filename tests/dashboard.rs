@@ -96,7 +96,7 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
         assert!(stages.contains(stage), "stage {stage} missing:\n{stages}");
     }
     let checks = c.find_all(Locator::Css("#checks tbody tr")).await.unwrap();
-    assert_eq!(checks.len(), 8, "the demo has 8 checks");
+    assert_eq!(checks.len(), 10, "the demo has 10 checks");
     for row in &checks {
         let t = row.text().await.unwrap();
         assert!(t.to_lowercase().contains("passed"), "check not passed: {t}");
@@ -120,6 +120,39 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
         .await
         .unwrap();
     assert_eq!(left, "Left behind: none");
+    // What was masked, and where the release's mail went.
+    let masking = c
+        .find(Locator::Css("#masking"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        masking.contains("customers.email")
+            && masking.contains("email")
+            && masking.contains("customers.name"),
+        "{masking}"
+    );
+    let effects = c
+        .find(Locator::Css("#side-effects"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        effects.contains("Order confirmation #1") && effects.contains("@example.com"),
+        "{effects}"
+    );
+    let firewall = c
+        .find(Locator::Css("#firewall"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(firewall.contains("enforced"), "{firewall}");
     let head = c
         .find(Locator::Css("main"))
         .await

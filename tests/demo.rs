@@ -76,7 +76,18 @@ fn demo_v2_passes_reports_everything_and_leaves_nothing() {
             .iter()
             .all(|s| s["status"] == "passed" && s["duration_ms"].is_u64())
     );
-    assert_eq!(r["checks"].as_array().unwrap().len(), 8);
+    assert_eq!(r["checks"].as_array().unwrap().len(), 10);
+    // The demo's personal data was masked, its mail went to the sink, the firewall held.
+    let m = &r["masking"]["databases"][0];
+    assert_eq!(m["rows"], 3000);
+    assert_eq!(m["columns"].as_array().unwrap().len(), 2);
+    let mail = &r["side_effects"]["mail"][0];
+    assert_eq!(mail["subject"], "Order confirmation #1");
+    assert!(
+        mail["to"][0].as_str().unwrap().ends_with("@example.com"),
+        "{mail}"
+    );
+    assert_eq!(r["firewall"]["enforced"], true, "{}", r["firewall"]);
     assert!(
         r["checks"]
             .as_array()

@@ -165,6 +165,7 @@ fn main() -> ExitCode {
                 port,
                 api_token,
                 app_version,
+                smtp_url: std::env::var("SMTP_URL").ok().filter(|u| !u.is_empty()),
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("serve: {e}")),

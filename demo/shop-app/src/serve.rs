@@ -7,6 +7,8 @@
 //! - `GET /api/customers/{id}` one customer as JSON, or 404
 //! - `GET /uploads/{name}`     a file from the uploads directory (no `..`, no slashes: 400)
 //! - `GET /api/admin/stats`    needs `Authorization: Bearer $API_TOKEN`; 401 otherwise
+//! - `POST /api/orders/{id}/confirm`  mails the order confirmation to the customer through the
+//!   SMTP server in `$SMTP_URL` (`smtp://HOST:PORT`); 202, or 404 / 503
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ pub struct ServeOptions {
     pub port: u16,
     pub api_token: String,
     pub app_version: String,
+    pub smtp_url: Option<String>,
 }
 
 struct AppState {
@@ -36,6 +39,7 @@ struct AppState {
     uploads: PathBuf,
     api_token: String,
     app_version: String,
+    smtp_url: Option<String>,
 }
 
 type Shared = Arc<AppState>;
@@ -67,6 +71,7 @@ async fn serve(opts: ServeOptions) -> Result<(), String> {
         uploads: opts.uploads.clone(),
         api_token: opts.api_token,
         app_version: opts.app_version,
+        smtp_url: opts.smtp_url,
     });
     let app = Router::new()
         .route("/", get(index))
@@ -75,6 +80,10 @@ async fn serve(opts: ServeOptions) -> Result<(), String> {
         .route("/api/customers/{id}", get(customer))
         .route("/uploads/{name}", get(upload))
         .route("/api/admin/stats", get(admin_stats))
+        .route(
+            "/api/orders/{id}/confirm",
+            axum::routing::post(confirm_order),
+        )
         .layer(middleware::from_fn(log_request))
         .with_state(state.clone());
 
@@ -270,6 +279,88 @@ async fn customer(State(state): State<Shared>, Path(id): Path<i64>) -> Response 
         Ok(None) => json_error(StatusCode::NOT_FOUND, format!("customer {id} not found")),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// Mails the confirmation of order `id` to its customer.
+async fn confirm_order(State(state): State<Shared>, Path(id): Path<i64>) -> Response {
+    let Some(url) = state.smtp_url.clone() else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "no SMTP_URL configured");
+    };
+    let found = with_db(&state, move |conn| {
+        conn.query_row(
+            "SELECT c.email, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = ?1",
+            [id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()
+    })
+    .await;
+    let (email, name) = match found {
+        Ok(Some(x)) => x,
+        Ok(None) => return json_error(StatusCode::NOT_FOUND, format!("order {id} not found")),
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let to = email.clone();
+    let sent = tokio::task::spawn_blocking(move || {
+        send_mail(
+            &url,
+            "shop@example.com",
+            &to,
+            &format!("Order confirmation #{id}"),
+            &format!("Dear {name},\r\nthank you for order #{id}.\r\n"),
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match sent {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"order": id, "mailed": true})),
+        )
+            .into_response(),
+        Err(e) => json_error(StatusCode::BAD_GATEWAY, format!("mail not sent: {e}")),
+    }
+}
+
+/// The sending half of SMTP, enough for one plain-text message (the demo has no mail crate).
+fn send_mail(url: &str, from: &str, to: &str, subject: &str, body: &str) -> Result<(), String> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let addr = url
+        .strip_prefix("smtp://")
+        .ok_or("SMTP_URL must be smtp://HOST:PORT")?;
+    let stream = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(stream);
+    let mut expect = |code: &str| -> Result<(), String> {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            if !line.starts_with(code) {
+                return Err(format!("server said: {}", line.trim()));
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(());
+            }
+        }
+    };
+    expect("220")?;
+    let message = format!("From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}\r\n.\r\n");
+    for (cmd, code) in [
+        ("EHLO demo-shop\r\n".to_string(), "250"),
+        (format!("MAIL FROM:<{from}>\r\n"), "250"),
+        (format!("RCPT TO:<{to}>\r\n"), "250"),
+        ("DATA\r\n".to_string(), "354"),
+        (message, "250"),
+        ("QUIT\r\n".to_string(), "221"),
+    ] {
+        w.write_all(cmd.as_bytes()).map_err(|e| e.to_string())?;
+        expect(code)?;
+    }
+    Ok(())
 }
 
 /// A plain file name: no path separators, no `..`, nothing hidden, no NUL.
