@@ -241,7 +241,12 @@ impl Shared {
 /// (services wait for every database: see [`walk`]). A database the runner cannot reach
 /// (AWS without `runner_in_vpc`) cannot be scanned: with the gate on or rules to apply, that
 /// stops the run too.
-async fn protect(sh: &Shared, name: &str, address: &str) -> Result<(), Failure> {
+async fn protect(
+    sh: &Shared,
+    name: &str,
+    address: &str,
+    streamed: Option<&crate::privacy::stream::Streamed>,
+) -> Result<(), Failure> {
     use crate::provider::{Probe, ProbeOutcome, ProbeRequest};
     let rules = sh.privacy.rules.get(name).cloned().unwrap_or_default();
     if sh.privacy.gate == crate::privacy::Gate::Off && rules.is_empty() && !sh.privacy.scan {
@@ -314,7 +319,7 @@ async fn protect(sh: &Shared, name: &str, address: &str) -> Result<(), Failure> 
             &rules,
             sh.privacy.gate,
             &sh.privacy.key,
-            sh.privacy.scan,
+            (sh.privacy.scan, streamed),
         )
         .await
     }
@@ -409,12 +414,24 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
         });
         let t = Instant::now();
         crate::failpoint::point("provider: before restore");
-        let restored = sh
-            .provider
-            .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
-            .await;
+        // Masking rules go with the restore: a provider that can mask while the data loads does.
+        let plan = crate::privacy::stream::MaskPlan {
+            rules: sh.privacy.rules.get(&r.name).cloned().unwrap_or_default(),
+            key: sh.privacy.key.clone(),
+        };
+        let restored =
+            if matches!(r.spec, ResourceSpec::Database(_)) && plan.masks() && !sh.privacy.scan {
+                sh.provider
+                    .restore_masked(&sh.run, &created.record, &req, backup, &sh.cancel, &plan)
+                    .await
+            } else {
+                sh.provider
+                    .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
+                    .await
+                    .map(|o| (o, None))
+            };
         crate::failpoint::point("provider: after restore");
-        let outputs = restored.map_err(|e| {
+        let (outputs, streamed) = restored.map_err(|e| {
             sh.step_failed(
                 &address,
                 Step::Restore,
@@ -425,7 +442,7 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
         sh.add_outputs(&r.name, outputs);
         sh.step_passed(&address, Step::Restore, t);
         if matches!(r.spec, ResourceSpec::Database(_)) {
-            protect(sh, &r.name, &address).await?;
+            protect(sh, &r.name, &address, streamed.as_ref()).await?;
         }
     }
 

@@ -16,6 +16,7 @@ pub mod detect;
 mod postgres;
 mod sqlite;
 pub mod strategy;
+pub mod stream;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -136,8 +137,12 @@ pub struct DatabaseMasking {
     pub rows: u64,
     /// Time spent sampling and detecting.
     pub scan_ms: u64,
-    /// Time spent masking.
+    /// Time spent masking inside the copy (after restore).
     pub mask_ms: u64,
+    /// Whether the restore masked columns while the data loaded (their time is in the
+    /// restore's).
+    #[serde(default)]
+    pub masked_in_restore: bool,
     /// Time spent verifying.
     pub verify_ms: u64,
 }
@@ -294,7 +299,9 @@ pub async fn open(
 
 /// Samples every table of `db`, classifies every column, and (with `gate` on) refuses
 /// unclassified personal data; then masks by `rules` and verifies. With `scan_only`, nothing is
-/// written and every finding is returned (for `dryrun scan`).
+/// written and every finding is returned (for `dryrun scan`). Columns in `streamed` were masked
+/// while the data loaded ([`stream`]): they are not masked again, and their originals for the
+/// verification come from the stream.
 ///
 /// # Errors
 /// See [`PrivacyError`].
@@ -304,8 +311,11 @@ pub async fn protect(
     rules: &[Rule],
     gate: Gate,
     key: &MaskKey,
-    scan_only: bool,
+    (scan_only, streamed): (bool, Option<&stream::Streamed>),
 ) -> Result<DatabaseMasking, PrivacyError> {
+    let pre_masked = |c: &Column| {
+        streamed.is_some_and(|s| s.masked.contains(&(c.table.clone(), c.name.clone())))
+    };
     let dberr = |message: String| PrivacyError::Db {
         resource: resource.to_string(),
         message,
@@ -389,7 +399,7 @@ pub async fn protect(
         for (i, c) in sampled.iter().enumerate() {
             let values: Vec<&str> = rows.iter().filter_map(|r| r[i].as_deref()).collect();
             findings.extend(classify(c, &values));
-            if rule_of(c).is_some_and(|s| s != Strategy::Keep) {
+            if rule_of(c).is_some_and(|s| s != Strategy::Keep) && !pre_masked(c) {
                 originals.insert(
                     (c.table.clone(), c.name.clone()),
                     values.iter().map(|v| (*v).to_string()).collect(),
@@ -422,6 +432,7 @@ pub async fn protect(
         rows: 0,
         scan_ms,
         mask_ms: 0,
+        masked_in_restore: false,
         verify_ms: 0,
     };
     if scan_only {
@@ -442,11 +453,16 @@ pub async fn protect(
         });
     }
 
-    // Mask, one transaction per table.
+    // Mask, one transaction per table, what the restore did not mask on the way in.
     let t = Instant::now();
+    if let Some(s) = streamed {
+        report.rows += s.rows;
+        originals.extend(s.originals.clone());
+    }
     for (table, cols) in &by_table {
         let masked: Vec<(&Column, Strategy)> = cols
             .iter()
+            .filter(|c| !pre_masked(c))
             .filter_map(|c| rule_of(c).filter(|s| *s != Strategy::Keep).map(|s| (*c, s)))
             .collect();
         if masked.is_empty() {
@@ -455,6 +471,7 @@ pub async fn protect(
         report.rows += db.mask(table, &masked, key).await.map_err(dberr)?;
     }
     report.mask_ms = millis(t);
+    report.masked_in_restore = streamed.is_some_and(|s| !s.masked.is_empty());
 
     // Verify.
     let t = Instant::now();

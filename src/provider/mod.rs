@@ -469,6 +469,25 @@ pub trait Provider: Send + Sync {
         cancel: &CancellationToken,
     ) -> Result<Outputs, ProviderError>;
 
+    /// [`Provider::restore`] for a database with masking rules: a provider that can mask while
+    /// the data loads does (the local provider, PostgreSQL: [`crate::privacy::stream`]) and says
+    /// which columns; the engine masks the rest inside the copy. Default: the plain restore,
+    /// nothing masked on the way.
+    ///
+    /// # Errors
+    /// As [`Provider::restore`].
+    async fn restore_masked(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+        _plan: &crate::privacy::stream::MaskPlan,
+    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
+        Ok((self.restore(run, record, req, backup, cancel).await?, None))
+    }
+
     /// Installs and starts the release on a service; waits until healthy.
     async fn install(
         &self,

@@ -261,13 +261,17 @@ fn summary_masking(out: &mut String, m: &crate::privacy::MaskingReport) {
             Gate::On => format!("gate passed, {} column(s) scanned", d.scanned_columns),
             Gate::Off => "gate off".to_string(),
         };
+        let how = if d.masked_in_restore {
+            "while restoring".to_string()
+        } else {
+            format!("in {} ms", d.mask_ms)
+        };
         let _ = writeln!(
             out,
-            "masking: {}: {} column(s) masked, {kept} kept, {} row(s) in {} ms; {gate}",
+            "masking: {}: {} column(s) masked, {kept} kept, {} row(s) {how}; {gate}",
             d.resource,
             masked.len(),
             d.rows,
-            d.mask_ms
         );
         if !masked.is_empty() {
             let _ = writeln!(out, "  {}", masked.join(", "));

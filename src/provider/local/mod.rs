@@ -162,6 +162,128 @@ impl LocalProvider {
         self
     }
 
+    /// Restores a database (masking `plan`'s columns while the data loads, for PostgreSQL) or
+    /// copies a bucket.
+    async fn restore_with(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+        plan: Option<&crate::privacy::stream::MaskPlan>,
+    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
+        let dir = rec_dir(record);
+        let mut outputs = Outputs::new();
+        let mut streamed = None;
+
+        match req {
+            ResourceRequest::Database(db) => {
+                let backup = backup.ok_or_else(|| {
+                    ProviderError::NoBackup(format!("no backup chosen for {}", record.address))
+                })?;
+                outputs.insert("backup_id".into(), out(backup.id.clone()));
+                match db.engine {
+                    Engine::Sqlite => {
+                        let path = dir.join(format!("{}.sqlite", db.database));
+                        let b = backup.clone();
+                        let p = path.clone();
+                        let work =
+                            tokio::task::spawn_blocking(move || -> Result<(), ProviderError> {
+                                backup::copy_verified(&b, &p)?;
+                                let conn = rusqlite::Connection::open(&p).map_err(|e| {
+                                    ProviderError::BadBackup(format!(
+                                        "backup {} does not open as SQLite: {e}",
+                                        b.id
+                                    ))
+                                })?;
+                                let check: String = conn
+                                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                                    .map_err(|e| {
+                                        ProviderError::BadBackup(format!(
+                                            "backup {}: integrity check failed to run: {e}",
+                                            b.id
+                                        ))
+                                    })?;
+                                if check != "ok" {
+                                    return Err(ProviderError::BadBackup(format!(
+                                        "backup {} fails PRAGMA integrity_check: {check}",
+                                        b.id
+                                    )));
+                                }
+                                Ok(())
+                            });
+                        tokio::select! {
+                            r = work => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))??,
+                            () = cancel.cancelled() => return Err(ProviderError::Cancelled),
+                        }
+                    }
+                    Engine::Postgres => {
+                        let password = self.passwords.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&Self::key(&run.run_id, &record.address)).cloned()
+                            .ok_or_else(|| ProviderError::Other(format!("{}: cluster password unknown (create did not run in this process)", record.address)))?;
+                        let port: u16 = record
+                            .data
+                            .get("port")
+                            .and_then(|p| p.parse().ok())
+                            .unwrap_or(0);
+                        let cluster = postgres::Cluster {
+                            dir: dir.clone(),
+                            port,
+                        };
+                        // Copy first so the dump is checksum-verified before PostgreSQL reads it.
+                        let local_dump = dir.join("restore.dump");
+                        let b = backup.clone();
+                        let d = local_dump.clone();
+                        tokio::task::spawn_blocking(move || backup::copy_verified(&b, &d))
+                            .await
+                            .map_err(|e| ProviderError::Other(format!("restore task: {e}")))??;
+                        if let Some(u) = postgres::run_as()? {
+                            let _ = nix::unistd::chown(
+                                &local_dump,
+                                Some(u.uid.into()),
+                                Some(u.gid.into()),
+                            );
+                        }
+                        let ids = (run.run_id.as_str(), record.address.as_str());
+                        let r = tokio::select! {
+                            r = async {
+                                match plan.filter(|p| p.masks()) {
+                                    Some(p) => cluster.restore_masked(&db.database, &password, &local_dump, ids, p).await.map(Some),
+                                    None => cluster.restore(&db.database, &password, &local_dump, ids.0, ids.1).await.map(|()| None),
+                                }
+                            } => r,
+                            () = cancel.cancelled() => Err(ProviderError::Cancelled),
+                        };
+                        let _ = tokio::fs::remove_file(&local_dump).await;
+                        streamed = r?;
+                    }
+                }
+            }
+            ResourceRequest::Bucket(b) => {
+                let settings = self.settings()?;
+                let mut src = settings.buckets.join(&b.source);
+                if let Some(p) = &b.prefix {
+                    src = src.join(p);
+                }
+                if !src.is_dir() {
+                    return Err(ProviderError::NoBackup(format!(
+                        "production bucket `{}` not found at {}",
+                        b.source,
+                        src.display()
+                    )));
+                }
+                let dst = dir.join("data");
+                let work = tokio::task::spawn_blocking(move || copy_dir(&src, &dst));
+                tokio::select! {
+                    r = work => r.map_err(|e| ProviderError::Other(format!("copy task: {e}")))?.map_err(ProviderError::io(format!("copy bucket {}", b.source)))?,
+                    () = cancel.cancelled() => return Err(ProviderError::Cancelled),
+                }
+            }
+            ResourceRequest::Service(_) => {}
+        }
+        Ok((outputs, streamed))
+    }
+
     fn settings(&self) -> Result<&LocalSettings, ProviderError> {
         self.settings.as_ref().ok_or_else(|| {
             ProviderError::Other("the local provider has no blueprint settings here".into())
@@ -390,107 +512,22 @@ impl Provider for LocalProvider {
         backup: Option<&BackupInfo>,
         cancel: &CancellationToken,
     ) -> Result<Outputs, ProviderError> {
-        let dir = rec_dir(record);
-        let mut outputs = Outputs::new();
-        match req {
-            ResourceRequest::Database(db) => {
-                let backup = backup.ok_or_else(|| {
-                    ProviderError::NoBackup(format!("no backup chosen for {}", record.address))
-                })?;
-                outputs.insert("backup_id".into(), out(backup.id.clone()));
-                match db.engine {
-                    Engine::Sqlite => {
-                        let path = dir.join(format!("{}.sqlite", db.database));
-                        let b = backup.clone();
-                        let p = path.clone();
-                        let work =
-                            tokio::task::spawn_blocking(move || -> Result<(), ProviderError> {
-                                backup::copy_verified(&b, &p)?;
-                                let conn = rusqlite::Connection::open(&p).map_err(|e| {
-                                    ProviderError::BadBackup(format!(
-                                        "backup {} does not open as SQLite: {e}",
-                                        b.id
-                                    ))
-                                })?;
-                                let check: String = conn
-                                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                                    .map_err(|e| {
-                                        ProviderError::BadBackup(format!(
-                                            "backup {}: integrity check failed to run: {e}",
-                                            b.id
-                                        ))
-                                    })?;
-                                if check != "ok" {
-                                    return Err(ProviderError::BadBackup(format!(
-                                        "backup {} fails PRAGMA integrity_check: {check}",
-                                        b.id
-                                    )));
-                                }
-                                Ok(())
-                            });
-                        tokio::select! {
-                            r = work => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))??,
-                            () = cancel.cancelled() => return Err(ProviderError::Cancelled),
-                        }
-                    }
-                    Engine::Postgres => {
-                        let password = self.passwords.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&Self::key(&run.run_id, &record.address)).cloned()
-                            .ok_or_else(|| ProviderError::Other(format!("{}: cluster password unknown (create did not run in this process)", record.address)))?;
-                        let port: u16 = record
-                            .data
-                            .get("port")
-                            .and_then(|p| p.parse().ok())
-                            .unwrap_or(0);
-                        let cluster = postgres::Cluster {
-                            dir: dir.clone(),
-                            port,
-                        };
-                        // Copy first so the dump is checksum-verified before PostgreSQL reads it.
-                        let local_dump = dir.join("restore.dump");
-                        let b = backup.clone();
-                        let d = local_dump.clone();
-                        tokio::task::spawn_blocking(move || backup::copy_verified(&b, &d))
-                            .await
-                            .map_err(|e| ProviderError::Other(format!("restore task: {e}")))??;
-                        if let Some(u) = postgres::run_as()? {
-                            let _ = nix::unistd::chown(
-                                &local_dump,
-                                Some(u.uid.into()),
-                                Some(u.gid.into()),
-                            );
-                        }
-                        let r = tokio::select! {
-                            r = cluster.restore(&db.database, &password, &local_dump, &run.run_id, &record.address) => r,
-                            () = cancel.cancelled() => Err(ProviderError::Cancelled),
-                        };
-                        let _ = tokio::fs::remove_file(&local_dump).await;
-                        r?;
-                    }
-                }
-            }
-            ResourceRequest::Bucket(b) => {
-                let settings = self.settings()?;
-                let mut src = settings.buckets.join(&b.source);
-                if let Some(p) = &b.prefix {
-                    src = src.join(p);
-                }
-                if !src.is_dir() {
-                    return Err(ProviderError::NoBackup(format!(
-                        "production bucket `{}` not found at {}",
-                        b.source,
-                        src.display()
-                    )));
-                }
-                let dst = dir.join("data");
-                let work = tokio::task::spawn_blocking(move || copy_dir(&src, &dst));
-                tokio::select! {
-                    r = work => r.map_err(|e| ProviderError::Other(format!("copy task: {e}")))?.map_err(ProviderError::io(format!("copy bucket {}", b.source)))?,
-                    () = cancel.cancelled() => return Err(ProviderError::Cancelled),
-                }
-            }
-            ResourceRequest::Service(_) => {}
-        }
-        Ok(outputs)
+        self.restore_with(run, record, req, backup, cancel, None)
+            .await
+            .map(|(o, _)| o)
+    }
+
+    async fn restore_masked(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        req: &ResourceRequest,
+        backup: Option<&BackupInfo>,
+        cancel: &CancellationToken,
+        plan: &crate::privacy::stream::MaskPlan,
+    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
+        self.restore_with(run, record, req, backup, cancel, Some(plan))
+            .await
     }
 
     async fn install(

@@ -256,12 +256,263 @@ impl Cluster {
         run_id: &str,
         address: &str,
     ) -> Result<(), ProviderError> {
-        let psql_url = format!(
-            "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
-            self.port
+        binary("pg_restore")?;
+        self.create_database(name, password).await?;
+        let c = self.pg_restore(&["-d", name], dump, password, run_id, address);
+        run_checked(c, "pg_restore", Duration::from_secs(3600))
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Cluster::restore`] that masks `plan`'s columns while the data loads: the schema
+    /// (`--section=pre-data`), then each table's rows from `pg_restore --section=data -f -`
+    /// through [`crate::privacy::stream::mask_line`] into `COPY … FROM STDIN`, the other
+    /// statements of the data section as they are, then indexes and constraints
+    /// (`--section=post-data`). The copy never holds the masked columns' originals.
+    ///
+    /// # Errors
+    /// pg_restore's error output, or the copy's error for a statement or row.
+    pub async fn restore_masked(
+        &self,
+        name: &str,
+        password: &Secret,
+        dump: &Path,
+        (run_id, address): (&str, &str),
+        plan: &crate::privacy::stream::MaskPlan,
+    ) -> Result<crate::privacy::stream::Streamed, ProviderError> {
+        use crate::privacy::stream::{self, StreamColumn, Streamed};
+        use tokio::io::AsyncBufReadExt as _;
+        binary("pg_restore")?;
+        self.create_database(name, password).await?;
+        let pre = self.pg_restore(
+            &["--section=pre-data", "-d", name],
+            dump,
+            password,
+            run_id,
+            address,
         );
+        run_checked(pre, "pg_restore (schema)", Duration::from_secs(3600)).await?;
+        let post_script = self.pg_restore(
+            &["--section=post-data", "-f", "-"],
+            dump,
+            password,
+            run_id,
+            address,
+        );
+        let unique = stream::unique_columns(
+            &run_checked(
+                post_script,
+                "pg_restore (read constraints)",
+                Duration::from_secs(600),
+            )
+            .await?,
+        );
+
+        let client = self.connect(name, password).await?;
+        let fail = |what: String| {
+            move |e: tokio_postgres::Error| {
+                ProviderError::Other(format!("restore into the copy: {what}: {}", pg_error(&e)))
+            }
+        };
+        // varchar(n) limits of the masked columns, now that the tables exist.
+        let mut max_len = std::collections::BTreeMap::new();
+        for r in plan
+            .rules
+            .iter()
+            .filter(|r| r.strategy != crate::privacy::Strategy::Keep)
+        {
+            let (schema, table) = r.table.split_once('.').unwrap_or(("public", &r.table));
+            let row = client
+                .query_opt(
+                    "SELECT character_maximum_length FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+                    &[&schema, &table, &r.column],
+                )
+                .await
+                .map_err(fail(format!("column {}.{}", r.table, r.column)))?;
+            if let Some(Some(n)) = row.map(|r| r.get::<_, Option<i32>>(0)) {
+                max_len.insert(
+                    (r.table.clone(), r.column.clone()),
+                    usize::try_from(n).unwrap_or(0),
+                );
+            }
+        }
+
+        let mut data = self.pg_restore(
+            &["--section=data", "-f", "-"],
+            dump,
+            password,
+            run_id,
+            address,
+        );
+        data.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = data
+            .spawn()
+            .map_err(ProviderError::io("start pg_restore (data)"))?;
+        let stderr = child.stderr.take();
+        let errors = tokio::spawn(async move {
+            let mut text = String::new();
+            if let Some(mut e) = stderr {
+                use tokio::io::AsyncReadExt as _;
+                let _ = (&mut e).take(64 * 1024).read_to_string(&mut text).await;
+            }
+            text
+        });
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| ProviderError::Other("pg_restore (data): no output".into()))?;
+        let mut lines = tokio::io::BufReader::with_capacity(1 << 20, stdout);
+        let mut out = Streamed::default();
+        let mut sql = String::new();
+        let mut line = Vec::new();
+        let mut masked = Vec::new();
+        loop {
+            line.clear();
+            if lines
+                .read_until(b'\n', &mut line)
+                .await
+                .map_err(ProviderError::io("read pg_restore (data)"))?
+                == 0
+            {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            let Some((table, columns)) = stream::copy_header(text.trim_end()) else {
+                // psql meta-commands (`\restrict KEY`, which pg_dump writes since the 2025
+                // security releases) are for psql, not the server.
+                if !text.starts_with('\\') {
+                    sql.push_str(&text);
+                }
+                continue;
+            };
+            if !sql.trim().is_empty() {
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(fail("a statement of the data section".into()))?;
+            }
+            sql.clear();
+            let mut cols: Vec<StreamColumn> = plan
+                .rules
+                .iter()
+                .filter(|r| r.table == table && r.strategy != crate::privacy::Strategy::Keep)
+                .filter_map(|r| {
+                    let index = columns.iter().position(|c| c == &r.column)?;
+                    Some(StreamColumn {
+                        index,
+                        strategy: r.strategy,
+                        facts: crate::privacy::ColumnFacts {
+                            unique: unique.contains(&(table.clone(), r.column.clone())),
+                            max_len: max_len.get(&(table.clone(), r.column.clone())).copied(),
+                        },
+                        originals: Vec::new(),
+                    })
+                })
+                .collect();
+            let header = text.trim_end().to_string();
+            let sink = client
+                .copy_in::<_, bytes::Bytes>(header.as_str())
+                .await
+                .map_err(fail(format!("start {header}")))?;
+            let mut sink = std::pin::pin!(sink);
+            let mut buf = Vec::with_capacity(1 << 20);
+            let mut rows = 0u64;
+            loop {
+                line.clear();
+                if lines
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .map_err(ProviderError::io("read pg_restore (data)"))?
+                    == 0
+                {
+                    return Err(ProviderError::BadBackup(format!(
+                        "the dump's data for {table} ends without its end marker"
+                    )));
+                }
+                let row = line.strip_suffix(b"\n").unwrap_or(&line);
+                if row == b"\\." {
+                    break;
+                }
+                rows += 1;
+                if cols.is_empty() {
+                    buf.extend_from_slice(&line);
+                } else {
+                    stream::mask_line(row, &mut cols, &plan.key, &mut masked);
+                    buf.extend_from_slice(&masked);
+                    buf.push(b'\n');
+                }
+                if buf.len() >= 1 << 20 {
+                    futures_util::SinkExt::send(
+                        &mut sink,
+                        bytes::Bytes::from(std::mem::take(&mut buf)),
+                    )
+                    .await
+                    .map_err(fail(format!("rows of {table}")))?;
+                }
+            }
+            if !buf.is_empty() {
+                futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(buf))
+                    .await
+                    .map_err(fail(format!("rows of {table}")))?;
+            }
+            sink.as_mut()
+                .finish()
+                .await
+                .map_err(fail(format!("rows of {table}")))?;
+            if !cols.is_empty() {
+                out.rows += rows;
+                for c in cols {
+                    let key = (table.clone(), columns[c.index].clone());
+                    out.originals.insert(key.clone(), c.originals);
+                    out.masked.insert(key);
+                }
+            }
+        }
+        if !sql.trim().is_empty() {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(fail("a statement of the data section".into()))?;
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(ProviderError::io("wait for pg_restore (data)"))?;
+        if !status.success() {
+            return Err(ProviderError::Other(format!(
+                "pg_restore (data) failed ({status}):\n{}",
+                process::tail(&errors.await.unwrap_or_default(), 4000)
+            )));
+        }
+        drop(client);
+        let post = self.pg_restore(
+            &["--section=post-data", "-d", name],
+            dump,
+            password,
+            run_id,
+            address,
+        );
+        run_checked(
+            post,
+            "pg_restore (indexes and constraints)",
+            Duration::from_secs(3600),
+        )
+        .await?;
+        Ok(out)
+    }
+
+    async fn connect(
+        &self,
+        db: &str,
+        password: &Secret,
+    ) -> Result<tokio_postgres::Client, ProviderError> {
         let (client, conn) = tokio_postgres::connect(
-            &format!("{psql_url} password={}", password.expose()),
+            &format!(
+                "host=127.0.0.1 port={} user={SUPERUSER} dbname={db} password={}",
+                self.port,
+                password.expose()
+            ),
             tokio_postgres::NoTls,
         )
         .await
@@ -271,16 +522,30 @@ impl Cluster {
                 self.port
             ))
         })?;
-        let h = tokio::spawn(conn);
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    async fn create_database(&self, name: &str, password: &Secret) -> Result<(), ProviderError> {
+        let client = self.connect("postgres", password).await?;
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         client
             .batch_execute(&format!("CREATE DATABASE {quoted}"))
             .await
-            .map_err(|e| ProviderError::Other(format!("create database {name}: {e}")))?;
-        drop(client);
-        let _ = h.await;
-        let pg_restore = binary("pg_restore")?;
-        let mut c = command(&pg_restore, None, &self.dir);
+            .map_err(|e| ProviderError::Other(format!("create database {name}: {e}")))
+    }
+
+    /// `pg_restore` with `args` on `dump`, connected to this cluster, tagged with the run.
+    fn pg_restore(
+        &self,
+        args: &[&str],
+        dump: &Path,
+        password: &Secret,
+        run_id: &str,
+        address: &str,
+    ) -> tokio::process::Command {
+        let bin = binary("pg_restore").unwrap_or_else(|_| PathBuf::from("pg_restore"));
+        let mut c = command(&bin, None, &self.dir);
         c.args([
             "--no-owner",
             "--no-privileges",
@@ -292,8 +557,7 @@ impl Cluster {
         ])
         .arg("-p")
         .arg(self.port.to_string())
-        .arg("-d")
-        .arg(name)
+        .args(args)
         .arg(dump);
         let mut env = BTreeMap::new();
         env.insert("PGPASSWORD".to_string(), password.expose().to_string());
@@ -305,9 +569,7 @@ impl Cluster {
             run_id,
             address,
         );
-        run_checked(c, "pg_restore", Duration::from_secs(3600))
-            .await
-            .map(|_| ())
+        c
     }
 
     /// Stops the cluster now (`-m immediate`; the copy is thrown away anyway).
@@ -324,4 +586,11 @@ impl Cluster {
             .args(["-m", "immediate", "-w", "-t", "20", "stop"]);
         let _ = run_checked(c, "pg_ctl stop", Duration::from_secs(30)).await;
     }
+}
+
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{}: {}", d.severity(), d.message()),
+    )
 }
