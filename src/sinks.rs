@@ -239,10 +239,19 @@ async fn line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<
 /// `<addr>` out of `MAIL FROM:<addr> SIZE=…`.
 fn path_arg(rest: &str) -> String {
     let rest = rest.trim();
-    match (rest.find('<'), rest.find('>')) {
-        (Some(a), Some(b)) if b > a => rest[a + 1..b].to_string(),
-        _ => rest.split_whitespace().next().unwrap_or("").to_string(),
-    }
+    clean(
+        match (rest.find('<'), rest.find('>')) {
+            (Some(a), Some(b)) if b > a => &rest[a + 1..b],
+            _ => rest.split_whitespace().next().unwrap_or(""),
+        },
+        320,
+    )
+}
+
+/// At most `max` characters of `s`, without control characters: what the release sends is
+/// shown in terminals and pages, where an escape sequence must not act.
+fn clean(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 async fn smtp(stream: TcpStream, seen: &Mutex<SideEffects>) -> std::io::Result<()> {
@@ -332,7 +341,7 @@ async fn read_data<R: tokio::io::AsyncBufRead + Unpin>(
                 && let Some((k, v)) = l.split_once(':')
                 && k.eq_ignore_ascii_case("subject")
             {
-                subject = v.trim().chars().take(200).collect();
+                subject = clean(v.trim(), 200);
             }
         }
     }
@@ -356,7 +365,7 @@ async fn http(stream: TcpStream, seen: &Mutex<SideEffects>) -> std::io::Result<(
         }
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("host") {
-                host = v.trim().chars().take(255).collect();
+                host = clean(v.trim(), 255);
             } else if k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse().unwrap_or(0);
             }
@@ -373,15 +382,9 @@ async fn http(stream: TcpStream, seen: &Mutex<SideEffects>) -> std::io::Result<(
         )
         .await;
     }
-    let path = target
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .chars()
-        .take(500)
-        .collect();
+    let path = clean(target.split('?').next().unwrap_or(""), 500);
     let req = Request {
-        method: method.chars().take(16).collect(),
+        method: clean(method, 16),
         host,
         path,
     };
@@ -409,7 +412,7 @@ mod tests {
         let sinks = Sinks::start().unwrap();
         let out = talk(
             sinks.smtp,
-            "EHLO app\r\nMAIL FROM:<shop@example.com> SIZE=10\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nFrom: shop\r\nSubject: Your order #42\r\n\r\nsecret body line\r\n.\r\nQUIT\r\n",
+            "EHLO app\r\nMAIL FROM:<shop@example.com> SIZE=10\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nFrom: shop\r\nSubject: Your order #42\x1b[2J\r\n\r\nsecret body line\r\n.\r\nQUIT\r\n",
         )
         .await;
         assert!(
@@ -422,7 +425,8 @@ mod tests {
             vec![Mail {
                 from: "shop@example.com".into(),
                 to: vec!["a@example.com".into(), "b@example.com".into()],
-                subject: "Your order #42".into()
+                // The escape character is dropped: it cannot act on a terminal that shows it.
+                subject: "Your order #42[2J".into()
             }]
         );
         assert!(

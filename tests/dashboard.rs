@@ -11,6 +11,16 @@ use common::server::{Server, get, wait_done};
 use common::*;
 use fantoccini::{Client, Locator};
 
+/// The text of the element `css` matches (it must exist).
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no `{css}`: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Polls `css` until an element matches and `ok(text)` holds; tolerates the page reloading
 /// under the search (the run page reloads itself when the run ends).
 async fn wait_text(c: &Client, css: &str, limit: Duration, ok: impl Fn(&str) -> bool) -> String {
@@ -101,65 +111,29 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
         let t = row.text().await.unwrap();
         assert!(t.to_lowercase().contains("passed"), "check not passed: {t}");
     }
-    let checks_text = c
-        .find(Locator::Css("#checks"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let checks_text = text(&c, "#checks").await;
     assert!(
         checks_text.contains("release-version-served"),
         "{checks_text}"
     );
-    let left = c
-        .find(Locator::Css("#left-behind"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let left = text(&c, "#left-behind").await;
     assert_eq!(left, "Left behind: none");
     // What was masked, and where the release's mail went.
-    let masking = c
-        .find(Locator::Css("#masking"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let masking = text(&c, "#masking").await;
     assert!(
         masking.contains("customers.email")
             && masking.contains("email")
             && masking.contains("customers.name"),
         "{masking}"
     );
-    let effects = c
-        .find(Locator::Css("#side-effects"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let effects = text(&c, "#side-effects").await;
     assert!(
         effects.contains("Order confirmation #1") && effects.contains("@example.com"),
         "{effects}"
     );
-    let firewall = c
-        .find(Locator::Css("#firewall"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let firewall = text(&c, "#firewall").await;
     assert!(firewall.contains("enforced"), "{firewall}");
-    let head = c
-        .find(Locator::Css("main"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let head = text(&c, "main").await;
     assert!(
         head.contains("shop-db-2026-11-21T0300Z") && head.contains("2.0.0"),
         "backup and release are shown:\n{head}"

@@ -105,6 +105,23 @@ fn blueprint(dir: &Path, engine: &str, extra: &str, checks: &str) -> PathBuf {
     p
 }
 
+/// `dryrun run BLUEPRINT --release RELEASE EXTRA…` with the state directory `state`.
+fn dryrun_run(
+    state: &Path,
+    bp: &Path,
+    rel: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Output {
+    common::run(
+        common::dryrun(state)
+            .arg("run")
+            .arg(bp)
+            .arg("--release")
+            .arg(rel)
+            .args(extra),
+    )
+}
+
 fn sha256(p: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
 }
@@ -137,13 +154,7 @@ fn unclassified_personal_data_stops_the_run_before_install_with_every_column_nam
         "masking:\n  db:\n    members.display: name\n    members.memo: keep\n",
         NO_CHECKS,
     );
-    let out = common::run(
-        common::dryrun(state.path())
-            .arg("run")
-            .arg(&bp)
-            .arg("--release")
-            .arg(&rel),
-    );
+    let out = dryrun_run(state.path(), &bp, &rel, &[]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -180,13 +191,7 @@ fn unclassified_personal_data_stops_the_run_before_install_with_every_column_nam
 
     // The same blueprint with the gate off runs the install: the marker is a real witness.
     let off = blueprint(dir.path(), "sqlite", "pii_gate: off\n", NO_CHECKS);
-    let out = common::run(
-        common::dryrun(state.path())
-            .arg("run")
-            .arg(&off)
-            .arg("--release")
-            .arg(&rel),
-    );
+    let out = dryrun_run(state.path(), &off, &rel, &[]);
     assert_eq!(out.status.code(), Some(0));
     assert!(dir.path().join("installed").exists());
     assert!(String::from_utf8_lossy(&out.stdout).contains("personal data gate: off"));
@@ -223,14 +228,11 @@ fn masked_run(state: &Path, dir: &Path, engine: &str, prod: &Path) {
     let rel = release(dir, engine);
     let bp = blueprint(dir, engine, ALL_RULES, &masked_checks(engine));
     let reports = dir.join("reports");
-    let out = common::run(
-        common::dryrun(state)
-            .arg("run")
-            .arg(&bp)
-            .arg("--release")
-            .arg(&rel)
-            .arg("--report-dir")
-            .arg(&reports),
+    let out = dryrun_run(
+        state,
+        &bp,
+        &rel,
+        &[std::ffi::OsStr::new("--report-dir"), reports.as_os_str()],
     );
     assert_eq!(out.status.code(), Some(0), "every masking check passes");
     assert!(dir.join("installed").exists());
@@ -389,13 +391,7 @@ fn rules_that_do_not_fit_the_restored_data_are_named_before_install() {
             .replace("members.display: name", "members.display: \"null\""),
         NO_CHECKS,
     );
-    let out = common::run(
-        common::dryrun(state.path())
-            .arg("run")
-            .arg(&bp)
-            .arg("--release")
-            .arg(&rel),
-    );
+    let out = dryrun_run(state.path(), &bp, &rel, &[]);
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("members.contactt: no such column in the restored database (did you mean `members.contact`?)"), "{text}");

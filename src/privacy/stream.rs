@@ -192,6 +192,34 @@ pub struct StreamColumn {
     pub originals: Vec<String>,
 }
 
+/// The masked columns of a COPY block of `table` with `columns`, by `plan`'s rules; `unique`
+/// and `max_len` as the schema declares them.
+#[must_use]
+pub fn columns_for(
+    plan: &MaskPlan,
+    table: &str,
+    columns: &[String],
+    unique: &BTreeSet<(String, String)>,
+    max_len: &BTreeMap<(String, String), usize>,
+) -> Vec<StreamColumn> {
+    plan.rules
+        .iter()
+        .filter(|r| r.table == table && r.strategy != Strategy::Keep)
+        .filter_map(|r| {
+            let key = (table.to_string(), r.column.clone());
+            Some(StreamColumn {
+                index: columns.iter().position(|c| c == &r.column)?,
+                strategy: r.strategy,
+                facts: ColumnFacts {
+                    unique: unique.contains(&key),
+                    max_len: max_len.get(&key).copied(),
+                },
+                originals: Vec::new(),
+            })
+        })
+        .collect()
+}
+
 /// Masks the columns `cols` of one data line (without its newline) into `out`.
 pub fn mask_line(line: &[u8], cols: &mut [StreamColumn], key: &MaskKey, out: &mut Vec<u8>) {
     out.clear();

@@ -22,6 +22,7 @@ pub fn to_markdown(report: &RunReport) -> String {
     stages(&mut md, report);
     checks(&mut md, report);
     resources(&mut md, report);
+    data_safety(&mut md, report);
     left_behind(&mut md, report);
     failures(&mut md, report);
     let end = md.trim_end_matches('\n').len();
@@ -194,6 +195,67 @@ fn resources(md: &mut String, report: &RunReport) {
             status_cell(resource.status),
             if resource.destroyed { "yes" } else { "**no**" },
         );
+    }
+    md.push('\n');
+}
+
+/// What was masked, what the release sent to the sinks, what the firewall refused.
+fn data_safety(md: &mut String, report: &RunReport) {
+    let se = &report.side_effects;
+    let masking = report.masking.as_ref();
+    if masking.is_none_or(|m| m.databases.is_empty()) && se.is_empty() && report.firewall.is_none()
+    {
+        return;
+    }
+    md.push_str(
+        "## Data safety
+
+",
+    );
+    if let Some(m) = masking {
+        for d in &m.databases {
+            let cols: Vec<String> = d
+                .columns
+                .iter()
+                .map(|c| format!("{}.{} ({})", c.table, c.column, c.strategy.as_str()))
+                .collect();
+            let _ = writeln!(
+                md,
+                "- masking, {}: {} row(s); {}",
+                cell(&d.resource),
+                d.rows,
+                cell(&cols.join(", "))
+            );
+        }
+    }
+    if let Some(f) = &report.firewall {
+        let state = if f.enforced {
+            "enforced"
+        } else {
+            "**not enforced**"
+        };
+        let _ = writeln!(md, "- firewall: {state}: {}", cell(&f.how));
+    }
+    for m in &se.mail {
+        let _ = writeln!(
+            md,
+            "- mail (sink): {} → {}: {}",
+            cell(&m.from),
+            cell(&m.to.join(", ")),
+            cell(&m.subject)
+        );
+    }
+    for r in &se.http {
+        let _ = writeln!(
+            md,
+            "- http (sink): {} {}{}",
+            cell(&r.method),
+            cell(&r.host),
+            cell(&r.path)
+        );
+    }
+    if !se.blocked.is_empty() {
+        let _ = writeln!(md, "- blocked: {}", cell(&se.blocked.join(", ")));
     }
     md.push('\n');
 }
@@ -467,6 +529,34 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains("Left behind: none"), "{md}");
+    }
+
+    #[test]
+    fn markdown_shows_masking_side_effects_and_the_firewall() {
+        let mut report = sample_report(Status::Passed);
+        assert!(
+            !to_markdown(&report).contains("## Data safety"),
+            "nothing to say"
+        );
+        report.side_effects.mail.push(crate::sinks::Mail {
+            from: "shop@example.com".into(),
+            to: vec!["ada.x@example.com".into()],
+            subject: "Order | #1".into(),
+        });
+        report.side_effects.blocked.push("192.0.2.10:80".into());
+        report.firewall = Some(crate::firewall::FirewallReport {
+            mode: crate::firewall::Mode::Auto,
+            enforced: false,
+            how: "cannot create a network namespace".into(),
+            allowed: Vec::new(),
+        });
+        let md = to_markdown(&report);
+        assert!(md.contains("## Data safety\n\n- firewall: **not enforced**: cannot create a network namespace\n"), "{md}");
+        assert!(
+            md.contains("- mail (sink): shop@example.com → ada.x@example.com: Order \\| #1\n"),
+            "{md}"
+        );
+        assert!(md.contains("- blocked: 192.0.2.10:80\n"), "{md}");
     }
 
     #[test]

@@ -91,6 +91,15 @@ impl LocalProvider {
         }
     }
 
+    /// The run's firewall, if one of its services was installed.
+    fn firewall_of(&self, run_id: &str) -> Option<Firewall> {
+        self.firewalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(run_id)
+            .cloned()
+    }
+
     /// The run's firewall: made at its first install (the namespace, the relays out to the
     /// sinks, database copies and allowed hosts); `firewall: required` that cannot be enforced
     /// is an error.
@@ -101,12 +110,7 @@ impl LocalProvider {
         reachable: &[std::net::SocketAddr],
     ) -> Result<Option<Arc<crate::firewall::Netns>>, ProviderError> {
         use crate::firewall::{Mode, Netns};
-        let known = self
-            .firewalls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(run_id)
-            .cloned();
+        let known = self.firewall_of(run_id);
         let fw = if let Some(f) = known {
             f
         } else {
@@ -840,12 +844,7 @@ impl Provider for LocalProvider {
 
     async fn egress(&self, run_id: &str) -> Option<(crate::firewall::FirewallReport, Vec<String>)> {
         use crate::firewall::FirewallReport;
-        let fw = self
-            .firewalls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(run_id)
-            .cloned()?;
+        let fw = self.firewall_of(run_id)?;
         Some(match fw {
             Firewall::Active(mode, ns) => {
                 let blocked = tokio::task::spawn_blocking({

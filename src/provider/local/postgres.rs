@@ -280,8 +280,7 @@ impl Cluster {
         (run_id, address): (&str, &str),
         plan: &crate::privacy::stream::MaskPlan,
     ) -> Result<crate::privacy::stream::Streamed, ProviderError> {
-        use crate::privacy::stream::{self, StreamColumn, Streamed};
-        use tokio::io::AsyncBufReadExt as _;
+        use crate::privacy::stream::{self, Streamed};
         binary("pg_restore")?;
         self.create_database(name, password).await?;
         let pre = self.pg_restore(
@@ -366,17 +365,7 @@ impl Cluster {
         let mut out = Streamed::default();
         let mut sql = String::new();
         let mut line = Vec::new();
-        let mut masked = Vec::new();
-        loop {
-            line.clear();
-            if lines
-                .read_until(b'\n', &mut line)
-                .await
-                .map_err(ProviderError::io("read pg_restore (data)"))?
-                == 0
-            {
-                break;
-            }
+        while next_line(&mut lines, &mut line).await? {
             let text = String::from_utf8_lossy(&line);
             let Some((table, columns)) = stream::copy_header(text.trim_end()) else {
                 // psql meta-commands (`\restrict KEY`, which pg_dump writes since the 2025
@@ -393,73 +382,16 @@ impl Cluster {
                     .map_err(fail("a statement of the data section".into()))?;
             }
             sql.clear();
-            let mut cols: Vec<StreamColumn> = plan
-                .rules
-                .iter()
-                .filter(|r| r.table == table && r.strategy != crate::privacy::Strategy::Keep)
-                .filter_map(|r| {
-                    let index = columns.iter().position(|c| c == &r.column)?;
-                    Some(StreamColumn {
-                        index,
-                        strategy: r.strategy,
-                        facts: crate::privacy::ColumnFacts {
-                            unique: unique.contains(&(table.clone(), r.column.clone())),
-                            max_len: max_len.get(&(table.clone(), r.column.clone())).copied(),
-                        },
-                        originals: Vec::new(),
-                    })
-                })
-                .collect();
-            let header = text.trim_end().to_string();
-            let sink = client
-                .copy_in::<_, bytes::Bytes>(header.as_str())
-                .await
-                .map_err(fail(format!("start {header}")))?;
-            let mut sink = std::pin::pin!(sink);
-            let mut buf = Vec::with_capacity(1 << 20);
-            let mut rows = 0u64;
-            loop {
-                line.clear();
-                if lines
-                    .read_until(b'\n', &mut line)
-                    .await
-                    .map_err(ProviderError::io("read pg_restore (data)"))?
-                    == 0
-                {
-                    return Err(ProviderError::BadBackup(format!(
-                        "the dump's data for {table} ends without its end marker"
-                    )));
-                }
-                let row = line.strip_suffix(b"\n").unwrap_or(&line);
-                if row == b"\\." {
-                    break;
-                }
-                rows += 1;
-                if cols.is_empty() {
-                    buf.extend_from_slice(&line);
-                } else {
-                    stream::mask_line(row, &mut cols, &plan.key, &mut masked);
-                    buf.extend_from_slice(&masked);
-                    buf.push(b'\n');
-                }
-                if buf.len() >= 1 << 20 {
-                    futures_util::SinkExt::send(
-                        &mut sink,
-                        bytes::Bytes::from(std::mem::take(&mut buf)),
-                    )
-                    .await
-                    .map_err(fail(format!("rows of {table}")))?;
-                }
-            }
-            if !buf.is_empty() {
-                futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(buf))
-                    .await
-                    .map_err(fail(format!("rows of {table}")))?;
-            }
-            sink.as_mut()
-                .finish()
-                .await
-                .map_err(fail(format!("rows of {table}")))?;
+            let mut cols = stream::columns_for(plan, &table, &columns, &unique, &max_len);
+            let rows = copy_rows(
+                &client,
+                text.trim_end(),
+                &table,
+                &mut lines,
+                &mut cols,
+                &plan.key,
+            )
+            .await?;
             if !cols.is_empty() {
                 out.rows += rows;
                 for c in cols {
@@ -593,4 +525,73 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
         || e.to_string(),
         |d| format!("{}: {}", d.severity(), d.message()),
     )
+}
+
+/// Reads the next line of `r` into `line` (cleared first); `false` at the end.
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+) -> Result<bool, ProviderError> {
+    use tokio::io::AsyncBufReadExt as _;
+    line.clear();
+    Ok(r.read_until(b'\n', line)
+        .await
+        .map_err(ProviderError::io("read pg_restore (data)"))?
+        > 0)
+}
+
+/// Sends one table's rows, read from `lines` up to the `\.` end marker, into `header`
+/// (`COPY … FROM stdin;`), masking `cols` on the way; returns how many rows.
+async fn copy_rows<R: tokio::io::AsyncBufRead + Unpin>(
+    client: &tokio_postgres::Client,
+    header: &str,
+    table: &str,
+    lines: &mut R,
+    cols: &mut [crate::privacy::stream::StreamColumn],
+    key: &crate::privacy::MaskKey,
+) -> Result<u64, ProviderError> {
+    use futures_util::SinkExt as _;
+    const CHUNK: usize = 1 << 20;
+    let fail = |e: tokio_postgres::Error| {
+        ProviderError::Other(format!(
+            "restore into the copy: rows of {table}: {}",
+            pg_error(&e)
+        ))
+    };
+    let sink = client
+        .copy_in::<_, bytes::Bytes>(header)
+        .await
+        .map_err(fail)?;
+    let mut sink = std::pin::pin!(sink);
+    let (mut line, mut masked, mut buf) = (Vec::new(), Vec::new(), Vec::with_capacity(CHUNK));
+    let mut rows = 0u64;
+    loop {
+        if !next_line(lines, &mut line).await? {
+            return Err(ProviderError::BadBackup(format!(
+                "the dump's data for {table} ends without its end marker"
+            )));
+        }
+        let row = line.strip_suffix(b"\n").unwrap_or(&line);
+        if row == b"\\." {
+            break;
+        }
+        rows += 1;
+        if cols.is_empty() {
+            buf.extend_from_slice(&line);
+        } else {
+            crate::privacy::stream::mask_line(row, cols, key, &mut masked);
+            buf.extend_from_slice(&masked);
+            buf.push(b'\n');
+        }
+        if buf.len() >= CHUNK {
+            sink.send(bytes::Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .map_err(fail)?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(bytes::Bytes::from(buf)).await.map_err(fail)?;
+    }
+    sink.as_mut().finish().await.map_err(fail)?;
+    Ok(rows)
 }
