@@ -312,7 +312,10 @@ async fn protect(
         .cloned()
         .unwrap_or_default();
     let result = async {
-        let mut db = crate::privacy::open(name, &outputs).await?;
+        let get = |k: &str| outputs.get(k).map(|o| o.value.clone()).unwrap_or_default();
+        let engine = get("engine");
+        let location = get(if engine == "sqlite" { "path" } else { "url" });
+        let mut db = crate::privacy::open(name, &engine, &location).await?;
         crate::privacy::protect(
             name,
             db.as_mut(),

@@ -272,26 +272,24 @@ pub trait Db: Send {
     ) -> Result<u64, String>;
 }
 
-/// Opens the restored database a resource's outputs describe, the way sql checks reach it:
-/// a SQLite file (`path`) or a PostgreSQL URL (`url`).
+/// Opens a restored database the way sql checks reach it: a SQLite file (`engine` `sqlite`,
+/// `location` its path) or PostgreSQL (`postgres`, `location` its URL).
 ///
 /// # Errors
 /// An engine masking does not support, or a database that cannot be opened.
 pub async fn open(
     resource: &str,
-    outputs: &crate::provider::Outputs,
+    engine: &str,
+    location: &str,
 ) -> Result<Box<dyn Db>, PrivacyError> {
-    let get = |k: &str| outputs.get(k).map(|o| o.value.clone()).unwrap_or_default();
     let err = |message: String| PrivacyError::Db {
         resource: resource.to_string(),
         message,
     };
-    match get("engine").as_str() {
-        "sqlite" => Ok(Box::new(sqlite::Sqlite::open(&get("path")).map_err(err)?)),
+    match engine {
+        "sqlite" => Ok(Box::new(sqlite::Sqlite::open(location).map_err(err)?)),
         "postgres" => Ok(Box::new(
-            postgres::Postgres::connect(&get("url"))
-                .await
-                .map_err(err)?,
+            postgres::Postgres::connect(location).await.map_err(err)?,
         )),
         other => Err(err(format!("masking does not support engine `{other}`"))),
     }
