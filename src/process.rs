@@ -89,29 +89,29 @@ pub fn shell(
     run_id: &str,
     address: &str,
 ) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new("sh");
-    c.arg("-c").arg(cmdline).current_dir(cwd);
-    tagged(&mut c, base, env, run_id, address);
-    c
+    shell_in(None, cmdline, cwd, base, env, (run_id, address))
 }
 
 /// [`shell`] run through a wrapper program that ends by executing its arguments (`nsenter
-/// --net=PATH --`: the firewall's namespace, [`crate::firewall`]); tagged in the same way.
-pub fn shell_wrapped(
-    wrapper: &(std::path::PathBuf, Vec<String>),
+/// --net=PATH --`: the firewall's namespace, [`crate::firewall`]), or directly without one;
+/// tagged in the same way.
+pub fn shell_in(
+    wrapper: Option<&(std::path::PathBuf, Vec<String>)>,
     cmdline: &str,
     cwd: &Path,
     base: &ChildEnv,
     env: &BTreeMap<String, String>,
-    run_id: &str,
-    address: &str,
+    (run_id, address): (&str, &str),
 ) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(&wrapper.0);
-    c.args(&wrapper.1)
-        .arg("sh")
-        .arg("-c")
-        .arg(cmdline)
-        .current_dir(cwd);
+    let mut c = match wrapper {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg("sh");
+            c
+        }
+        None => tokio::process::Command::new("sh"),
+    };
+    c.arg("-c").arg(cmdline).current_dir(cwd);
     tagged(&mut c, base, env, run_id, address);
     c
 }

@@ -453,3 +453,31 @@ fn scan_prints_the_classification_and_a_starting_masking_block() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("every finding has a masking rule"));
 }
+
+#[test]
+fn postgres_refuses_null_on_a_not_null_column_before_a_row_loads() {
+    if !common::have_postgres() {
+        return;
+    }
+    let state = common::state_dir();
+    let _reaper = common::Reaper(state.path().to_path_buf());
+    let dir = common::state_dir();
+    postgres_backup(dir.path());
+    let rel = release(dir.path(), "postgres");
+    let bp = blueprint(
+        dir.path(),
+        "postgres",
+        &ALL_RULES.replace("members.display: name", "members.display: \"null\""),
+        NO_CHECKS,
+    );
+    let out = dryrun_run(state.path(), &bp, &rel, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("masking rule members.display: the column is NOT NULL, so `null` cannot apply; use `redact` or `hash`"),
+        "{text}"
+    );
+    assert!(!dir.path().join("installed").exists());
+    let id = common::run_ids(state.path()).pop().unwrap();
+    common::assert_nothing_left(state.path(), &id);
+}

@@ -574,11 +574,15 @@ impl Provider for LocalProvider {
             .firewall(&run.run_id, req.firewall, &req.reachable)
             .await?;
         let wrapper = netns.as_ref().map(|n| n.nsenter());
-        let shell = |cmdline: &str, address: &str| match &wrapper {
-            Some(w) => {
-                process::shell_wrapped(w, cmdline, &rel_dir, &base, &env, &run.run_id, address)
-            }
-            None => process::shell(cmdline, &rel_dir, &base, &env, &run.run_id, address),
+        let shell = |cmdline: &str, address: &str| {
+            process::shell_in(
+                wrapper.as_ref(),
+                cmdline,
+                &rel_dir,
+                &base,
+                &env,
+                (&run.run_id, address),
+            )
         };
 
         let mut steps = Vec::new();

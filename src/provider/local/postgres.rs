@@ -313,7 +313,8 @@ impl Cluster {
                 ProviderError::Other(format!("restore into the copy: {what}: {}", pg_error(&e)))
             }
         };
-        // varchar(n) limits of the masked columns, now that the tables exist.
+        // varchar(n) limits of the masked columns, now that the tables exist; `null` on a NOT
+        // NULL column is refused here, before a row loads, as the in-copy path refuses it.
         let mut max_len = std::collections::BTreeMap::new();
         for r in plan
             .rules
@@ -323,11 +324,19 @@ impl Cluster {
             let (schema, table) = r.table.split_once('.').unwrap_or(("public", &r.table));
             let row = client
                 .query_opt(
-                    "SELECT character_maximum_length FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+                    "SELECT character_maximum_length, is_nullable = 'NO' FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
                     &[&schema, &table, &r.column],
                 )
                 .await
                 .map_err(fail(format!("column {}.{}", r.table, r.column)))?;
+            if r.strategy == crate::privacy::Strategy::Null
+                && row.as_ref().is_some_and(|row| row.get::<_, bool>(1))
+            {
+                return Err(ProviderError::Other(format!(
+                    "masking rule {}.{}: the column is NOT NULL, so `null` cannot apply; use `redact` or `hash`",
+                    r.table, r.column
+                )));
+            }
             if let Some(Some(n)) = row.map(|r| r.get::<_, Option<i32>>(0)) {
                 max_len.insert(
                     (r.table.clone(), r.column.clone()),
