@@ -481,3 +481,105 @@ fn postgres_refuses_null_on_a_not_null_column_before_a_row_loads() {
     let id = common::run_ids(state.path()).pop().unwrap();
     common::assert_nothing_left(state.path(), &id);
 }
+
+/// The in-copy path (AWS with `runner_in_vpc`, or anything a restore did not mask on the way
+/// in): `privacy::protect` on a PostgreSQL database reached by URL, masking by COPY out, a
+/// temporary table and one UPDATE, then the verification.
+#[tokio::test]
+async fn postgres_reached_by_url_is_masked_in_place_and_verified() {
+    use dryrun::privacy::{self, Gate, MaskKey, Rule, Strategy};
+    if !common::have_postgres() {
+        return;
+    }
+    let server = common::pg::ControlDb::start();
+    let (c, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(
+        "CREATE TABLE members (id serial PRIMARY KEY, contact varchar(60) NOT NULL UNIQUE,
+                               line varchar(20), memo text)",
+    )
+    .await
+    .unwrap();
+    for p in people() {
+        c.execute(
+            "INSERT INTO members (contact, line, memo) VALUES ($1, $2, 'plain note')",
+            &[&p[0], &p[2]],
+        )
+        .await
+        .unwrap();
+    }
+    let rules = vec![
+        Rule {
+            table: "members".into(),
+            column: "contact".into(),
+            strategy: Strategy::Email,
+        },
+        Rule {
+            table: "members".into(),
+            column: "line".into(),
+            strategy: Strategy::Phone,
+        },
+        Rule {
+            table: "members".into(),
+            column: "memo".into(),
+            strategy: Strategy::Keep,
+        },
+    ];
+    let mut db = privacy::open("db", "postgres", &server.url())
+        .await
+        .unwrap();
+    let done = privacy::protect(
+        "db",
+        db.as_mut(),
+        &rules,
+        Gate::On,
+        &MaskKey::random(),
+        (false, None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.rows, ROWS as u64);
+    assert!(!done.masked_in_restore);
+    let q = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        q("SELECT count(*) FROM members WHERE contact LIKE '%realmail-canary.test'").await,
+        0
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM members WHERE line LIKE '+44 20 7946 %'").await,
+        0
+    );
+    assert_eq!(
+        q("SELECT count(DISTINCT contact) - count(*) FROM members").await,
+        0
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM members WHERE memo = 'plain note'").await,
+        ROWS as i64
+    );
+
+    // Without a rule for `line`, the gate refuses before anything is written.
+    c.batch_execute("UPDATE members SET line = '+44 20 7946 0001' WHERE id = 1")
+        .await
+        .unwrap();
+    let err = privacy::protect(
+        "db",
+        db.as_mut(),
+        &rules[..1],
+        Gate::On,
+        &MaskKey::random(),
+        (false, None),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("members.line: looks like phone numbers"),
+        "{err}"
+    );
+}
