@@ -1383,6 +1383,7 @@ fn iam_policies_constrain_mutations_and_the_instance_reads_no_secrets() {
         "Restore",
         "Put",
         "Authorize",
+        "Revoke",
         "AddTags",
         "TagResource",
         "SendCommand",

@@ -2,8 +2,9 @@
 //!
 //! The security group admits traffic only from its own members (the service reaches the
 //! database; nothing else reaches either), plus the runner's CIDR on the database port when
-//! configured. It has no 0.0.0.0/0 ingress. Egress stays open so the instance can reach SSM and
-//! the presigned release URL.
+//! configured. It has no 0.0.0.0/0 ingress. Unless the blueprint says `firewall: off`, its
+//! egress is reduced to its members, HTTPS (the SSM agent and the presigned release URL) and the
+//! blueprint's `firewall.allow` addresses (`restrict_egress`; docs/data-safety.md).
 
 use std::time::Duration;
 
