@@ -610,21 +610,13 @@ fn sqlite_query(path: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
 }
 
 async fn postgres_query(url: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
-    let (client, conn) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .map_err(|_| "connecting to the database timed out".to_string())?
-    .map_err(|e| format!("connect: {e}"))?;
-    let h = tokio::spawn(conn);
+    let client = crate::pg::connect(url).await?;
     // simple_query returns every value as text, which is how expectations are written.
     let msgs = client
         .simple_query(q)
         .await
-        .map_err(|e| format!("query failed: {}", pg_error(&e)))?;
+        .map_err(|e| format!("query failed: {}", crate::pg::error(&e)))?;
     drop(client);
-    let _ = h.await;
     let mut out = Vec::new();
     for m in msgs {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
@@ -636,13 +628,6 @@ async fn postgres_query(url: &str, q: &str) -> Result<Vec<Vec<String>>, String> 
         }
     }
     Ok(out)
-}
-
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{}: {}", d.severity(), d.message()),
-    )
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ pub mod firewall;
 pub mod graph;
 pub mod journal;
 pub mod lease;
+pub mod pg;
 pub mod privacy;
 pub mod process;
 pub mod provider;

@@ -7,14 +7,12 @@
 //! transaction. Keeping the strategies in Rust rather than in SQL keeps one definition of each
 //! and its guarantees (see `strategy`); the cost is the round trip of the masked columns only.
 
-use std::pin::pin;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
+use std::pin::pin;
+use tokio_postgres::Client;
 use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
 
 use super::{Column, Db, MaskKey, Strategy, ident};
 use crate::privacy::strategy;
@@ -24,22 +22,7 @@ pub(super) struct Postgres {
     client: Client,
 }
 
-async fn connect(url: &str) -> Result<Client, String> {
-    let (client, conn) =
-        tokio::time::timeout(Duration::from_secs(10), tokio_postgres::connect(url, NoTls))
-            .await
-            .map_err(|_| "connecting to the database timed out".to_string())?
-            .map_err(|e| format!("connect: {}", pg_error(&e)))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{}: {}", d.severity(), d.message()),
-    )
-}
+use crate::pg::{connect, error as pg_error};
 
 /// `schema.table` as an SQL name; `public` tables are written without their schema.
 fn qualified(table: &str) -> String {

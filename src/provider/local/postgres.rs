@@ -310,7 +310,10 @@ impl Cluster {
         let client = self.connect(name, password).await?;
         let fail = |what: String| {
             move |e: tokio_postgres::Error| {
-                ProviderError::Other(format!("restore into the copy: {what}: {}", pg_error(&e)))
+                ProviderError::Other(format!(
+                    "restore into the copy: {what}: {}",
+                    crate::pg::error(&e)
+                ))
             }
         };
         // varchar(n) limits of the masked columns, now that the tables exist; `null` on a NOT
@@ -448,23 +451,18 @@ impl Cluster {
         db: &str,
         password: &Secret,
     ) -> Result<tokio_postgres::Client, ProviderError> {
-        let (client, conn) = tokio_postgres::connect(
-            &format!(
-                "host=127.0.0.1 port={} user={SUPERUSER} dbname={db} password={}",
-                self.port,
-                password.expose()
-            ),
-            tokio_postgres::NoTls,
-        )
+        crate::pg::connect(&format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} dbname={db} password={}",
+            self.port,
+            password.expose()
+        ))
         .await
         .map_err(|e| {
             ProviderError::Other(format!(
                 "connect to the copy on 127.0.0.1:{}: {e}",
                 self.port
             ))
-        })?;
-        tokio::spawn(conn);
-        Ok(client)
+        })
     }
 
     async fn create_database(&self, name: &str, password: &Secret) -> Result<(), ProviderError> {
@@ -529,13 +527,6 @@ impl Cluster {
     }
 }
 
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{}: {}", d.severity(), d.message()),
-    )
-}
-
 /// Reads the next line of `r` into `line` (cleared first); `false` at the end.
 async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
@@ -564,7 +555,7 @@ async fn copy_rows<R: tokio::io::AsyncBufRead + Unpin>(
     let fail = |e: tokio_postgres::Error| {
         ProviderError::Other(format!(
             "restore into the copy: rows of {table}: {}",
-            pg_error(&e)
+            crate::pg::error(&e)
         ))
     };
     let sink = client
