@@ -583,3 +583,75 @@ async fn postgres_reached_by_url_is_masked_in_place_and_verified() {
         "{err}"
     );
 }
+
+/// Table and column names come from production's schema and the blueprint: quotes and SQL in
+/// them are names, never statements.
+#[tokio::test]
+async fn hostile_table_and_column_names_are_quoted_and_never_run() {
+    use dryrun::privacy::{self, Gate, MaskKey, PrivacyError, Rule, Strategy};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("copy.sqlite");
+    let table = "we\"ird; DROP TABLE keepme; --";
+    let column = "co\"l";
+    {
+        let c = rusqlite::Connection::open(&file).unwrap();
+        c.execute_batch(
+            "CREATE TABLE keepme (x TEXT);
+             INSERT INTO keepme VALUES ('still here');
+             CREATE TABLE \"we\"\"ird; DROP TABLE keepme; --\" (\"co\"\"l\" TEXT UNIQUE);",
+        )
+        .unwrap();
+        for p in people() {
+            c.execute(
+                "INSERT INTO \"we\"\"ird; DROP TABLE keepme; --\" VALUES (?1)",
+                [&p[0]],
+            )
+            .unwrap();
+        }
+    }
+    let path = file.to_str().unwrap();
+    let key = MaskKey::random();
+
+    // A rule whose column is SQL names nothing and runs nothing.
+    let bad = vec![Rule {
+        table: "keepme".into(),
+        column: "x\"; DROP TABLE keepme; --".into(),
+        strategy: Strategy::Null,
+    }];
+    let mut db = privacy::open("db", "sqlite", path).await.unwrap();
+    let err = privacy::protect("db", db.as_mut(), &bad, Gate::Off, &key, (false, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PrivacyError::Rules { .. }), "{err}");
+
+    let rules = vec![
+        Rule {
+            table: table.into(),
+            column: column.into(),
+            strategy: Strategy::Email,
+        },
+        Rule {
+            table: "keepme".into(),
+            column: "x".into(),
+            strategy: Strategy::Keep,
+        },
+    ];
+    let done = privacy::protect("db", db.as_mut(), &rules, Gate::On, &key, (false, None))
+        .await
+        .unwrap();
+    assert_eq!(done.rows, ROWS as u64);
+    drop(db);
+    let c = rusqlite::Connection::open(&file).unwrap();
+    let kept: String = c
+        .query_row("SELECT x FROM keepme", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, "still here");
+    let originals: i64 = c
+        .query_row(
+            &format!("SELECT count(*) FROM \"we\"\"ird; DROP TABLE keepme; --\" WHERE \"co\"\"l\" LIKE '%{CANARY_DOMAIN}'"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(originals, 0);
+}
