@@ -22,6 +22,7 @@
 //! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, API, schedules, dashboard, metrics |
 //! | environments | [`lease`] | the environment key and the file lease (one run per environment across processes on one machine) |
 //!
+//! [`pg`] is the one way to connect to a PostgreSQL copy and word its errors.
 //! [`process`] starts the release's processes (tagged, grouped, minimal environment, redacted
 //! logs) for the local provider and command checks; [`secret`] keeps secrets out of every view; [`state`] lays out the state directory;
 //! [`failpoint`] marks the side-effect points the crash tests abort at (feature `failpoints`).
