@@ -1,6 +1,7 @@
 //! The gate and masking on a SQLite copy: one connection, masking as an SQL function
 //! (`dryrun_mask`) that calls [`super::strategy::mask`], `secure_delete` on so that the pages the
-//! originals were on are zeroed, and the WAL checkpointed away.
+//! originals were on are zeroed, then `VACUUM` (an UPDATE that moves cells between pages leaves
+//! old bytes in free space) and the WAL checkpointed away.
 
 use std::sync::{Arc, Mutex};
 
@@ -178,6 +179,10 @@ impl Db for Sqlite {
             let tx = c.transaction()?;
             let n = tx.execute(&q, [])?;
             tx.commit()?;
+            // secure_delete zeroes the cells it deletes, but an UPDATE that rebalances a page
+            // leaves the old cell bytes in the page's free space: rebuild the file so that no
+            // original survives anywhere in it (a release can read the file's raw bytes).
+            c.execute_batch("VACUUM")?;
             c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             c.remove_function("dryrun_mask", 3)?;
             Ok(n as u64)
