@@ -274,6 +274,19 @@ run (also start dry runs from the dashboard). See docs/security.md."
         /// Log file to write.
         file: PathBuf,
     },
+    /// Golden copies: each backup the local provider restored once, kept stopped under the
+    /// state directory and cloned by every later run of it (copy-on-write where the file
+    /// system can). They hold production data (masked as the blueprint said when they were
+    /// built): prune what you no longer rehearse against.
+    #[command(
+        after_long_help = "Examples:\n  dryrun cache list\n  dryrun cache prune --older-than 14d\n  dryrun cache prune --max-size 50GB\n  dryrun cache prune --all\n\n\
+A copy a run is cloning is never removed. Runs can skip the cache with `dryrun run --no-cache` or\n\
+`providers.local.cache: false`. See docs/providers/local.md."
+    )]
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// List past runs, newest first.
     Runs {
         /// At most this many.
@@ -283,6 +296,56 @@ run (also start dry runs from the dashboard). See docs/security.md."
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `dryrun cache` subcommands.
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// List golden copies, least recently used first: backup, engine, size, last use.
+    List {
+        /// As JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove golden copies (and what crashed builds left). With no option, nothing is
+    /// removed: say which.
+    Prune {
+        /// Copies not used for this long (e.g. 14d).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// Then least-recently-used copies until the cache fits (e.g. 50GB, 512MB).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Every copy.
+        #[arg(long, conflicts_with_all = ["older_than", "max_size"])]
+        all: bool,
+    },
+}
+
+/// `50GB`, `512MB`, `1.5TB`, `1048576` (bytes); powers of 1024.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 50GB, 512MB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        other => return Err(format!("`{other}` is not a size unit (B, KB, MB, GB, TB)")),
+    };
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    Ok((n * mult as f64) as u64)
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +360,10 @@ struct Common {
     /// at or before it).
     #[arg(long, default_value = "latest", value_name = "ID|latest|TIME")]
     backup: String,
+    /// Restore every database from its backup instead of cloning its golden copy (local
+    /// provider; see `dryrun cache`). Nothing is read from or added to the cache.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -495,6 +562,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cleanup_cmd(&state, provider, &target, yes, (endpoint, database_url)).await
         }
         Command::Runs { limit, json } => runs(&state, limit, json),
+        Command::Cache { action } => cache_cmd(&state, &action),
         Command::LogPump { .. } => Ok(exit::PASSED),
         Command::Prune { older_than } => {
             let control = open_control(&state, database_url).await?;
@@ -586,6 +654,96 @@ fn validate(
         }
     }
     Ok(if bad > 0 { exit::USAGE } else { exit::PASSED })
+}
+
+fn cache_cmd(state: &StateDir, action: &CacheAction) -> anyhow::Result<i32> {
+    use crate::provider::local::golden::{Cache, Prune};
+    use crate::report::human_bytes;
+    let cache = Cache::new(state);
+    match *action {
+        CacheAction::List { json } => {
+            let entries = cache
+                .list()
+                .with_context(|| format!("read {}", cache.root().display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(exit::PASSED);
+            }
+            if entries.is_empty() {
+                println!("no golden copies in {}", cache.root().display());
+                return Ok(exit::PASSED);
+            }
+            println!(
+                "{:<10} {:<40} {:>9}  {:<17} {:<17} KEY",
+                "ENGINE", "BACKUP", "SIZE", "BUILT", "LAST USED"
+            );
+            let mut total = 0;
+            for e in &entries {
+                total += e.size_bytes;
+                let id = &e.golden.identity;
+                let masked = if id.masking.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (masked: {} rule(s))", id.masking.len())
+                };
+                println!(
+                    "{:<10} {:<40} {:>9}  {:<17} {:<17} {}{}{}",
+                    id.engine,
+                    format!("{}/{}", id.source, id.backup_id),
+                    human_bytes(e.size_bytes),
+                    e.golden.built_at.format("%Y-%m-%d %H:%M"),
+                    e.last_used.format("%Y-%m-%d %H:%M"),
+                    e.golden.key,
+                    masked,
+                    if e.in_use { " [in use]" } else { "" }
+                );
+            }
+            println!(
+                "{} golden cop{}, {} in {}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" },
+                human_bytes(total),
+                cache.root().display()
+            );
+            Ok(exit::PASSED)
+        }
+        CacheAction::Prune {
+            older_than,
+            max_size,
+            all,
+        } => {
+            if !all && older_than.is_none() && max_size.is_none() {
+                eprintln!(
+                    "error: say what to prune: --older-than DURATION, --max-size SIZE or --all (see `dryrun cache prune --help`)"
+                );
+                return Err(Exit(exit::USAGE).into());
+            }
+            let done = cache
+                .prune(&Prune {
+                    all,
+                    older_than,
+                    max_bytes: max_size,
+                })
+                .with_context(|| format!("prune {}", cache.root().display()))?;
+            let mut freed = 0;
+            for p in &done {
+                match &p.kept {
+                    Some(why) => println!("kept    {} ({why})", p.key),
+                    None => {
+                        freed += p.size_bytes;
+                        println!("removed {} ({})", p.key, human_bytes(p.size_bytes));
+                    }
+                }
+            }
+            println!(
+                "{} removed, {} freed; {} left",
+                done.iter().filter(|p| p.kept.is_none()).count(),
+                human_bytes(freed),
+                cache.list().map(|l| l.len()).unwrap_or(0)
+            );
+            Ok(exit::PASSED)
+        }
+    }
 }
 
 async fn provider_for(
@@ -684,6 +842,9 @@ async fn run(
     let t = Instant::now();
     let params = common.params.iter().cloned().collect();
     let mut bp = compile(path, &params, color)?;
+    if common.no_cache {
+        bp.local.cache = false;
+    }
     let compile_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(0);
     let scan = release_ref.is_none();
     if scan {

@@ -19,6 +19,7 @@ fn provider(state: &std::path::Path) -> LocalProvider {
             backups: prod.join("backups"),
             buckets: prod.join("buckets"),
             pass_env: Vec::new(),
+            cache: true,
         }),
     )
 }

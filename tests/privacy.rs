@@ -75,7 +75,8 @@ fn release(dir: &Path, engine: &str) -> PathBuf {
     let r = dir.join("release");
     std::fs::create_dir_all(&r).unwrap();
     let dump = if engine == "sqlite" {
-        r#"python3 -c "import os,sqlite3; [print(row) for row in sqlite3.connect(os.environ['DB']).execute('SELECT * FROM members')]""#
+        // Every row, then the file's raw bytes: originals left in freed space would show.
+        r#"python3 -c "import os,sqlite3; [print(row) for row in sqlite3.connect(os.environ['DB']).execute('SELECT * FROM members')]; print(open(os.environ['DB'], 'rb').read())""#
     } else {
         r#"psql "$DB" -c 'SELECT * FROM members'"#
     };
@@ -223,7 +224,33 @@ fn masked_checks(engine: &str) -> String {
 }
 
 /// Runs the masked blueprint and checks the report, the canary and production's backup.
-fn masked_run(state: &Path, dir: &Path, engine: &str, prod: &Path) {
+/// Records the backup's checksum in its metadata: the local provider then keeps a golden copy
+/// of it (masked) and clones it on later runs.
+fn with_checksum(prod: &Path) {
+    let meta = prod.parent().unwrap().join("backup.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    m["sha256"] = sha256(prod).into();
+    std::fs::write(&meta, m.to_string()).unwrap();
+}
+
+/// A masked run (twice with `cached`: building the golden copy, then cloning it), every check
+/// and the search for the originals after each.
+fn masked_run(state: &Path, dir: &Path, engine: &str, prod: &Path, cached: bool) {
+    if cached {
+        with_checksum(prod);
+    }
+    for golden in if cached {
+        &["miss", "hit"][..]
+    } else {
+        &["off"][..]
+    } {
+        let _ = std::fs::remove_file(dir.join("installed"));
+        masked_run_once(state, dir, engine, prod, golden);
+    }
+}
+
+fn masked_run_once(state: &Path, dir: &Path, engine: &str, prod: &Path, golden: &str) {
     let before = sha256(prod);
     let rel = release(dir, engine);
     let bp = blueprint(dir, engine, ALL_RULES, &masked_checks(engine));
@@ -241,14 +268,21 @@ fn masked_run(state: &Path, dir: &Path, engine: &str, prod: &Path) {
         stdout.contains("masking: db: 5 column(s) masked, 2 kept, 500 row(s)"),
         "{stdout}"
     );
-    let id = common::run_ids(state).pop().unwrap();
+    let id = common::run_ids(state)
+        .into_iter()
+        .find(|id| common::report(state, id)["backup"]["clone"]["golden"] == *golden)
+        .unwrap_or_else(|| panic!("no run with golden copy `{golden}`"));
     let report = common::report(state, &id);
     let m = &report["masking"]["databases"][0];
     assert_eq!(report["masking"]["gate"], "on");
     assert_eq!(m["rows"], 500);
-    // PostgreSQL's rows are masked while they load (no original ever enters the copy);
-    // SQLite's inside the copy after restore.
-    assert_eq!(m["masked_in_restore"], engine == "postgres", "{m}");
+    // PostgreSQL's rows are masked while they load (no original ever enters the copy), a
+    // golden copy's when it is built; SQLite's without one inside the copy after restore.
+    assert_eq!(
+        m["masked_in_restore"],
+        engine == "postgres" || golden != "off",
+        "{m}"
+    );
     assert_eq!(m["columns"].as_array().unwrap().len(), 7);
     assert!(
         m["columns"]
@@ -294,7 +328,16 @@ fn sqlite_masking_keeps_constraints_and_shape_and_leaves_no_original_anywhere() 
     let _reaper = common::Reaper(state.path().to_path_buf());
     let dir = tempfile::tempdir().unwrap();
     let prod = sqlite_backup(dir.path());
-    masked_run(state.path(), dir.path(), "sqlite", &prod);
+    masked_run(state.path(), dir.path(), "sqlite", &prod, false);
+}
+
+#[test]
+fn sqlite_golden_copy_is_masked_when_built_and_holds_no_original() {
+    let state = common::state_dir();
+    let _reaper = common::Reaper(state.path().to_path_buf());
+    let dir = tempfile::tempdir().unwrap();
+    let prod = sqlite_backup(dir.path());
+    masked_run(state.path(), dir.path(), "sqlite", &prod, true);
 }
 
 #[test]
@@ -306,7 +349,7 @@ fn postgres_masking_keeps_constraints_and_shape_and_leaves_no_original_anywhere(
     let _reaper = common::Reaper(state.path().to_path_buf());
     let dir = common::state_dir(); // traversable by the postgres user
     let prod = postgres_backup(dir.path());
-    masked_run(state.path(), dir.path(), "postgres", &prod);
+    masked_run(state.path(), dir.path(), "postgres", &prod, true);
 }
 
 /// A pg_dump (custom format) production backup made from a throw-away server.

@@ -166,6 +166,7 @@ struct RawLocal {
     buckets: Option<String>,
     #[serde(default)]
     pass_env: Vec<Spanned<String>>,
+    cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +595,7 @@ impl Compiler<'_> {
             backups: resolve(&dir, local_raw.backups.as_deref().unwrap_or("backups")),
             buckets: resolve(&dir, local_raw.buckets.as_deref().unwrap_or("buckets")),
             pass_env,
+            cache: local_raw.cache.unwrap_or(true),
         };
         let aws = self.aws_settings(&providers.aws.unwrap_or_default(), &params);
 

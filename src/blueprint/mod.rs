@@ -192,6 +192,9 @@ pub struct LocalSettings {
     /// Variables of dryrun's environment that install steps, services and command checks may
     /// see besides the minimal set (`PATH`, `LANG`, `LC_*`, `TZ`): `providers.local.pass_env`.
     pub pass_env: Vec<String>,
+    /// Whether databases are cloned from golden copies (`providers.local.cache`, default on;
+    /// `--no-cache` turns it off for one run): docs/providers/local.md.
+    pub cache: bool,
 }
 
 /// AWS provider settings from `providers.aws`. Every field is optional; docs/providers/aws.md

@@ -177,6 +177,12 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
                 resource: r.address(),
                 taken_at: b.taken_at,
                 age_seconds: (started_at - b.taken_at).num_seconds(),
+                clone: shared
+                    .clones
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&r.name)
+                    .cloned(),
             })
         })
         .collect();

@@ -171,6 +171,8 @@ struct Shared {
     sinks: crate::sinks::Sinks,
     /// The blueprint's egress firewall.
     firewall: crate::firewall::Policy,
+    /// How each database copy came to be, by resource name (report.json `backup.clone`).
+    clones: Mutex<BTreeMap<String, crate::provider::CloneInfo>>,
 }
 
 /// The run's side of [`crate::privacy`].
@@ -443,6 +445,7 @@ fn begin(
         },
         sinks,
         firewall: bp.firewall.clone(),
+        clones: Mutex::default(),
     })
 }
 

@@ -422,19 +422,29 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
             rules: sh.privacy.rules.get(&r.name).cloned().unwrap_or_default(),
             key: sh.privacy.key.clone(),
         };
-        let restored =
-            if matches!(r.spec, ResourceSpec::Database(_)) && plan.masks() && !sh.privacy.scan {
-                sh.provider
-                    .restore_masked(&sh.run, &created.record, &req, backup, &sh.cancel, &plan)
-                    .await
+        let restored = if matches!(r.spec, ResourceSpec::Database(_)) {
+            let plan = if sh.privacy.scan {
+                crate::privacy::stream::MaskPlan {
+                    rules: Vec::new(),
+                    key: plan.key,
+                }
             } else {
-                sh.provider
-                    .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
-                    .await
-                    .map(|o| (o, None))
+                plan
             };
+            sh.provider
+                .restore_database(&sh.run, &created.record, &req, backup, &sh.cancel, &plan)
+                .await
+        } else {
+            sh.provider
+                .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
+                .await
+                .map(|outputs| crate::provider::Restored {
+                    outputs,
+                    ..Default::default()
+                })
+        };
         crate::failpoint::point("provider: after restore");
-        let (outputs, streamed) = restored.map_err(|e| {
+        let restored = restored.map_err(|e| {
             sh.step_failed(
                 &address,
                 Step::Restore,
@@ -442,6 +452,13 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
                 failure(&address, Step::Restore, &e, redactor),
             )
         })?;
+        let (outputs, streamed) = (restored.outputs, restored.streamed);
+        if let Some(c) = restored.clone {
+            sh.clones
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(r.name.clone(), c);
+        }
         sh.add_outputs(&r.name, outputs);
         sh.step_passed(&address, Step::Restore, t);
         if matches!(r.spec, ResourceSpec::Database(_)) {

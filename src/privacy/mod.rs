@@ -473,26 +473,7 @@ pub async fn protect(
 
     // Verify.
     let t = Instant::now();
-    for ((table, column), values) in &originals {
-        let Some(c) = columns
-            .iter()
-            .find(|c| &c.table == table && &c.name == column)
-        else {
-            continue;
-        };
-        if values.is_empty() {
-            continue;
-        }
-        let left = db.count_originals(table, c, values).await.map_err(dberr)?;
-        if left > 0 {
-            return Err(PrivacyError::Verify {
-                resource: resource.to_string(),
-                problem: format!(
-                    "{table}.{column} still holds {left} original value(s) after masking"
-                ),
-            });
-        }
-    }
+    no_originals_left(resource, db, &columns, &originals).await?;
     if gate == Gate::On {
         for (table, cols) in &by_table {
             let probe: Vec<&Column> = cols
@@ -519,6 +500,62 @@ pub async fn protect(
     }
     report.verify_ms = millis(t);
     Ok(report)
+}
+
+/// Checks that no column in `originals` still holds one of its sampled original values.
+async fn no_originals_left(
+    resource: &str,
+    db: &mut dyn Db,
+    columns: &[Column],
+    originals: &BTreeMap<(String, String), Vec<String>>,
+) -> Result<(), PrivacyError> {
+    for ((table, column), values) in originals {
+        let Some(c) = columns
+            .iter()
+            .find(|c| &c.table == table && &c.name == column)
+        else {
+            continue;
+        };
+        if values.is_empty() {
+            continue;
+        }
+        let left = db
+            .count_originals(table, c, values)
+            .await
+            .map_err(|message| PrivacyError::Db {
+                resource: resource.to_string(),
+                message,
+            })?;
+        if left > 0 {
+            return Err(PrivacyError::Verify {
+                resource: resource.to_string(),
+                problem: format!(
+                    "{table}.{column} still holds {left} original value(s) after masking"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The verification half of [`protect`] for a copy masked while it was restored, on its own:
+/// none of the originals `streamed` sampled is left in the PostgreSQL copy at `url`. The local
+/// provider runs it on a golden copy before the copy is kept, since later runs clone it
+/// without the originals (they never leave memory).
+///
+/// # Errors
+/// [`PrivacyError::Verify`] naming the column; the copy's errors.
+pub async fn verify_streamed(
+    resource: &str,
+    url: &str,
+    streamed: &stream::Streamed,
+) -> Result<(), PrivacyError> {
+    let mut db = open(resource, "postgres", url).await?;
+    let columns = db.columns().await.map_err(|message| PrivacyError::Db {
+        resource: resource.to_string(),
+        message,
+    })?;
+    no_originals_left(resource, db.as_mut(), &columns, &streamed.originals).await
 }
 
 /// The value detectors' findings for one column's sample.

@@ -185,6 +185,79 @@ pub trait RecordSink: Send + Sync {
     fn update(&self, record: &ResourceRecord) -> Result<(), std::io::Error>;
 }
 
+/// What [`Provider::restore_database`] gave.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// Outputs learnt by restoring (`backup_id`).
+    pub outputs: Outputs,
+    /// Columns masked while the data loaded.
+    pub streamed: Option<crate::privacy::stream::Streamed>,
+    /// How the copy came to be, when the provider knows better than "restored".
+    pub clone: Option<CloneInfo>,
+}
+
+/// How a database copy came to be: report.json `backup.clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneInfo {
+    /// `restore` (from the backup into the copy), `reflink` or `copy` (from a golden copy).
+    pub method: CloneMethod,
+    /// Whether a golden copy was used: `hit`, `miss` (built by this run), `off`.
+    pub golden: GoldenUse,
+    /// Until the copy was ready (restore, clone and start), in ms.
+    pub ms: u64,
+    /// Of which building the golden copy (on a miss), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
+    /// Why no golden copy was used, when `golden` is `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// See [`CloneInfo::method`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMethod {
+    /// Restored from the backup into the copy itself.
+    Restore,
+    /// Cloned from a golden copy by copy-on-write (`FICLONE`).
+    Reflink,
+    /// Cloned from a golden copy by copying its files.
+    Copy,
+}
+
+/// See [`CloneInfo::golden`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GoldenUse {
+    /// An existing golden copy was cloned.
+    Hit,
+    /// This run built the golden copy (then cloned it).
+    Miss,
+    /// No golden copy: `--no-cache`, `providers.local.cache: false`, or a backup without a
+    /// checksum.
+    Off,
+}
+
+impl std::fmt::Display for CloneMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloneMethod::Restore => "restore",
+            CloneMethod::Reflink => "reflink",
+            CloneMethod::Copy => "copy",
+        })
+    }
+}
+
+impl std::fmt::Display for GoldenUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GoldenUse::Hit => "hit",
+            GoldenUse::Miss => "miss",
+            GoldenUse::Off => "off",
+        })
+    }
+}
+
 /// What `install` is given.
 #[derive(Debug)]
 pub struct InstallRequest<'a> {
@@ -469,14 +542,15 @@ pub trait Provider: Send + Sync {
         cancel: &CancellationToken,
     ) -> Result<Outputs, ProviderError>;
 
-    /// [`Provider::restore`] for a database with masking rules: a provider that can mask while
-    /// the data loads does (the local provider, PostgreSQL: [`crate::privacy::stream`]) and says
-    /// which columns; the engine masks the rest inside the copy. Default: the plain restore,
-    /// nothing masked on the way.
+    /// Restores a database (masking rules in `plan`, nothing to mask when it has none): a
+    /// provider that can mask while the data loads does (the local provider, PostgreSQL:
+    /// [`crate::privacy::stream`]) and says which columns; the engine masks the rest inside the
+    /// copy. A provider that clones rather than restores (golden copies, copy-on-write clones)
+    /// says how in [`Restored::clone`]. Default: the plain restore, nothing masked on the way.
     ///
     /// # Errors
     /// As [`Provider::restore`].
-    async fn restore_masked(
+    async fn restore_database(
         &self,
         run: &RunInfo,
         record: &ResourceRecord,
@@ -484,8 +558,11 @@ pub trait Provider: Send + Sync {
         backup: Option<&BackupInfo>,
         cancel: &CancellationToken,
         _plan: &crate::privacy::stream::MaskPlan,
-    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
-        Ok((self.restore(run, record, req, backup, cancel).await?, None))
+    ) -> Result<Restored, ProviderError> {
+        Ok(Restored {
+            outputs: self.restore(run, record, req, backup, cancel).await?,
+            ..Restored::default()
+        })
     }
 
     /// Installs and starts the release on a service; waits until healthy.

@@ -99,6 +99,9 @@ fn headline(md: &mut String, report: &RunReport) {
                 human_secs(backup.age_seconds),
             ),
         ));
+        if let Some(c) = &backup.clone {
+            rows.push(("Copy", cell(&super::describe_clone(c))));
+        }
     }
     if backups.is_empty() {
         rows.push(("Backup", "none restored".to_owned()));

@@ -109,6 +109,10 @@ pub struct BackupReport {
     pub taken_at: DateTime<Utc>,
     /// Age of the backup when the run started (the run's RPO).
     pub age_seconds: i64,
+    /// How the copy was made from it (a golden copy cloned, or restored), when the provider
+    /// says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<crate::provider::CloneInfo>,
 }
 
 /// One stage of the loop: compile, provision, restore, install, check, teardown.
@@ -326,6 +330,49 @@ pub fn exit_code(status: Status, left_behind: usize) -> i32 {
         Status::Passed | Status::Skipped | Status::Pending => exit::PASSED,
         Status::Failed => exit::FAILED,
         Status::Error => exit::INFRA,
+    }
+}
+
+/// How a copy was made, in words for the terminal, report.md and the dashboard: `cloned from
+/// its golden copy (reflink) in 140 ms`, `golden copy built in 24.1 s, cloned (copy)`,
+/// `restored (no golden copy: …)`.
+#[must_use]
+pub fn describe_clone(c: &crate::provider::CloneInfo) -> String {
+    use crate::provider::GoldenUse;
+    match c.golden {
+        GoldenUse::Hit => format!(
+            "cloned from its golden copy ({}) in {}",
+            c.method,
+            human_ms(c.ms)
+        ),
+        GoldenUse::Miss => format!(
+            "golden copy built in {}, cloned ({}); ready in {}",
+            human_ms(c.build_ms.unwrap_or(c.ms)),
+            c.method,
+            human_ms(c.ms)
+        ),
+        GoldenUse::Off => match &c.reason {
+            Some(r) => format!("restored in {} (no golden copy: {r})", human_ms(c.ms)),
+            None => format!("restored in {}", human_ms(c.ms)),
+        },
+    }
+}
+
+/// Human size: `512 B`, `3.4 KB`, `1.2 GB` (powers of 1024).
+#[must_use]
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -73,6 +73,9 @@ fn summary_backups(out: &mut String, report: &RunReport) {
         } else if let Some(ms) = report.restore_ms {
             let _ = write!(out, ", restored in {}", human_ms(ms));
         }
+        if let Some(c) = &backup.clone {
+            let _ = write!(out, "\n  {}", super::describe_clone(c));
+        }
         out.push('\n');
     }
     match (several, report.restore_ms) {
@@ -940,6 +943,7 @@ pub(crate) mod testutil {
             resource: "database.db".to_owned(),
             taken_at: Utc.with_ymd_and_hms(2026, 11, 21, 3, 0, 0).unwrap(),
             age_seconds: 93_600,
+            clone: None,
         };
         let mut report = RunReport {
             run_id: "dr-20261122-0300-a1b2".to_owned(),

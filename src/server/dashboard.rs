@@ -331,6 +331,7 @@ async fn run_page(
             data["backup"] = serde_json::to_value(b).unwrap_or_default();
             data["backup_taken"] = json!(b.taken_at.format("%Y-%m-%d %H:%M UTC").to_string());
             data["backup_age"] = json!(human_secs(b.age_seconds));
+            data["backup_clone"] = json!(b.clone.as_ref().map(crate::report::describe_clone));
         }
         data["failure"] = json!(rep.failure);
         if let Some(m) = &rep.masking {

@@ -96,6 +96,17 @@ pub fn assert_nothing_left(state: &Path, run_id: &str) {
     assert!(procs.is_empty(), "processes of {run_id} remain: {procs:?}");
     let work = state.join("copies").join(run_id);
     assert!(!work.exists(), "work directory {} remains", work.display());
+    let builds: Vec<_> = std::fs::read_dir(state.join("golden"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".building-") && n.ends_with(&format!(".{run_id}")))
+        .collect();
+    assert!(
+        builds.is_empty(),
+        "unfinished golden copies of {run_id} remain: {builds:?}"
+    );
 }
 
 /// The report.json of a run from its history directory.

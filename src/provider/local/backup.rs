@@ -123,6 +123,16 @@ pub fn pick(
     })
 }
 
+/// The SHA-256 the backup's metadata records, if any: what a golden copy of it is keyed by.
+#[must_use]
+pub fn recorded_sha256(backup: &BackupInfo) -> Option<String> {
+    let meta = Path::new(&backup.location).parent()?.join("backup.json");
+    let meta: Meta = serde_json::from_str(&fs::read_to_string(meta).ok()?).ok()?;
+    meta.sha256
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|s| s.to_ascii_lowercase())
+}
+
 /// Copies a backup file to `dest`, verifying its SHA-256 against the metadata on the way.
 ///
 /// # Errors

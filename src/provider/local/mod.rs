@@ -12,6 +12,7 @@
 //! only read.
 
 pub mod backup;
+pub mod golden;
 pub mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::blueprint::{Engine, LocalSettings, ResourceKind};
 use crate::process;
 use crate::provider::{
-    BackupInfo, BackupPick, Created, Deleted, InstallRequest, Installed, Orphan, Output, Outputs,
-    Provider, ProviderError, RecordSink, ResourceRecord, ResourceRequest, RunInfo,
+    BackupInfo, BackupPick, CloneInfo, CloneMethod, Created, Deleted, GoldenUse, InstallRequest,
+    Installed, Orphan, Output, Outputs, Provider, ProviderError, RecordSink, ResourceRecord,
+    ResourceRequest, Restored, RunInfo,
 };
 use crate::release::copy_dir;
 use crate::secret::Secret;
@@ -54,6 +56,8 @@ pub struct LocalProvider {
     passwords: Mutex<HashMap<String, Secret>>,
     /// Each run's egress firewall, from its first install until its sweep.
     firewalls: Mutex<HashMap<String, Firewall>>,
+    /// Golden copies of restored backups.
+    cache: golden::Cache,
 }
 
 /// A run's firewall as the provider holds it.
@@ -83,11 +87,12 @@ impl LocalProvider {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from("."));
         LocalProvider {
-            state,
             settings,
             bin_dir,
             passwords: Mutex::new(HashMap::new()),
             firewalls: Mutex::new(HashMap::new()),
+            cache: golden::Cache::new(&state),
+            state,
         }
     }
 
@@ -167,7 +172,7 @@ impl LocalProvider {
     }
 
     /// Restores a database (masking `plan`'s columns while the data loads, for PostgreSQL) or
-    /// copies a bucket.
+    /// copies a bucket. Databases come from a golden copy ([`golden`]) when the cache is on.
     async fn restore_with(
         &self,
         run: &RunInfo,
@@ -176,10 +181,10 @@ impl LocalProvider {
         backup: Option<&BackupInfo>,
         cancel: &CancellationToken,
         plan: Option<&crate::privacy::stream::MaskPlan>,
-    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
+    ) -> Result<Restored, ProviderError> {
         let dir = rec_dir(record);
         let mut outputs = Outputs::new();
-        let mut streamed = None;
+        let (mut streamed, mut clone) = (None, None);
 
         match req {
             ResourceRequest::Database(db) => {
@@ -187,81 +192,19 @@ impl LocalProvider {
                     ProviderError::NoBackup(format!("no backup chosen for {}", record.address))
                 })?;
                 outputs.insert("backup_id".into(), out(backup.id.clone()));
-                match db.engine {
+                let done = match db.engine {
                     Engine::Sqlite => {
-                        let path = dir.join(format!("{}.sqlite", db.database));
-                        let b = backup.clone();
-                        let p = path.clone();
-                        let work =
-                            tokio::task::spawn_blocking(move || -> Result<(), ProviderError> {
-                                backup::copy_verified(&b, &p)?;
-                                let conn = rusqlite::Connection::open(&p).map_err(|e| {
-                                    ProviderError::BadBackup(format!(
-                                        "backup {} does not open as SQLite: {e}",
-                                        b.id
-                                    ))
-                                })?;
-                                let check: String = conn
-                                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                                    .map_err(|e| {
-                                        ProviderError::BadBackup(format!(
-                                            "backup {}: integrity check failed to run: {e}",
-                                            b.id
-                                        ))
-                                    })?;
-                                if check != "ok" {
-                                    return Err(ProviderError::BadBackup(format!(
-                                        "backup {} fails PRAGMA integrity_check: {check}",
-                                        b.id
-                                    )));
-                                }
-                                Ok(())
-                            });
-                        tokio::select! {
-                            r = work => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))??,
-                            () = cancel.cancelled() => return Err(ProviderError::Cancelled),
-                        }
+                        self.restore_sqlite(run, record, (db, backup), cancel, plan)
+                            .await
                     }
                     Engine::Postgres => {
-                        let password = self.passwords.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&Self::key(&run.run_id, &record.address)).cloned()
-                            .ok_or_else(|| ProviderError::Other(format!("{}: cluster password unknown (create did not run in this process)", record.address)))?;
-                        let port: u16 = record
-                            .data
-                            .get("port")
-                            .and_then(|p| p.parse().ok())
-                            .unwrap_or(0);
-                        let cluster = postgres::Cluster {
-                            dir: dir.clone(),
-                            port,
-                        };
-                        // Copy first so the dump is checksum-verified before PostgreSQL reads it.
-                        let local_dump = dir.join("restore.dump");
-                        let b = backup.clone();
-                        let d = local_dump.clone();
-                        tokio::task::spawn_blocking(move || backup::copy_verified(&b, &d))
+                        self.restore_postgres(run, record, db, backup, cancel, plan)
                             .await
-                            .map_err(|e| ProviderError::Other(format!("restore task: {e}")))??;
-                        if let Some(u) = postgres::run_as()? {
-                            let _ = nix::unistd::chown(
-                                &local_dump,
-                                Some(u.uid.into()),
-                                Some(u.gid.into()),
-                            );
-                        }
-                        let ids = (run.run_id.as_str(), record.address.as_str());
-                        let r = tokio::select! {
-                            r = async {
-                                match plan.filter(|p| p.masks()) {
-                                    Some(p) => cluster.restore_masked(&db.database, &password, &local_dump, ids, p).await.map(Some),
-                                    None => cluster.restore(&db.database, &password, &local_dump, ids.0, ids.1).await.map(|()| None),
-                                }
-                            } => r,
-                            () = cancel.cancelled() => Err(ProviderError::Cancelled),
-                        };
-                        let _ = tokio::fs::remove_file(&local_dump).await;
-                        streamed = r?;
                     }
-                }
+                };
+                let (s, c) = done?;
+                streamed = s;
+                clone = Some(c);
             }
             ResourceRequest::Bucket(b) => {
                 let settings = self.settings()?;
@@ -285,7 +228,318 @@ impl LocalProvider {
             }
             ResourceRequest::Service(_) => {}
         }
-        Ok((outputs, streamed))
+        Ok(Restored {
+            outputs,
+            streamed,
+            clone,
+        })
+    }
+
+    /// What a golden copy of `backup` restored for `db` (with `plan`'s masking) is, or why
+    /// there is none: the cache is off, or the backup's metadata has no checksum to trust.
+    fn golden_identity(
+        &self,
+        db: &crate::blueprint::DatabaseSpec,
+        backup: &BackupInfo,
+        engine_version: &str,
+        plan: Option<&crate::privacy::stream::MaskPlan>,
+    ) -> Result<golden::Identity, String> {
+        if !self.settings.as_ref().is_some_and(|s| s.cache) {
+            return Err(
+                "golden copies are off (`--no-cache` or `providers.local.cache: false`)".into(),
+            );
+        }
+        let Some(sha) = backup::recorded_sha256(backup) else {
+            return Err(format!(
+                "backup {} has no sha256 in its backup.json, so it has no identity to cache it by",
+                backup.id
+            ));
+        };
+        let mut masking: Vec<String> = plan
+            .into_iter()
+            .flat_map(|p| &p.rules)
+            .filter(|r| r.strategy != crate::privacy::Strategy::Keep)
+            .map(|r| format!("{}.{}={}", r.table, r.column, r.strategy.as_str()))
+            .collect();
+        masking.sort();
+        Ok(golden::Identity {
+            engine: db.engine.as_str().to_string(),
+            engine_version: engine_version.to_string(),
+            source: backup.source.clone(),
+            backup_id: backup.id.clone(),
+            backup_sha256: sha,
+            database: db.database.clone(),
+            masking,
+        })
+    }
+
+    /// The golden copy of `id`, waiting while another run builds it; cancellable.
+    async fn acquire(
+        &self,
+        id: &golden::Identity,
+        run_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<golden::Acquired, ProviderError> {
+        self.cache.acquire(id, run_id, cancel).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                ProviderError::Cancelled
+            } else {
+                ProviderError::Io {
+                    context: format!("golden copy cache {}", self.cache.root().display()),
+                    source: e,
+                }
+            }
+        })
+    }
+
+    /// A SQLite copy: the backup file, checksum- and integrity-verified, cloned from its golden
+    /// copy or (cache off) copied from the backup store. A golden copy is masked by `plan`
+    /// when it is built (the gate's masking and verification, run on it), so that the cache
+    /// never holds the originals of masked columns; without one the engine masks the copy.
+    async fn restore_sqlite(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        (db, backup): (&crate::blueprint::DatabaseSpec, &BackupInfo),
+        cancel: &CancellationToken,
+        plan: Option<&crate::privacy::stream::MaskPlan>,
+    ) -> Result<(Option<crate::privacy::stream::Streamed>, CloneInfo), ProviderError> {
+        let t = Instant::now();
+        let path = rec_dir(record).join(format!("{}.sqlite", db.database));
+        let cancellable = |b: BackupInfo, p: PathBuf| async move {
+            let work = tokio::task::spawn_blocking(move || verified_sqlite(&b, &p));
+            tokio::select! {
+                r = work => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))?,
+                () = cancel.cancelled() => Err(ProviderError::Cancelled),
+            }
+        };
+        let plan = plan.filter(|p| p.masks());
+        let id = match self.golden_identity(db, backup, rusqlite::version(), plan) {
+            Ok(id) => id,
+            Err(reason) => {
+                cancellable(backup.clone(), path).await?;
+                return Ok((None, CloneInfo::off(t.elapsed(), reason)));
+            }
+        };
+        let (ready, golden, build_ms) = match self.acquire(&id, &run.run_id, cancel).await? {
+            golden::Acquired::Hit(r) => (*r, GoldenUse::Hit, None),
+            golden::Acquired::Miss(b) => {
+                let tb = Instant::now();
+                let file = b.dir().join("db.sqlite");
+                cancellable(backup.clone(), file.clone()).await?;
+                let (mut masked, mut masked_rows) = (Vec::new(), 0);
+                if let Some(p) = plan {
+                    let mut copy = crate::privacy::open(
+                        &record.address,
+                        "sqlite",
+                        &file.display().to_string(),
+                    )
+                    .await
+                    .map_err(|e| ProviderError::Other(e.to_string()))?;
+                    let done = crate::privacy::protect(
+                        &record.address,
+                        copy.as_mut(),
+                        &p.rules,
+                        crate::privacy::Gate::Off,
+                        &p.key,
+                        (false, None),
+                    )
+                    .await
+                    .map_err(|e| ProviderError::Other(run.redactor.redact(&e.to_string())))?;
+                    masked = p
+                        .rules
+                        .iter()
+                        .filter(|r| r.strategy != crate::privacy::Strategy::Keep)
+                        .map(|r| (r.table.clone(), r.column.clone()))
+                        .collect();
+                    masked_rows = done.rows;
+                }
+                let g = golden::Golden {
+                    key: b.key().to_string(),
+                    identity: id,
+                    masked,
+                    masked_rows,
+                    built_at: chrono::Utc::now(),
+                    build_ms: millis(tb.elapsed()),
+                    built_by: run.run_id.clone(),
+                };
+                crate::failpoint::point("golden: before keep");
+                let ready = keep(b, g).await?;
+                (ready, GoldenUse::Miss, Some(millis(tb.elapsed())))
+            }
+        };
+        let streamed = ready.golden.streamed();
+        let src = ready.dir.join("db.sqlite");
+        let method = tokio::task::spawn_blocking(move || {
+            let m = golden::clone_file(&src, &path);
+            drop(ready);
+            m
+        })
+        .await
+        .map_err(|e| ProviderError::Other(format!("clone task: {e}")))?
+        .map_err(ProviderError::io("clone the golden copy"))?;
+        Ok((
+            streamed,
+            CloneInfo {
+                method,
+                golden,
+                ms: millis(t.elapsed()),
+                build_ms,
+                reason: None,
+            },
+        ))
+    }
+
+    /// A PostgreSQL copy: the golden copy's data directory cloned, given this run's password
+    /// and started on the copy's port — or, without a golden copy, initdb and pg_restore. On a
+    /// miss the golden copy is built first (restored, masked on the way, the masking verified,
+    /// stopped cleanly) by a server tagged with this run, so that a crash leaves it to the run's
+    /// cleanup.
+    async fn restore_postgres(
+        &self,
+        run: &RunInfo,
+        record: &ResourceRecord,
+        db: &crate::blueprint::DatabaseSpec,
+        backup: &BackupInfo,
+        cancel: &CancellationToken,
+        plan: Option<&crate::privacy::stream::MaskPlan>,
+    ) -> Result<(Option<crate::privacy::stream::Streamed>, CloneInfo), ProviderError> {
+        let t = Instant::now();
+        let password = self
+            .passwords
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&Self::key(&run.run_id, &record.address))
+            .cloned()
+            .ok_or_else(|| {
+                ProviderError::Other(format!(
+                    "{}: cluster password unknown (create did not run in this process)",
+                    record.address
+                ))
+            })?;
+        let port: u16 = record
+            .data
+            .get("port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let cluster = postgres::Cluster {
+            dir: rec_dir(record),
+            port,
+        };
+        let ids = (run.run_id.as_str(), record.address.as_str());
+        let plan = plan.filter(|p| p.masks());
+        let version = postgres::version().await?;
+        let id = match self.golden_identity(db, backup, &version, plan) {
+            Ok(id) => id,
+            Err(reason) => {
+                cluster.init_and_start(&password, ids.0, ids.1).await?;
+                let streamed =
+                    restore_dump(&cluster, db, &password, backup, ids, plan, cancel).await?;
+                return Ok((streamed, CloneInfo::off(t.elapsed(), reason)));
+            }
+        };
+        if postgres::run_as()?.is_some() {
+            // As for the work area: the building server's user must walk to its directory.
+            let root = self.cache.root();
+            crate::state::create_private_dir(root)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        root,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                    )
+                })
+                .map_err(ProviderError::io(format!("prepare {}", root.display())))?;
+        }
+        let (ready, streamed, golden, build_ms) =
+            match self.acquire(&id, &run.run_id, cancel).await? {
+                golden::Acquired::Hit(r) => {
+                    // Masked when it was built: its columns are not masked again, and their
+                    // originals were checked against it then (they are kept nowhere).
+                    let streamed = r.golden.streamed();
+                    (*r, streamed, GoldenUse::Hit, None)
+                }
+                golden::Acquired::Miss(b) => {
+                    let tb = Instant::now();
+                    let builder = postgres::Cluster {
+                        dir: b.dir().to_path_buf(),
+                        port: process::free_port()
+                            .map_err(ProviderError::io("find a free port"))?,
+                    };
+                    let build_password = Secret::generate(24);
+                    run.redactor.register(&build_password);
+                    let built = async {
+                        builder
+                            .init_and_start(&build_password, ids.0, ids.1)
+                            .await?;
+                        crate::failpoint::point("golden: building");
+                        let streamed =
+                            restore_dump(&builder, db, &build_password, backup, ids, plan, cancel)
+                                .await?;
+                        if let Some(s) = &streamed {
+                            let url = format!(
+                                "postgres://{}:{}@127.0.0.1:{}/{}",
+                                postgres::SUPERUSER,
+                                build_password.expose(),
+                                builder.port,
+                                db.database
+                            );
+                            crate::privacy::verify_streamed(&record.address, &url, s)
+                                .await
+                                .map_err(|e| {
+                                    ProviderError::Other(run.redactor.redact(&e.to_string()))
+                                })?;
+                        }
+                        builder.stop_clean().await?;
+                        Ok::<_, ProviderError>(streamed)
+                    };
+                    let streamed = match built.await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Nothing half-built is kept: the server stops, the directory goes.
+                            postgres::Cluster::stop(&builder.data()).await;
+                            return Err(e);
+                        }
+                    };
+                    let _ = std::fs::remove_file(builder.dir.join("postgres.log"));
+                    let g = golden::Golden {
+                        key: b.key().to_string(),
+                        identity: id,
+                        masked: streamed
+                            .iter()
+                            .flat_map(|s| s.masked.iter().cloned())
+                            .collect(),
+                        masked_rows: streamed.as_ref().map_or(0, |s| s.rows),
+                        built_at: chrono::Utc::now(),
+                        build_ms: millis(tb.elapsed()),
+                        built_by: run.run_id.clone(),
+                    };
+                    crate::failpoint::point("golden: before keep");
+                    let ready = keep(b, g).await?;
+                    (ready, streamed, GoldenUse::Miss, Some(millis(tb.elapsed())))
+                }
+            };
+        let owner = postgres::run_as()?.map(|u| (u.uid, u.gid));
+        let (src, dst) = (ready.dir.join("data"), cluster.data());
+        let method = tokio::task::spawn_blocking(move || {
+            let m = golden::clone_tree(&src, &dst, owner);
+            drop(ready);
+            m
+        })
+        .await
+        .map_err(|e| ProviderError::Other(format!("clone task: {e}")))?
+        .map_err(ProviderError::io("clone the golden copy"))?;
+        cluster.set_password(&password, ids.0, ids.1).await?;
+        cluster.start(ids.0, ids.1).await?;
+        Ok((
+            streamed,
+            CloneInfo {
+                method,
+                golden,
+                ms: millis(t.elapsed()),
+                build_ms,
+                reason: None,
+            },
+        ))
     }
 
     fn settings(&self) -> Result<&LocalSettings, ProviderError> {
@@ -336,6 +590,89 @@ impl LocalProvider {
     fn key(run_id: &str, address: &str) -> String {
         format!("{run_id}/{address}")
     }
+}
+
+/// Copies a SQLite backup to `path`, verifying its checksum, and checks the copy's integrity.
+fn verified_sqlite(b: &BackupInfo, path: &Path) -> Result<(), ProviderError> {
+    backup::copy_verified(b, path)?;
+    let conn = rusqlite::Connection::open(path).map_err(|e| {
+        ProviderError::BadBackup(format!("backup {} does not open as SQLite: {e}", b.id))
+    })?;
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| {
+            ProviderError::BadBackup(format!(
+                "backup {}: integrity check failed to run: {e}",
+                b.id
+            ))
+        })?;
+    if check != "ok" {
+        return Err(ProviderError::BadBackup(format!(
+            "backup {} fails PRAGMA integrity_check: {check}",
+            b.id
+        )));
+    }
+    Ok(())
+}
+
+/// Restores a custom-format dump into `cluster`'s database: the dump is copied next to the
+/// cluster first, so that it is checksum-verified before PostgreSQL reads it; masking `plan`'s
+/// columns while the data loads.
+async fn restore_dump(
+    cluster: &postgres::Cluster,
+    db: &crate::blueprint::DatabaseSpec,
+    password: &Secret,
+    backup: &BackupInfo,
+    ids: (&str, &str),
+    plan: Option<&crate::privacy::stream::MaskPlan>,
+    cancel: &CancellationToken,
+) -> Result<Option<crate::privacy::stream::Streamed>, ProviderError> {
+    let local_dump = cluster.dir.join("restore.dump");
+    let (b, d) = (backup.clone(), local_dump.clone());
+    let copy = tokio::task::spawn_blocking(move || backup::copy_verified(&b, &d));
+    tokio::select! {
+        r = copy => r.map_err(|e| ProviderError::Other(format!("restore task: {e}")))??,
+        () = cancel.cancelled() => return Err(ProviderError::Cancelled),
+    };
+    if let Some(u) = postgres::run_as()? {
+        let _ = nix::unistd::chown(&local_dump, Some(u.uid.into()), Some(u.gid.into()));
+    }
+    let r = tokio::select! {
+        r = async {
+            match plan {
+                Some(p) => cluster.restore_masked(&db.database, password, &local_dump, ids, p).await.map(Some),
+                None => cluster.restore(&db.database, password, &local_dump, ids.0, ids.1).await.map(|()| None),
+            }
+        } => r,
+        () = cancel.cancelled() => Err(ProviderError::Cancelled),
+    };
+    let _ = tokio::fs::remove_file(&local_dump).await;
+    r
+}
+
+/// Puts a built golden copy in place ([`golden::Building::finish`]).
+async fn keep(b: golden::Building, g: golden::Golden) -> Result<golden::Ready, ProviderError> {
+    tokio::task::spawn_blocking(move || b.finish(&g))
+        .await
+        .map_err(|e| ProviderError::Other(format!("golden copy task: {e}")))?
+        .map_err(ProviderError::io("keep the golden copy"))
+}
+
+impl CloneInfo {
+    /// Restored without a golden copy, and why.
+    fn off(took: Duration, reason: String) -> Self {
+        CloneInfo {
+            method: CloneMethod::Restore,
+            golden: GoldenUse::Off,
+            ms: millis(took),
+            build_ms: None,
+            reason: Some(reason),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn out(value: impl Into<String>) -> Output {
@@ -451,17 +788,13 @@ impl Provider for LocalProvider {
                             process::free_port().map_err(ProviderError::io("find a free port"))?;
                         let password = Secret::generate(24);
                         run.redactor.register(&password);
-                        let cluster = postgres::Cluster {
-                            dir: dir.clone(),
-                            port,
-                        };
+                        let cluster = postgres::Cluster { dir, port };
                         record.data.insert("port".into(), port.to_string());
+                        // The cluster is made when the data comes (`restore`): from a golden
+                        // copy's clone, or by initdb and pg_restore.
                         record
                             .data
                             .insert("pgdata".into(), cluster.data().display().to_string());
-                        cluster
-                            .init_and_start(&password, &run.run_id, &record.address)
-                            .await?;
                         let url = format!(
                             "postgres://{}:{}@127.0.0.1:{port}/{}",
                             postgres::SUPERUSER,
@@ -518,10 +851,10 @@ impl Provider for LocalProvider {
     ) -> Result<Outputs, ProviderError> {
         self.restore_with(run, record, req, backup, cancel, None)
             .await
-            .map(|(o, _)| o)
+            .map(|r| r.outputs)
     }
 
-    async fn restore_masked(
+    async fn restore_database(
         &self,
         run: &RunInfo,
         record: &ResourceRecord,
@@ -529,7 +862,7 @@ impl Provider for LocalProvider {
         backup: Option<&BackupInfo>,
         cancel: &CancellationToken,
         plan: &crate::privacy::stream::MaskPlan,
-    ) -> Result<(Outputs, Option<crate::privacy::stream::Streamed>), ProviderError> {
+    ) -> Result<Restored, ProviderError> {
         self.restore_with(run, record, req, backup, cancel, Some(plan))
             .await
     }
@@ -917,11 +1250,26 @@ impl Provider for LocalProvider {
                 reason: None,
             });
         }
+        // A golden copy the run was building when it stopped (never used by any run).
+        let builds = self.cache.builds_of(run_id);
+        for b in &builds {
+            found.push(Orphan {
+                id: format!("unfinished golden copy {}", b.display()),
+                removed: false,
+                reason: None,
+            });
+        }
         if !remove {
             return Ok(found);
         }
         let survivors = process::end_tagged(run_id, None, GRACE).await;
         let dir_err = remove_dir(&work).await.err();
+        let mut build_errs = Vec::new();
+        for b in &builds {
+            if let Err(e) = remove_dir(b).await {
+                build_errs.push(e.to_string());
+            }
+        }
         for o in &mut found {
             if o.id.starts_with("process") {
                 let pid: i32 =
@@ -939,6 +1287,8 @@ impl Provider for LocalProvider {
                     Some(e) => o.reason = Some(e.to_string()),
                     None => o.removed = true,
                 }
+            } else if o.id.starts_with("unfinished golden copy") && !build_errs.is_empty() {
+                o.reason = Some(build_errs.join("; "));
             } else {
                 o.removed = true;
             }

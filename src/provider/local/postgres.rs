@@ -193,15 +193,7 @@ impl Cluster {
     ) -> Result<(), ProviderError> {
         let user = run_as()?;
         let initdb = binary("initdb")?;
-        let pg_ctl = binary("pg_ctl")?;
-        if let Some(u) = &user {
-            // The cluster's directory is the user's own (0700); every directory above it must
-            // let the user pass.
-            nix::unistd::chown(&self.dir, Some(u.uid.into()), Some(u.gid.into())).map_err(|e| {
-                ProviderError::Other(format!("chown {} to {}: {e}", self.dir.display(), u.name))
-            })?;
-            check_reachable(&self.dir, u)?;
-        }
+        self.hand_over(user.as_ref())?;
         let pwfile = self.dir.join(".pw");
         crate::state::create_private_file(&pwfile)
             .and_then(|mut f| std::io::Write::write_all(&mut f, password.expose().as_bytes()))
@@ -227,6 +219,30 @@ impl Cluster {
         let res = run_checked(c, "initdb", Duration::from_secs(120)).await;
         let _ = std::fs::remove_file(&pwfile);
         res?;
+        self.start(run_id, address).await
+    }
+
+    /// Hands the directory to the server's user when dryrun is root (the cluster's directory is
+    /// the user's own, 0700; every directory above it must let the user pass).
+    fn hand_over(&self, user: Option<&RunAs>) -> Result<(), ProviderError> {
+        if let Some(u) = user {
+            nix::unistd::chown(&self.dir, Some(u.uid.into()), Some(u.gid.into())).map_err(|e| {
+                ProviderError::Other(format!("chown {} to {}: {e}", self.dir.display(), u.name))
+            })?;
+            check_reachable(&self.dir, u)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server of an existing data directory on this cluster's port, tagged with the
+    /// run id.
+    ///
+    /// # Errors
+    /// Start failures with PostgreSQL's own log tail.
+    pub async fn start(&self, run_id: &str, address: &str) -> Result<(), ProviderError> {
+        let user = run_as()?;
+        let pg_ctl = binary("pg_ctl")?;
+        let base = process::ChildEnv::new(&self.dir, &[]);
         let mut c = command(&pg_ctl, user.as_ref(), &self.dir);
         c.arg("-D").arg(self.data()).arg("-l").arg(self.dir.join("postgres.log"))
             .arg("-o").arg(format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c synchronous_commit=off", self.port))
@@ -244,6 +260,94 @@ impl Cluster {
         Ok(())
     }
 
+    /// Gives the superuser of a stopped cluster (a clone of a golden copy) this run's password,
+    /// in single-user mode: no connection, so no old password is needed or kept anywhere. The
+    /// statement goes through stdin, never the command line.
+    ///
+    /// # Errors
+    /// When the single-user backend fails (its output is shown; it holds no password).
+    pub async fn set_password(
+        &self,
+        password: &Secret,
+        run_id: &str,
+        address: &str,
+    ) -> Result<(), ProviderError> {
+        use tokio::io::AsyncWriteExt as _;
+        let user = run_as()?;
+        self.hand_over(user.as_ref())?;
+        let postgres = binary("postgres")?;
+        let mut c = command(&postgres, user.as_ref(), &self.dir);
+        process::tagged(
+            &mut c,
+            &process::ChildEnv::new(&self.dir, &[]),
+            &BTreeMap::new(),
+            run_id,
+            address,
+        );
+        c.arg("--single")
+            .arg("-D")
+            .arg(self.data())
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=off",
+                "postgres",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c
+            .spawn()
+            .map_err(ProviderError::io("start postgres --single"))?;
+        let statement = format!(
+            "ALTER ROLE \"{SUPERUSER}\" PASSWORD '{}';\n",
+            password.expose().replace('\'', "''")
+        );
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(statement.as_bytes())
+                .await
+                .map_err(ProviderError::io("write to postgres --single"))?;
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .map_err(|_| ProviderError::Timeout {
+                what: "postgres --single".into(),
+                waited: Duration::from_secs(120),
+                last_state: "running".into(),
+            })?
+            .map_err(ProviderError::io("wait for postgres --single"))?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() || text.contains("ERROR:") {
+            return Err(ProviderError::Other(format!(
+                "set the copy's password (postgres --single) failed ({}):\n{}",
+                out.status,
+                process::tail(&text, 3000)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops the cluster cleanly (`-m fast`: a shutdown checkpoint), so that a clone of its
+    /// data directory starts without recovery.
+    ///
+    /// # Errors
+    /// pg_ctl's error output.
+    pub async fn stop_clean(&self) -> Result<(), ProviderError> {
+        let user = run_as()?;
+        let pg_ctl = binary("pg_ctl")?;
+        let mut c = command(&pg_ctl, user.as_ref(), &self.dir);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "-t", "120", "stop"]);
+        run_checked(c, "pg_ctl stop", Duration::from_secs(150))
+            .await
+            .map(|_| ())
+    }
+
     /// Creates the database `name` and restores a custom-format dump into it.
     ///
     /// # Errors
@@ -258,7 +362,8 @@ impl Cluster {
     ) -> Result<(), ProviderError> {
         binary("pg_restore")?;
         self.create_database(name, password).await?;
-        let c = self.pg_restore(&["-d", name], dump, password, run_id, address);
+        let jobs = jobs();
+        let c = self.pg_restore(&["-j", &jobs, "-d", name], dump, password, run_id, address);
         run_checked(c, "pg_restore", Duration::from_secs(3600))
             .await
             .map(|_| ())
@@ -430,8 +535,9 @@ impl Cluster {
             )));
         }
         drop(client);
+        let jobs = jobs();
         let post = self.pg_restore(
-            &["--section=post-data", "-d", name],
+            &["--section=post-data", "-j", &jobs, "-d", name],
             dump,
             password,
             run_id,
@@ -525,6 +631,34 @@ impl Cluster {
             .args(["-m", "immediate", "-w", "-t", "20", "stop"]);
         let _ = run_checked(c, "pg_ctl stop", Duration::from_secs(30)).await;
     }
+}
+
+/// Parallel jobs for `pg_restore -j`: one per core (at least two; the tables and indexes of a
+/// dump load independently).
+fn jobs() -> String {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get().max(2))
+        .to_string()
+}
+
+/// The PostgreSQL server's version (`postgres -V`), part of a golden copy's identity: a data
+/// directory only starts under the major version that wrote it.
+///
+/// # Errors
+/// The binary is missing or does not answer.
+pub async fn version() -> Result<String, ProviderError> {
+    static VERSION: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    VERSION
+        .get_or_try_init(|| async {
+            let bin = binary("postgres")?;
+            let mut c = tokio::process::Command::new(bin);
+            c.env_clear().arg("-V");
+            run_checked(c, "postgres -V", Duration::from_secs(30))
+                .await
+                .map(|v| v.trim().to_string())
+        })
+        .await
+        .cloned()
 }
 
 /// Reads the next line of `r` into `line` (cleared first); `false` at the end.
