@@ -107,6 +107,15 @@ fn postgres_golden_copy_is_built_once_cloned_after_and_never_changed_by_a_run() 
         !golden.join("postgres.log").exists(),
         "the build's log stays out of the cache"
     );
+    let segments = std::fs::read_dir(golden.join("data/pg_wal"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().len() == 24)
+        .count();
+    assert_eq!(
+        segments, 1,
+        "only the last checkpoint's WAL segment is kept"
+    );
 
     // --no-cache: restored from the backup, the cache untouched.
     let (code, out) = dryrun_run(state.path(), &bp, release, &["--no-cache"]);

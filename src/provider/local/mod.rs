@@ -393,8 +393,8 @@ impl LocalProvider {
     /// A PostgreSQL copy: the golden copy's data directory cloned, given this run's password
     /// and started on the copy's port — or, without a golden copy, initdb and pg_restore. On a
     /// miss the golden copy is built first (restored, masked on the way, the masking verified,
-    /// stopped cleanly) by a server tagged with this run, so that a crash leaves it to the run's
-    /// cleanup.
+    /// stopped cleanly, its recycled WAL segments removed) by a server tagged with this run, so
+    /// that a crash leaves it to the run's cleanup.
     async fn restore_postgres(
         &self,
         run: &RunInfo,
@@ -490,6 +490,7 @@ impl LocalProvider {
                                 })?;
                         }
                         builder.stop_clean().await?;
+                        builder.trim_wal().await?;
                         Ok::<_, ProviderError>(streamed)
                     };
                     let streamed = match built.await {

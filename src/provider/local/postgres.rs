@@ -331,6 +331,48 @@ impl Cluster {
         Ok(())
     }
 
+    /// Removes the WAL segments a cleanly stopped cluster does not need: everything in
+    /// `pg_wal` but the segment holding its last checkpoint (`pg_controldata`: "Latest
+    /// checkpoint's REDO WAL file"). The rest are segments recycled for later use — about
+    /// `max_wal_size` after a big restore, as much as the data itself — which every clone would
+    /// copy. A cluster that is not cleanly shut down is left as it is.
+    ///
+    /// # Errors
+    /// pg_controldata's failure, or a file that cannot be removed.
+    pub async fn trim_wal(&self) -> Result<u64, ProviderError> {
+        let bin = binary("pg_controldata")?;
+        let mut c = tokio::process::Command::new(bin);
+        c.env_clear()
+            .envs(process::ChildEnv::new(&self.dir, &[]).vars())
+            .env("LC_ALL", "C")
+            .arg(self.data());
+        let text = run_checked(c, "pg_controldata", Duration::from_secs(60)).await?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        if field("Database cluster state:").as_deref() != Some("shut down") {
+            return Ok(0);
+        }
+        let Some(keep) = field("Latest checkpoint's REDO WAL file:") else {
+            return Ok(0);
+        };
+        let mut freed = 0;
+        let wal = self.data().join("pg_wal");
+        for e in std::fs::read_dir(&wal).map_err(ProviderError::io("read pg_wal"))? {
+            let e = e.map_err(ProviderError::io("read pg_wal"))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let segment = name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if segment && name != keep {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(e.path())
+                    .map_err(ProviderError::io(format!("remove {name} from pg_wal")))?;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Stops the cluster cleanly (`-m fast`: a shutdown checkpoint), so that a clone of its
     /// data directory starts without recovery.
     ///
