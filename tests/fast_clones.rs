@@ -116,6 +116,21 @@ fn postgres_golden_copy_is_built_once_cloned_after_and_never_changed_by_a_run() 
         segments, 1,
         "only the last checkpoint's WAL segment is kept"
     );
+    if nix::unistd::geteuid().is_root() {
+        // Every copy's server runs as the PostgreSQL user, and a release is superuser in its
+        // copy: the golden copy must not be that user's to change.
+        use std::os::unix::fs::MetadataExt as _;
+        for p in [
+            golden.clone(),
+            golden.join("data"),
+            golden.join("data/PG_VERSION"),
+        ] {
+            let md = std::fs::metadata(&p).unwrap();
+            assert_eq!(md.uid(), 0, "{} is not root's", p.display());
+        }
+        let mode = std::fs::metadata(golden.join("data")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     // --no-cache: restored from the backup, the cache untouched.
     let (code, out) = dryrun_run(state.path(), &bp, release, &["--no-cache"]);

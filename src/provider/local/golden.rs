@@ -620,6 +620,26 @@ pub fn clone_file(src: &Path, dst: &Path) -> io::Result<CloneMethod> {
     Ok(CloneMethod::Copy)
 }
 
+/// Hands every entry under `dir` (and `dir`) to `uid`/`gid`, symbolic links themselves.
+///
+/// # Errors
+/// I/O errors.
+pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::os::unix::fs::lchown(&d, Some(uid), Some(gid))?;
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn chown(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     match owner {
         Some((u, g)) => std::os::unix::fs::chown(path, Some(u), Some(g)),

@@ -491,6 +491,17 @@ impl LocalProvider {
                         }
                         builder.stop_clean().await?;
                         builder.trim_wal().await?;
+                        if postgres::run_as()?.is_some() {
+                            // Every copy's server runs as the PostgreSQL user, and a release is
+                            // superuser in its copy (server-side COPY writes files as that
+                            // user): the golden copy is root's, so that no run can change what
+                            // later runs clone. Clones are handed back to that user.
+                            let dir = builder.dir.clone();
+                            tokio::task::spawn_blocking(move || golden::chown_tree(&dir, 0, 0))
+                                .await
+                                .map_err(|e| ProviderError::Other(format!("chown task: {e}")))?
+                                .map_err(ProviderError::io("hand the golden copy to root"))?;
+                        }
                         Ok::<_, ProviderError>(streamed)
                     };
                     let streamed = match built.await {
