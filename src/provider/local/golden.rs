@@ -714,8 +714,8 @@ mod tests {
         assert!(cache.list().unwrap().is_empty());
         // A crashed process's building directory (no Drop ran) is not a golden copy either.
         let stale = cache.root.join(format!(".building-{}.run-0", id.key()));
-        assert_eq!(cache.builds_of("run-0"), vec![stale.clone()]);
         fs::create_dir_all(&stale).unwrap();
+        assert_eq!(cache.builds_of("run-0"), vec![stale.clone()]);
         fs::write(stale.join(META), serde_json::to_vec(&golden(&id)).unwrap()).unwrap();
         let Acquired::Miss(b) = cache.acquire(&id, "run-1", &cancel).await.unwrap() else {
             panic!("a building directory was used")

@@ -369,24 +369,13 @@ impl LocalProvider {
             }
         };
         let streamed = ready.golden.streamed();
-        let src = ready.dir.join("db.sqlite");
-        let method = tokio::task::spawn_blocking(move || {
-            let m = golden::clone_file(&src, &path);
-            drop(ready);
-            m
+        let method = clone_golden(ready, move |dir| {
+            golden::clone_file(&dir.join("db.sqlite"), &path)
         })
-        .await
-        .map_err(|e| ProviderError::Other(format!("clone task: {e}")))?
-        .map_err(ProviderError::io("clone the golden copy"))?;
+        .await?;
         Ok((
             streamed,
-            CloneInfo {
-                method,
-                golden,
-                ms: millis(t.elapsed()),
-                build_ms,
-                reason: None,
-            },
+            CloneInfo::cloned(method, golden, t.elapsed(), build_ms),
         ))
     }
 
@@ -531,26 +520,16 @@ impl LocalProvider {
                 }
             };
         let owner = postgres::run_as()?.map(|u| (u.uid, u.gid));
-        let (src, dst) = (ready.dir.join("data"), cluster.data());
-        let method = tokio::task::spawn_blocking(move || {
-            let m = golden::clone_tree(&src, &dst, owner);
-            drop(ready);
-            m
+        let dst = cluster.data();
+        let method = clone_golden(ready, move |dir| {
+            golden::clone_tree(&dir.join("data"), &dst, owner)
         })
-        .await
-        .map_err(|e| ProviderError::Other(format!("clone task: {e}")))?
-        .map_err(ProviderError::io("clone the golden copy"))?;
+        .await?;
         cluster.set_password(&password, ids.0, ids.1).await?;
         cluster.start(ids.0, ids.1).await?;
         Ok((
             streamed,
-            CloneInfo {
-                method,
-                golden,
-                ms: millis(t.elapsed()),
-                build_ms,
-                reason: None,
-            },
+            CloneInfo::cloned(method, golden, t.elapsed(), build_ms),
         ))
     }
 
@@ -670,7 +649,39 @@ async fn keep(b: golden::Building, g: golden::Golden) -> Result<golden::Ready, P
         .map_err(ProviderError::io("keep the golden copy"))
 }
 
+/// Clones a golden copy with `clone` (given its directory), off the async threads; the key's
+/// lock is held until the clone is complete.
+async fn clone_golden(
+    ready: golden::Ready,
+    clone: impl FnOnce(&Path) -> std::io::Result<CloneMethod> + Send + 'static,
+) -> Result<CloneMethod, ProviderError> {
+    tokio::task::spawn_blocking(move || {
+        let m = clone(&ready.dir);
+        drop(ready);
+        m
+    })
+    .await
+    .map_err(|e| ProviderError::Other(format!("clone task: {e}")))?
+    .map_err(ProviderError::io("clone the golden copy"))
+}
+
 impl CloneInfo {
+    /// Cloned from a golden copy (`build_ms`: built by this run first).
+    fn cloned(
+        method: CloneMethod,
+        golden: GoldenUse,
+        took: Duration,
+        build_ms: Option<u64>,
+    ) -> Self {
+        CloneInfo {
+            method,
+            golden,
+            ms: millis(took),
+            build_ms,
+            reason: None,
+        }
+    }
+
     /// Restored without a golden copy, and why.
     fn off(took: Duration, reason: String) -> Self {
         CloneInfo {
