@@ -852,6 +852,8 @@ async fn run(
             .retain(|r| matches!(r.spec, crate::blueprint::ResourceSpec::Database(_)));
         bp.checks.clear();
         bp.teardown = crate::blueprint::TeardownPolicy::Always;
+        // A scan masks nothing: a golden copy of it would keep production's personal data.
+        bp.local.cache = false;
     }
     let release_ref = release_ref.unwrap_or("");
     // The operator's own path may be anywhere; a URL must be one the provider fetches.

@@ -132,6 +132,11 @@ fn postgres_golden_copy_is_built_once_cloned_after_and_never_changed_by_a_run() 
         assert_eq!(mode, 0o700);
     }
 
+    // A scan masks nothing, so it never keeps a golden copy (it would hold the originals).
+    let out = run(dryrun(state.path()).arg("scan").arg(&bp));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(cache_list(state.path()).len(), 1);
+
     // --no-cache: restored from the backup, the cache untouched.
     let (code, out) = dryrun_run(state.path(), &bp, release, &["--no-cache"]);
     assert_eq!(code, 0, "{out}");
