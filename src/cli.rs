@@ -1377,3 +1377,30 @@ async fn serve_cmd(
         exit::PASSED
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024_and_nonsense_is_refused() {
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5 GB"), Ok(3 << 29));
+        assert_eq!(parse_size("50gib"), Ok(50 << 30));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in [
+            "",
+            "GB",
+            "-5GB",
+            "1.2.3GB",
+            "5PB",
+            "NaN",
+            "1e9",
+            "5 GB; rm -rf /",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad} was accepted");
+        }
+        // Absurdly large sizes saturate instead of wrapping around to a small cap.
+        assert_eq!(parse_size("99999999999999999999TB"), Ok(u64::MAX));
+    }
+}

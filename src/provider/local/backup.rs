@@ -239,6 +239,33 @@ mod tests {
     }
 
     #[test]
+    fn only_a_well_formed_recorded_checksum_gives_a_backup_an_identity() {
+        let t = tempfile::tempdir().unwrap();
+        mk(t.path(), "b1", "2026-11-20T03:00:00Z", true, b"data");
+        let b = pick(t.path(), "src", "sqlite", &BackupPick::Latest).unwrap();
+        assert_eq!(
+            recorded_sha256(&b).as_deref(),
+            Some(hex::encode(Sha256::digest(b"data")).as_str())
+        );
+        let meta = t.path().join("src/b1/backup.json");
+        let text = fs::read_to_string(&meta).unwrap();
+        let sha = hex::encode(Sha256::digest(b"data"));
+        // Hostile or broken values (a path, a shell word, too long, upper case is folded):
+        // only 64 hex digits count; anything else means no golden copy.
+        for (bad, want) in [
+            ("../../../etc/passwd".to_string(), None),
+            ("$(touch /tmp/x)".to_string(), None),
+            (format!("{sha}00"), None),
+            (sha.to_ascii_uppercase(), Some(sha.clone())),
+        ] {
+            fs::write(&meta, text.replace(&sha, &bad)).unwrap();
+            assert_eq!(recorded_sha256(&b), want, "{bad}");
+        }
+        fs::write(&meta, text.replace(&format!(r#""sha256":"{sha}","#), "")).unwrap();
+        assert_eq!(recorded_sha256(&b), None);
+    }
+
+    #[test]
     fn damaged_backup_is_refused() {
         let t = tempfile::tempdir().unwrap();
         mk(t.path(), "b1", "2026-11-20T03:00:00Z", true, b"good data");

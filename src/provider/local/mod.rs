@@ -439,86 +439,83 @@ impl LocalProvider {
                 })
                 .map_err(ProviderError::io(format!("prepare {}", root.display())))?;
         }
-        let (ready, streamed, golden, build_ms) =
-            match self.acquire(&id, &run.run_id, cancel).await? {
-                golden::Acquired::Hit(r) => {
-                    // Masked when it was built: its columns are not masked again, and their
-                    // originals were checked against it then (they are kept nowhere).
-                    let streamed = r.golden.streamed();
-                    (*r, streamed, GoldenUse::Hit, None)
-                }
-                golden::Acquired::Miss(b) => {
-                    let tb = Instant::now();
-                    let builder = postgres::Cluster {
-                        dir: b.dir().to_path_buf(),
-                        port: process::free_port()
-                            .map_err(ProviderError::io("find a free port"))?,
-                    };
-                    let build_password = Secret::generate(24);
-                    run.redactor.register(&build_password);
-                    let built = async {
-                        builder
-                            .init_and_start(&build_password, ids.0, ids.1)
+        let (ready, golden, build_ms) = match self.acquire(&id, &run.run_id, cancel).await? {
+            golden::Acquired::Hit(r) => (*r, GoldenUse::Hit, None),
+            golden::Acquired::Miss(b) => {
+                let tb = Instant::now();
+                let builder = postgres::Cluster {
+                    dir: b.dir().to_path_buf(),
+                    port: process::free_port().map_err(ProviderError::io("find a free port"))?,
+                };
+                let build_password = Secret::generate(24);
+                run.redactor.register(&build_password);
+                let built = async {
+                    builder
+                        .init_and_start(&build_password, ids.0, ids.1)
+                        .await?;
+                    crate::failpoint::point("golden: building");
+                    let streamed =
+                        restore_dump(&builder, db, &build_password, backup, ids, plan, cancel)
                             .await?;
-                        crate::failpoint::point("golden: building");
-                        let streamed =
-                            restore_dump(&builder, db, &build_password, backup, ids, plan, cancel)
-                                .await?;
-                        if let Some(s) = &streamed {
-                            let url = format!(
-                                "postgres://{}:{}@127.0.0.1:{}/{}",
-                                postgres::SUPERUSER,
-                                build_password.expose(),
-                                builder.port,
-                                db.database
-                            );
-                            crate::privacy::verify_streamed(&record.address, &url, s)
-                                .await
-                                .map_err(|e| {
-                                    ProviderError::Other(run.redactor.redact(&e.to_string()))
-                                })?;
-                        }
-                        builder.stop_clean().await?;
-                        builder.trim_wal().await?;
-                        if postgres::run_as()?.is_some() {
-                            // Every copy's server runs as the PostgreSQL user, and a release is
-                            // superuser in its copy (server-side COPY writes files as that
-                            // user): the golden copy is root's, so that no run can change what
-                            // later runs clone. Clones are handed back to that user.
-                            let dir = builder.dir.clone();
-                            tokio::task::spawn_blocking(move || golden::chown_tree(&dir, 0, 0))
-                                .await
-                                .map_err(|e| ProviderError::Other(format!("chown task: {e}")))?
-                                .map_err(ProviderError::io("hand the golden copy to root"))?;
-                        }
-                        Ok::<_, ProviderError>(streamed)
-                    };
-                    let streamed = match built.await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Nothing half-built is kept: the server stops, the directory goes.
-                            postgres::Cluster::stop(&builder.data()).await;
-                            return Err(e);
-                        }
-                    };
-                    let _ = std::fs::remove_file(builder.dir.join("postgres.log"));
-                    let g = golden::Golden {
-                        key: b.key().to_string(),
-                        identity: id,
-                        masked: streamed
-                            .iter()
-                            .flat_map(|s| s.masked.iter().cloned())
-                            .collect(),
-                        masked_rows: streamed.as_ref().map_or(0, |s| s.rows),
-                        built_at: chrono::Utc::now(),
-                        build_ms: millis(tb.elapsed()),
-                        built_by: run.run_id.clone(),
-                    };
-                    crate::failpoint::point("golden: before keep");
-                    let ready = keep(b, g).await?;
-                    (ready, streamed, GoldenUse::Miss, Some(millis(tb.elapsed())))
-                }
-            };
+                    if let Some(s) = &streamed {
+                        let url = format!(
+                            "postgres://{}:{}@127.0.0.1:{}/{}",
+                            postgres::SUPERUSER,
+                            build_password.expose(),
+                            builder.port,
+                            db.database
+                        );
+                        crate::privacy::verify_streamed(&record.address, &url, s)
+                            .await
+                            .map_err(|e| {
+                                ProviderError::Other(run.redactor.redact(&e.to_string()))
+                            })?;
+                    }
+                    builder.stop_clean().await?;
+                    builder.trim_wal().await?;
+                    if postgres::run_as()?.is_some() {
+                        // Every copy's server runs as the PostgreSQL user, and a release is
+                        // superuser in its copy (server-side COPY writes files as that
+                        // user): the golden copy is root's, so that no run can change what
+                        // later runs clone. Clones are handed back to that user.
+                        let dir = builder.dir.clone();
+                        tokio::task::spawn_blocking(move || golden::chown_tree(&dir, 0, 0))
+                            .await
+                            .map_err(|e| ProviderError::Other(format!("chown task: {e}")))?
+                            .map_err(ProviderError::io("hand the golden copy to root"))?;
+                    }
+                    Ok::<_, ProviderError>(streamed)
+                };
+                let streamed = match built.await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Nothing half-built is kept: the server stops, the directory goes.
+                        postgres::Cluster::stop(&builder.data()).await;
+                        return Err(e);
+                    }
+                };
+                let _ = std::fs::remove_file(builder.dir.join("postgres.log"));
+                let g = golden::Golden {
+                    key: b.key().to_string(),
+                    identity: id,
+                    masked: streamed
+                        .iter()
+                        .flat_map(|s| s.masked.iter().cloned())
+                        .collect(),
+                    masked_rows: streamed.as_ref().map_or(0, |s| s.rows),
+                    built_at: chrono::Utc::now(),
+                    build_ms: millis(tb.elapsed()),
+                    built_by: run.run_id.clone(),
+                };
+                crate::failpoint::point("golden: before keep");
+                let ready = keep(b, g).await?;
+                (ready, GoldenUse::Miss, Some(millis(tb.elapsed())))
+            }
+        };
+        // Masked when it was built: the clone's columns are not masked again, and their
+        // originals were checked against the golden copy before it was kept (a miss too: the
+        // clone holds the same data, so the engine does not check them a second time).
+        let streamed = ready.golden.streamed();
         let owner = postgres::run_as()?.map(|u| (u.uid, u.gid));
         let dst = cluster.data();
         let method = clone_golden(ready, move |dir| {

@@ -379,15 +379,7 @@ impl Cluster {
     /// # Errors
     /// pg_ctl's error output.
     pub async fn stop_clean(&self) -> Result<(), ProviderError> {
-        let user = run_as()?;
-        let pg_ctl = binary("pg_ctl")?;
-        let mut c = command(&pg_ctl, user.as_ref(), &self.dir);
-        c.arg("-D")
-            .arg(self.data())
-            .args(["-m", "fast", "-w", "-t", "120", "stop"]);
-        run_checked(c, "pg_ctl stop", Duration::from_secs(150))
-            .await
-            .map(|_| ())
+        pg_ctl_stop(&self.data(), "fast", Duration::from_secs(120)).await
     }
 
     /// Creates the database `name` and restores a custom-format dump into it.
@@ -665,14 +657,23 @@ impl Cluster {
         if !data.join("postmaster.pid").exists() {
             return;
         }
-        let Ok(pg_ctl) = binary("pg_ctl") else { return };
-        let user = run_as().ok().flatten();
-        let mut c = command(&pg_ctl, user.as_ref(), data.parent().unwrap_or(data));
-        c.arg("-D")
-            .arg(data)
-            .args(["-m", "immediate", "-w", "-t", "20", "stop"]);
-        let _ = run_checked(c, "pg_ctl stop", Duration::from_secs(30)).await;
+        let _ = pg_ctl_stop(data, "immediate", Duration::from_secs(20)).await;
     }
+}
+
+/// `pg_ctl stop -m MODE` on the data directory `data`, waiting up to `wait`.
+async fn pg_ctl_stop(data: &Path, mode: &str, wait: Duration) -> Result<(), ProviderError> {
+    let pg_ctl = binary("pg_ctl")?;
+    let user = run_as()?;
+    let mut c = command(&pg_ctl, user.as_ref(), data.parent().unwrap_or(data));
+    c.arg("-D")
+        .arg(data)
+        .args(["-m", mode, "-w", "-t"])
+        .arg(wait.as_secs().to_string())
+        .arg("stop");
+    run_checked(c, "pg_ctl stop", wait + Duration::from_secs(30))
+        .await
+        .map(|_| ())
 }
 
 /// Parallel jobs for `pg_restore -j`: one per core (at least two; the tables and indexes of a
