@@ -825,7 +825,17 @@ async fn a_run_queued_longer_than_queue_max_age_expires_at_restart_and_its_callb
     srv.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     srv.restart();
-    let rb = get(&format!("{url}/v1/runs/{b}")).await;
+    // A worker claims the run (`running` for the moment it takes to look at its age) and then
+    // ends it: wait for the end, not the claim.
+    let start = std::time::Instant::now();
+    let rb = loop {
+        let rb = get(&format!("{url}/v1/runs/{b}")).await;
+        if !matches!(rb["run"]["status"].as_str(), Some("queued" | "running")) {
+            break rb;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{rb}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(rb["run"]["status"], "expired", "{rb}");
     assert!(
         rb["run"]["failure"]
