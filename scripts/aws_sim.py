@@ -23,6 +23,13 @@ instances and the SSM agent for real.
 - TerminateInstances goes to moto, then ends the instance's sandbox and everything in it.
 - Every other request passes through to moto unchanged.
 
+Latencies, to measure time to verdict against a cloud's pace (scripts/bench-aws-verdict):
+`--latency-ms N` holds every request N ms before forwarding it; `--rds-delay S` keeps a DB
+instance or cluster that was just restored or created `creating` in DescribeDBInstances and
+DescribeDBClusters for S seconds; `--boot-delay S` boots an instance S seconds after
+RunInstances (its user data runs then) and until then refuses SendCommand to it with
+`InvalidInstanceId`, as SSM does before the agent registers.
+
 `GET /__sim/instances` lists the live sandboxes (for tests). SIGTERM and SIGINT end every
 sandbox and the simulator. Needs root (namespaces), `unshare`, `nsenter`, `ip` and `mount`
 (util-linux, iproute2); the sandboxes see the host's programs (sh, curl, tar, python3).
@@ -220,7 +227,7 @@ class Instance:
 
 
 class Sim:
-    def __init__(self, upstream, port, directory):
+    def __init__(self, upstream, port, directory, latency=0.0, rds_delay=0.0, boot_delay=0.0):
         u = urllib.parse.urlparse(upstream)
         self.up_host, self.up_port = u.hostname, u.port
         self.port = port
@@ -231,6 +238,12 @@ class Sim:
         self.instances = {}
         self.invocations = {}
         self.lock = threading.Lock()
+        self.latency = latency
+        self.rds_delay = rds_delay
+        self.boot_delay = boot_delay
+        # instance id -> time its boot starts; DB identifier -> time it becomes available
+        self.booting = {}
+        self.rds_busy = {}
 
     # --- the relay from the sandboxes to the emulator ---
     def serve_relay(self):
@@ -298,20 +311,77 @@ class Sim:
                 if not iid or not ip:
                     continue
                 with self.lock:
-                    if iid in self.instances:
+                    if iid in self.instances or iid in self.booting:
                         continue
-                try:
-                    instance = Instance(self, iid, ip, user_data)
-                except Exception as e:  # the launch still answers; the instance never boots
-                    log(f"instance {iid}: {e}")
-                    continue
-                with self.lock:
-                    self.instances[iid] = instance
+                    self.booting[iid] = time.time() + self.boot_delay
+                if self.boot_delay > 0:
+                    threading.Thread(target=self.boot, args=(iid, ip, user_data),
+                                     daemon=True).start()
+                else:
+                    self.boot(iid, ip, user_data)
+
+    def boot(self, iid, ip, user_data):
+        with self.lock:
+            at = self.booting.get(iid)
+        if at is None:
+            return
+        time.sleep(max(0.0, at - time.time()))
+        try:
+            instance = Instance(self, iid, ip, user_data)
+        except Exception as e:  # the launch still answered; the instance never boots
+            log(f"instance {iid}: {e}")
+            with self.lock:
+                self.booting.pop(iid, None)
+            return
+        with self.lock:
+            # Terminated while it booted: it never comes up.
+            if self.booting.pop(iid, None) is None:
+                instance.terminate()
+                return
+            self.instances[iid] = instance
+        if threading.current_thread() is not threading.main_thread() and self.boot_delay > 0:
+            # The sandbox dies with the thread that started it (setpriv --pdeathsig): this
+            # one stays until the instance is terminated.
+            instance.proc.wait()
+
+    def still_booting(self, ids):
+        with self.lock:
+            return [i for i in ids if i in self.booting]
+
+    # --- RDS ---
+    def rds_created(self, form, status, action):
+        if status != 200 or self.rds_delay <= 0:
+            return
+        key = "DBClusterIdentifier" if action == "RestoreDBClusterToPointInTime" else "DBInstanceIdentifier"
+        ident = form.get(key, [""])[0]
+        if ident:
+            with self.lock:
+                self.rds_busy[ident.lower()] = time.time() + self.rds_delay
+
+    def rds_describe(self, data):
+        """Says `creating` for what was restored or created less than --rds-delay ago."""
+        now = time.time()
+        with self.lock:
+            busy = {k for k, until in self.rds_busy.items() if until > now}
+        if not busy:
+            return data
+        text = data.decode("utf-8")
+
+        def one(m):
+            block = m.group(0)
+            ident = re.search(rf"<{m.group(1)}Identifier>([^<]*)<", block)
+            if ident and ident.group(1).lower() in busy:
+                block = re.sub(r"<(DBInstanceStatus|Status)>available<", r"<\1>creating<", block, count=1)
+            return block
+
+        text = re.sub(r"<(DBInstance|DBCluster)>.*?</\1>", one, text, flags=re.S)
+        return text.encode("utf-8")
 
     def terminate_instances(self, form):
         ids = [v[0] for k, v in form.items() if k.startswith("InstanceId.")]
         for iid in ids:
             with self.lock:
+                self.booting.pop(iid, None)
                 instance = self.instances.pop(iid, None)
             if instance:
                 instance.terminate()
@@ -399,6 +469,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "POST" and "x-www-form-urlencoded" in ctype:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
         action = form.get("Action", [""])[0]
+        if sim.latency > 0 and not self.path.startswith("/moto-api"):
+            time.sleep(sim.latency)
+        if target == "AmazonSSM.SendCommand":
+            waiting = sim.still_booting(json.loads(body or b"{}").get("InstanceIds", []))
+            if waiting:
+                msg = {"__type": "InvalidInstanceId",
+                       "message": f"Instances {waiting} not in a valid state for account"}
+                return self.reply(400, [("Content-Type", "application/x-amz-json-1.1"),
+                                        ("x-amzn-RequestId", str(uuid.uuid4()))],
+                                  json.dumps(msg).encode())
         status, headers, data = sim.forward(self.command, self.path, dict(self.headers), body)
         try:
             if action == "RunInstances":
@@ -407,6 +487,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 sim.terminate_instances(form)
             elif target == "AmazonSSM.SendCommand" and status == 200:
                 sim.send_command(json.loads(body or b"{}"), data)
+            elif action in ("RestoreDBInstanceFromDBSnapshot", "CreateDBInstance",
+                            "RestoreDBClusterToPointInTime"):
+                sim.rds_created(form, status, action)
+            elif action in ("DescribeDBInstances", "DescribeDBClusters") and status == 200:
+                data = sim.rds_describe(data)
         except Exception as e:  # the emulator's answer still goes back
             log(f"{action or target}: {e}")
         self.reply(status, headers, data)
@@ -476,6 +561,11 @@ def main():
     p.add_argument("--upstream", help="the emulator, http://127.0.0.1:PORT")
     p.add_argument("--port", type=int, default=0, help="where to listen on 127.0.0.1")
     p.add_argument("--dir", help="where the instances' files go")
+    p.add_argument("--latency-ms", type=float, default=0, help="added to every request")
+    p.add_argument("--rds-delay", type=float, default=0,
+                   help="seconds a restored or created DB instance or cluster stays `creating`")
+    p.add_argument("--boot-delay", type=float, default=0,
+                   help="seconds from RunInstances until the instance boots and accepts SSM commands")
     args = p.parse_args()
     if args.cmd == "instance-init":
         return instance_init(args)
@@ -488,7 +578,8 @@ def main():
             sys.exit(f"aws-sim: `{tool}` not found (util-linux, iproute2)")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
-    sim = Sim(args.upstream, server.server_address[1], args.dir)
+    sim = Sim(args.upstream, server.server_address[1], args.dir,
+              args.latency_ms / 1000.0, args.rds_delay, args.boot_delay)
     Handler.sim = sim
     threading.Thread(target=sim.serve_relay, daemon=True).start()
 

@@ -147,6 +147,78 @@ fn the_reference_run_passes_end_to_end_with_the_instance_side_executed() {
     );
 }
 
+/// With a cloud's pace (the restore takes 4 s, the instance boots in 3 s), the instance boots
+/// while the database restores and the install follows through SSM once the database is up:
+/// the boot is off the critical path. The order is read from the run's own timeline and from
+/// the emulator's request log, not from timings.
+#[test]
+fn the_instance_boots_while_the_database_restores_and_installs_through_ssm_after() {
+    let Some(m) = Moto::start_sim_paced(4, 3) else {
+        return;
+    };
+    let state = state_dir();
+    let before = m.production();
+    let out =
+        run(dryrun_aws(&m, state.path()).args(run_args(&m, "blueprints/aws/shop.yaml", RELEASE)));
+    assert_eq!(out.status.code(), Some(0), "{}", m.sim_log());
+    let r = report_of(&out);
+    let span = |address: &str, step: &str| -> (u64, u64) {
+        let res = r["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == address)
+            .unwrap_or_else(|| panic!("no {address} in {r}"));
+        let s = res["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == step)
+            .unwrap_or_else(|| panic!("no {step} of {address}: {res}"));
+        let start = s["start_ms"].as_u64().unwrap();
+        (start, start + s["duration_ms"].as_u64().unwrap())
+    };
+    let restore = span("database.db", "restore");
+    let create = span("service.app", "create");
+    let install = span("service.app", "install");
+    assert!(
+        restore.1 - restore.0 >= 4000,
+        "the emulator's restore takes 4 s: {restore:?}"
+    );
+    assert!(
+        create.0 < restore.1,
+        "the instance was launched after the restore ended: {create:?} {restore:?}"
+    );
+    assert!(install.0 >= restore.1, "{install:?} {restore:?}");
+    // In the emulator's log: RunInstances came before the restored instance was available,
+    // and the install (the SSM command that carries the env) after.
+    let reqs = m.requests();
+    let at = |op: &str| {
+        reqs.iter()
+            .position(|q| q.action == op)
+            .unwrap_or_else(|| panic!("no {op}"))
+    };
+    assert!(at("RunInstances") < at("ModifyDBInstance"));
+    let install_cmd = reqs
+        .iter()
+        .position(|q| q.action == "AmazonSSM.SendCommand" && q.body.contains("install of"))
+        .expect("the install's SendCommand");
+    assert!(install_cmd > at("ModifyDBInstance"));
+    // The user data the instance booted with holds nothing of the database.
+    let booted = instance_file(&m, "varlib/cloud/instance/user-data.txt").concat();
+    assert!(booted.contains("/var/lib/dryrun/fetched"), "{booted}");
+    assert!(
+        !booted.contains("DATABASE_URL") && !booted.contains("base64"),
+        "{booted}"
+    );
+    assert_eq!(instance_file(&m, "varlib/dryrun/status"), ["install 0\n"]);
+    assert_clean(&m, &before);
+    eprintln!(
+        "paced run: restore {restore:?} ms, instance create {create:?} ms, install {install:?} ms, run {} ms",
+        r["duration_ms"]
+    );
+}
+
 #[test]
 fn a_failing_install_step_on_the_instance_fails_the_run_quoting_its_output() {
     let Some(m) = Moto::start_sim() else { return };

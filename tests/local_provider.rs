@@ -31,6 +31,7 @@ fn run_info(state: &std::path::Path, id: &str) -> RunInfo {
         expires_at: chrono::Utc::now(),
         log_dir: state.join("runs").join(id).join("logs"),
         redactor: Redactor::new(),
+        release: None,
     }
 }
 

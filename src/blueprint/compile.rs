@@ -1234,15 +1234,29 @@ impl Compiler<'_> {
     }
 
     fn service_aws(&mut self, raw: RawServiceAws, params: &BTreeMap<String, String>) -> ServiceAws {
-        if let Some(u) = &raw.user_data
-            && let Err(e) = template::references(u.as_str())
-        {
-            self.diag_at(
-                u.span().start(),
-                format!("aws.user_data does not parse: {e}"),
-                "in this template",
-                None,
-            );
+        if let Some(u) = &raw.user_data {
+            if let Err(e) = template::references(u.as_str()) {
+                self.diag_at(
+                    u.span().start(),
+                    format!("aws.user_data does not parse: {e}"),
+                    "in this template",
+                    None,
+                );
+            }
+            // The user data boots the instance while the databases restore; what depends on
+            // them arrives later through SSM.
+            let late = ["env_b64", "env_exports", "install_steps", "start"];
+            if let Some(name) = template::tokens(u.as_str())
+                .into_iter()
+                .find(|t| late.contains(t))
+            {
+                self.diag_at(
+                    u.span().start(),
+                    format!("aws.user_data uses `{name}`, which the user data no longer gets: the instance boots while the databases are restored, before the service's env exists"),
+                    "in this template",
+                    Some("remove it: after the boot, dryrun writes the env to /opt/dryrun/env, runs the install steps and starts the release through SSM (docs/providers/aws.md#the-boot-template-user-data)".into()),
+                );
+            }
         }
         ServiceAws {
             ami: self
@@ -1848,6 +1862,24 @@ mod tests {
                 .collect(),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn user_data_that_asks_for_the_env_is_refused_at_its_line_with_the_fix() {
+        let d = diags(
+            "name: t\nresources:\n  app:\n    type: service\n    aws:\n      ami: ami-1\n      user_data: \"#!/bin/sh\\necho {{release.version}} {{{ install_steps }}}\"\n",
+        );
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("7:"), "{d:?}");
+        assert!(
+            d[0].contains("`install_steps`, which the user data no longer gets"),
+            "{d:?}"
+        );
+        // The boot's own values are fine.
+        let ok = diags(
+            "name: t\nresources:\n  app:\n    type: service\n    aws:\n      ami: ami-1\n      user_data: \"#!/bin/sh\\ncurl '{{{release.url}}}' # {{service}} {{port}} {{run.id}}\"\n",
+        );
+        assert!(ok.is_empty(), "{ok:?}");
     }
 
     #[test]

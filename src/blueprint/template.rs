@@ -127,25 +127,36 @@ pub fn references(src: &str) -> Result<Vec<RefPath>, String> {
         return Ok(Vec::new());
     }
     handlebars::Template::compile(src).map_err(|e| first_line(&e.to_string()))?;
+    Ok(tokens(src)
+        .into_iter()
+        .filter(|token| {
+            token
+                .split('.')
+                .next()
+                .is_some_and(|root| ROOTS.contains(&root))
+        })
+        .map(|token| RefPath {
+            segments: token.split('.').map(str::to_string).collect(),
+        })
+        .collect())
+}
+
+/// The words inside the `{{…}}` expressions of `src` (paths, helper names, `#if`), in order.
+#[must_use]
+pub fn tokens(src: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = src;
     while let Some(start) = rest.find("{{") {
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else { break };
         let expr = after[..end].trim_matches(|c| c == '{' || c == '}' || c == '~' || c == ' ');
-        for token in expr.split_whitespace() {
-            let token = token.trim_matches(|c| c == '(' || c == ')');
-            if let Some(root) = token.split('.').next()
-                && ROOTS.contains(&root)
-            {
-                out.push(RefPath {
-                    segments: token.split('.').map(str::to_string).collect(),
-                });
-            }
-        }
+        out.extend(
+            expr.split_whitespace()
+                .map(|t| t.trim_matches(|c| c == '(' || c == ')')),
+        );
         rest = &after[end + 2..];
     }
-    Ok(out)
+    out
 }
 
 /// Renders `src` against `ctx` (strict: a missing value is an error, not an empty string).

@@ -8,7 +8,8 @@ pub use crate::report::Stage;
 use crate::report::Status;
 
 /// A step on one resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Step {
     /// The resource is created.
     Create,

@@ -87,6 +87,11 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
     };
 
     let records = shared.records();
+    let steps = shared
+        .steps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let spans = shared
         .spans
         .lock()
@@ -200,6 +205,11 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
                 destroyed: rec.is_none() || torn.destroyed.get(&addr).copied().unwrap_or(false),
                 status: walked.status[i],
                 message: walked.message[i].clone(),
+                steps: steps
+                    .iter()
+                    .filter(|(a, _)| *a == addr)
+                    .map(|(_, s)| s.clone())
+                    .collect(),
             }
         })
         .collect();

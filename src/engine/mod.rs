@@ -173,6 +173,11 @@ struct Shared {
     firewall: crate::firewall::Policy,
     /// How each database copy came to be, by resource name (report.json `backup.clone`).
     clones: Mutex<BTreeMap<String, crate::provider::CloneInfo>>,
+    /// When the run started, for the offsets of [`Shared::steps`].
+    t0: Instant,
+    /// Every finished resource step with its address, in the order they ended (report.json
+    /// `resources[].steps`: the run's timeline).
+    steps: Mutex<Vec<(String, crate::report::StepSpan)>>,
 }
 
 /// The run's side of [`crate::privacy`].
@@ -187,6 +192,28 @@ struct PrivacyRun {
 
 impl Shared {
     fn emit(&self, ev: Event) {
+        if let Event::StepFinished {
+            address,
+            step,
+            status,
+            duration_ms,
+            ..
+        } = &ev
+        {
+            let end = millis(self.t0.elapsed());
+            self.steps
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((
+                    address.clone(),
+                    crate::report::StepSpan {
+                        step: *step,
+                        start_ms: end.saturating_sub(*duration_ms),
+                        duration_ms: *duration_ms,
+                        status: *status,
+                    },
+                ));
+        }
         let _ = self.events.send(ev);
     }
 
@@ -298,7 +325,13 @@ pub async fn run(
     let t0 = Instant::now();
     // 1. secrets and the journal; then the backups, all found before anything is created.
     let shared = Arc::new(begin(
-        bp, provider, state, &opts, started_at, events, &shutdown,
+        bp,
+        provider,
+        state,
+        &opts,
+        (started_at, t0),
+        events,
+        &shutdown,
     )?);
     let (backups, failures) = find_backups(bp, shared.provider.as_ref(), &opts.backup).await;
     // 2. provision, restore, install.
@@ -359,7 +392,7 @@ fn begin(
     provider: Arc<dyn Provider>,
     state: &StateDir,
     opts: &RunOptions,
-    started_at: DateTime<Utc>,
+    (started_at, t0): (DateTime<Utc>, Instant),
     events: UnboundedSender<Event>,
     shutdown: &Shutdown,
 ) -> Result<Shared, EngineError> {
@@ -427,6 +460,7 @@ fn begin(
             expires_at,
             log_dir: state.run_dir(&run_id).join("logs"),
             redactor,
+            release: Some(opts.release.clone()),
         },
         release: opts.release.clone(),
         base_ctx,
@@ -446,6 +480,8 @@ fn begin(
         sinks,
         firewall: bp.firewall.clone(),
         clones: Mutex::default(),
+        t0,
+        steps: Mutex::default(),
     })
 }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::blueprint::{Blueprint, TeardownPolicy};
@@ -82,7 +81,7 @@ pub(super) async fn tear_down_or_keep(
             &records,
             provider,
             &shared.journal,
-            &shared.events,
+            &|ev| shared.emit(ev),
             hard,
             timeout,
         )
@@ -140,7 +139,7 @@ pub(crate) async fn teardown(
     records: &[ResourceRecord],
     provider: &dyn Provider,
     journal: &Journal,
-    events: &UnboundedSender<Event>,
+    emit: &(dyn Fn(Event) + Sync),
     hard: &CancellationToken,
     timeout: Duration,
 ) -> (BTreeMap<String, bool>, Vec<LeftBehind>) {
@@ -170,7 +169,7 @@ pub(crate) async fn teardown(
         if hard.is_cancelled() || Instant::now() >= deadline {
             break;
         }
-        let _ = events.send(Event::StepStarted {
+        emit(Event::StepStarted {
             address: rec.address.clone(),
             step: Step::Delete,
             detail: None,
@@ -216,7 +215,7 @@ pub(crate) async fn teardown(
                 destroyed.insert(rec.address.clone(), true);
                 remaining.retain(|r| r.address != rec.address);
                 let msg = (d == Deleted::AlreadyGone).then(|| "already gone".to_string());
-                let _ = events.send(Event::StepFinished {
+                emit(Event::StepFinished {
                     address: rec.address.clone(),
                     step: Step::Delete,
                     status: Status::Passed,
@@ -230,7 +229,7 @@ pub(crate) async fn teardown(
                     address: rec.address.clone(),
                     reason: reason.clone(),
                 });
-                let _ = events.send(Event::StepFinished {
+                emit(Event::StepFinished {
                     address: rec.address.clone(),
                     step: Step::Delete,
                     status: Status::Error,

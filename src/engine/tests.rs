@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::{EngineError, RunOptions, Shutdown, run};
+use super::{EngineError, RunOptions, Shutdown, Step, run};
 use crate::blueprint::{self, Blueprint};
 use crate::journal::{self, Entry};
 use crate::provider::fake::{Cue, FakeProvider};
@@ -190,10 +190,54 @@ async fn creates_dependencies_first_and_destroys_in_reverse() {
     let report = rig.run(CHAIN, &fake).await;
 
     assert_eq!(report.status, Status::Passed, "{:?}", report.failure);
+    // The service is created at once, alongside the database (its create needs nothing from
+    // them); the bucket waits for the database; the install waits for both restores.
     assert_eq!(
         fake.calls_to("create"),
-        ["database.db", "bucket.files", "service.app"]
+        ["database.db", "service.app", "bucket.files"]
     );
+    let calls = fake.calls();
+    let at = |c: &str| {
+        calls
+            .iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("no `{c}` in {calls:?}"))
+    };
+    assert!(
+        at("create database.db") < at("create bucket.files"),
+        "{calls:?}"
+    );
+    assert!(
+        at("restore database.db") < at("install service.app"),
+        "{calls:?}"
+    );
+    assert!(
+        at("restore bucket.files") < at("install service.app"),
+        "{calls:?}"
+    );
+    // The timeline in the report: each resource's steps, the service's install after both
+    // restores ended.
+    let span = |a: &str, step: Step| {
+        resource(&report, a)
+            .steps
+            .iter()
+            .find(|s| s.step == step)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {step} step of {a}"))
+    };
+    let install = span("service.app", Step::Install);
+    for a in ["database.db", "bucket.files"] {
+        let r = span(a, Step::Restore);
+        assert!(
+            r.start_ms + r.duration_ms <= install.start_ms,
+            "{r:?} {install:?}"
+        );
+        assert_eq!(r.status, Status::Passed);
+    }
+    assert!(
+        span("service.app", Step::Create).start_ms <= span("database.db", Step::Restore).start_ms
+    );
+    assert_eq!(span("service.app", Step::Delete).status, Status::Passed);
     assert_eq!(
         fake.calls_to("delete"),
         ["service.app", "bucket.files", "database.db"]
@@ -217,7 +261,7 @@ async fn every_create_is_journaled_before_it_happens() {
     let seen = fake.journaled_before_create();
     assert_eq!(
         seen.keys().collect::<Vec<_>>(),
-        ["bucket.files", "database.db"]
+        ["bucket.files", "database.db", "service.app"]
     );
     assert!(seen.values().all(|&on_disk| on_disk), "{seen:?}");
 
@@ -232,6 +276,9 @@ async fn every_create_is_journaled_before_it_happens() {
         fake.calls_to("delete")
             .contains(&"bucket.files".to_string())
     );
+    // The service created early, never installed, is deleted too.
+    assert!(fake.calls_to("delete").contains(&"service.app".to_string()));
+    assert!(!fake.calls().iter().any(|c| c.starts_with("install")));
     assert!(
         entries
             .iter()
@@ -249,14 +296,21 @@ async fn dependent_of_failed_resource_is_skipped_upstream_failed() {
     )]);
     let report = rig.run(CHAIN, &fake).await;
 
-    assert_eq!(fake.calls_to("create"), ["database.db"]);
+    // The service was created alongside the database (early), then skipped at install and
+    // deleted; the bucket waited for the database and was never planned.
+    assert_eq!(fake.calls_to("create"), ["database.db", "service.app"]);
     for dependent in ["bucket.files", "service.app"] {
         let r = resource(&report, dependent);
         assert_eq!(r.status, Status::Skipped, "{r:?}");
         let msg = r.message.as_deref().unwrap_or_default();
         assert!(msg.contains("skipped: upstream failed"), "{msg}");
-        assert!(r.id.is_empty(), "{dependent} was never planned: {r:?}");
     }
+    assert!(resource(&report, "bucket.files").id.is_empty());
+    let app = resource(&report, "service.app");
+    assert!(app.destroyed, "{app:?}");
+    assert!(fake.calls_to("delete").contains(&"service.app".to_string()));
+    assert!(!fake.calls().iter().any(|c| c.starts_with("install")));
+    assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
     assert_eq!(resource(&report, "database.db").status, Status::Error);
     assert_eq!(report.status, Status::Error);
     assert_eq!(report.exit_code, 3);
@@ -441,7 +495,7 @@ async fn restore_failure_is_an_infrastructure_error_exit_3() {
     let report = rig.run(CHAIN, &fake).await;
 
     assert_eq!(fake.calls_to("restore"), ["database.db"]);
-    assert_eq!(fake.calls_to("create"), ["database.db"]);
+    assert_eq!(fake.calls_to("create"), ["database.db", "service.app"]);
     assert_eq!(report.status, Status::Error, "{:?}", report.failure);
     assert_eq!(report.exit_code, 3);
     let failure = report.failure.as_deref().unwrap_or_default();
@@ -453,7 +507,7 @@ async fn restore_failure_is_an_infrastructure_error_exit_3() {
         report.stage(crate::report::Stage::Restore).unwrap().status,
         Status::Error
     );
-    assert_eq!(fake.calls_to("delete"), ["database.db"]);
+    assert_eq!(fake.calls_to("delete"), ["service.app", "database.db"]);
     assert!(report.left_behind.is_empty());
 }
 
@@ -467,9 +521,15 @@ async fn panicking_provider_still_tears_down() {
     assert_eq!(report.exit_code, 3);
     let failure = report.failure.as_deref().unwrap_or_default();
     assert!(failure.contains("panicked"), "{failure}");
-    assert_eq!(fake.calls_to("create"), ["database.db", "bucket.files"]);
+    assert_eq!(
+        fake.calls_to("create"),
+        ["database.db", "service.app", "bucket.files"]
+    );
     // The panicking resource was journaled before create, so it is deleted like the rest.
-    assert_eq!(fake.calls_to("delete"), ["bucket.files", "database.db"]);
+    assert_eq!(
+        fake.calls_to("delete"),
+        ["service.app", "bucket.files", "database.db"]
+    );
     assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
     assert!(rig.journal(&report).iter().any(is_closed));
 }
@@ -538,8 +598,14 @@ async fn hanging_create_is_cancelled_by_soft_shutdown_and_torn_down() {
     assert_eq!(report.exit_code, 3);
     let failure = report.failure.as_deref().unwrap_or_default();
     assert!(failure.contains("interrupted by SIGINT"), "{failure}");
-    assert_eq!(fake.calls_to("create"), ["database.db", "bucket.files"]);
-    assert_eq!(fake.calls_to("delete"), ["bucket.files", "database.db"]);
+    assert_eq!(
+        fake.calls_to("create"),
+        ["database.db", "service.app", "bucket.files"]
+    );
+    assert_eq!(
+        fake.calls_to("delete"),
+        ["service.app", "bucket.files", "database.db"]
+    );
     assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
     let app = resource(&report, "service.app");
     assert!(

@@ -1,5 +1,10 @@
 //! Step 2 of a run: walk the graph dependencies first and provision each resource — create,
 //! restore (databases, buckets), install (services) — at most `concurrency` at a time.
+//!
+//! A service's create needs nothing from other resources (its env and start command are
+//! rendered at install), so it starts at once, alongside the restores it will wait for: on AWS
+//! the instance boots while the database restores, and the critical path is
+//! max(restore, boot) + install + checks rather than their sum.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,10 +26,23 @@ use super::{Event, Failure, Shared, Step, failure, millis, panic_text};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum NodeState {
     Pending,
+    /// A service being created before its dependencies are up.
+    Creating,
+    /// A service created early, waiting for its dependencies to install.
+    Created,
     Running,
     Ok,
     Failed,
     Skipped,
+}
+
+/// What a provisioning task did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Created a service early (install follows when its dependencies are up).
+    Early,
+    /// Everything left of create, restore and install.
+    Rest,
 }
 
 /// Where the walk left each resource.
@@ -85,12 +103,12 @@ pub(super) async fn walk(
         return w;
     }
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut set: JoinSet<(usize, Result<(), Failure>)> = JoinSet::new();
+    let mut set: JoinSet<(usize, Phase, Result<(), Failure>)> = JoinSet::new();
     let mut task_node: HashMap<tokio::task::Id, usize> = HashMap::new();
     loop {
         if !cancel.is_cancelled() {
             for i in w.graph.order() {
-                if w.state[i] != NodeState::Pending {
+                if !matches!(w.state[i], NodeState::Pending | NodeState::Created) {
                     continue;
                 }
                 let deps = &w.graph.nodes[i].deps;
@@ -101,9 +119,16 @@ pub(super) async fn walk(
                     w.state[i] = NodeState::Skipped;
                     w.status[i] = Status::Skipped;
                     let msg = format!("skipped: upstream failed ({})", w.graph.nodes[bad].address);
+                    // A service created early is skipped at install (teardown deletes it).
+                    let step = if w.state[i] == NodeState::Created {
+                        Step::Install
+                    } else {
+                        Step::Create
+                    };
+                    w.state[i] = NodeState::Skipped;
                     shared.emit(Event::StepFinished {
                         address: w.graph.nodes[i].address.clone(),
-                        step: Step::Create,
+                        step,
                         status: Status::Skipped,
                         duration_ms: 0,
                         message: Some(msg.clone()),
@@ -111,15 +136,31 @@ pub(super) async fn walk(
                     w.message[i] = Some(msg);
                     continue;
                 }
-                if deps.iter().all(|&d| w.state[d] == NodeState::Ok) {
-                    w.state[i] = NodeState::Running;
+                let ready = deps.iter().all(|&d| w.state[d] == NodeState::Ok);
+                let early = !ready
+                    && w.state[i] == NodeState::Pending
+                    && matches!(bp.resources[i].spec, ResourceSpec::Service(_));
+                if ready || early {
+                    let phase = if early { Phase::Early } else { Phase::Rest };
+                    let created = w.state[i] == NodeState::Created;
+                    w.state[i] = if early {
+                        NodeState::Creating
+                    } else {
+                        NodeState::Running
+                    };
                     let resource = bp.resources[i].clone();
                     let backup = backups.get(&resource.name).cloned();
                     let sh = shared.clone();
                     let sem = sem.clone();
                     let handle = set.spawn(async move {
                         let _permit = sem.acquire_owned().await;
-                        (i, provision(&sh, &resource, backup.as_ref()).await)
+                        let r = match phase {
+                            Phase::Early => create(&sh, &resource).await.map(|_| ()),
+                            Phase::Rest => {
+                                provision(&sh, &resource, backup.as_ref(), created).await
+                            }
+                        };
+                        (i, phase, r)
                     });
                     task_node.insert(handle.id(), i);
                 }
@@ -129,11 +170,12 @@ pub(super) async fn walk(
             break;
         };
         match res {
-            Ok((i, Ok(()))) => {
+            Ok((i, Phase::Early, Ok(()))) => w.state[i] = NodeState::Created,
+            Ok((i, Phase::Rest, Ok(()))) => {
                 w.state[i] = NodeState::Ok;
                 w.status[i] = Status::Passed;
             }
-            Ok((i, Err(f))) => {
+            Ok((i, _, Err(f))) => {
                 w.state[i] = NodeState::Failed;
                 w.status[i] = f.status;
                 w.message[i] = Some(f.message.clone());
@@ -171,8 +213,14 @@ pub(super) async fn walk(
         }
     }
     for i in 0..n {
-        if w.state[i] == NodeState::Pending {
-            w.message[i] = Some("not started: the run was interrupted".into());
+        match w.state[i] {
+            NodeState::Pending => {
+                w.message[i] = Some("not started: the run was interrupted".into());
+            }
+            NodeState::Created => {
+                w.message[i] = Some("created, not installed: the run was interrupted".into());
+            }
+            _ => {}
         }
     }
     w
@@ -349,14 +397,19 @@ async fn protect(
     }
 }
 
-/// Creates, restores and installs one resource.
-async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Result<(), Failure> {
-    let address = r.address();
-    let req = match &r.spec {
+/// What the provider is asked to make for a resource.
+fn request(r: &Resource) -> ResourceRequest {
+    match &r.spec {
         ResourceSpec::Database(d) => ResourceRequest::Database(d.clone()),
         ResourceSpec::Bucket(b) => ResourceRequest::Bucket(b.clone()),
         ResourceSpec::Service(s) => ResourceRequest::Service(s.clone()),
-    };
+    }
+}
+
+/// Creates one resource: journaled before (`Creating`) and after (`Created`).
+async fn create(sh: &Shared, r: &Resource) -> Result<crate::provider::Created, Failure> {
+    let address = r.address();
+    let req = request(r);
     let redactor = &sh.run.redactor;
     if sh.cancel.is_cancelled() {
         return Err(Failure {
@@ -401,8 +454,38 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
         },
     )?;
     sh.set_record(&created.record);
-    sh.add_outputs(&r.name, created.outputs);
+    sh.add_outputs(&r.name, created.outputs.clone());
     sh.step_passed(&address, Step::Create, t);
+    Ok(created)
+}
+
+/// Creates (unless `created`: a service created early), restores and installs one resource.
+async fn provision(
+    sh: &Shared,
+    r: &Resource,
+    backup: Option<&BackupInfo>,
+    created: bool,
+) -> Result<(), Failure> {
+    let address = r.address();
+    let req = request(r);
+    let redactor = &sh.run.redactor;
+    let record = if created {
+        if sh.cancel.is_cancelled() {
+            return Err(Failure {
+                status: Status::Error,
+                message: format!("{address}: not installed, the run was interrupted"),
+            });
+        }
+        sh.records()
+            .into_iter()
+            .find(|x| x.address == address)
+            .ok_or_else(|| Failure {
+                status: Status::Error,
+                message: format!("{address}: created, but its record is gone"),
+            })?
+    } else {
+        create(sh, r).await?.record
+    };
 
     // restore
     if matches!(r.spec, ResourceSpec::Database(_) | ResourceSpec::Bucket(_)) {
@@ -432,11 +515,11 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
                 plan
             };
             sh.provider
-                .restore_database(&sh.run, &created.record, &req, backup, &sh.cancel, &plan)
+                .restore_database(&sh.run, &record, &req, backup, &sh.cancel, &plan)
                 .await
         } else {
             sh.provider
-                .restore(&sh.run, &created.record, &req, backup, &sh.cancel)
+                .restore(&sh.run, &record, &req, backup, &sh.cancel)
                 .await
                 .map(|outputs| crate::provider::Restored {
                     outputs,
@@ -506,7 +589,7 @@ async fn provision(sh: &Shared, r: &Resource, backup: Option<&BackupInfo>) -> Re
             .iter()
             .find(|x| x.address == address)
             .cloned()
-            .unwrap_or(created.record.clone());
+            .unwrap_or(record);
         let req = InstallRequest {
             record: &rec,
             spec,

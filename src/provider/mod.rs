@@ -127,6 +127,9 @@ pub struct RunInfo {
     pub log_dir: PathBuf,
     /// Redacts secrets from anything a provider returns for display.
     pub redactor: Redactor,
+    /// The candidate release (`None` outside a run: cleanup). A service's `create` may need it
+    /// before install (AWS: the instance fetches it while it boots).
+    pub release: Option<crate::release::Release>,
 }
 
 /// What the journal records about a resource: enough for `delete` and `sweep` to find it

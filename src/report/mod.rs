@@ -215,6 +215,23 @@ pub struct ResourceReport {
     /// Why creation failed or was skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Its steps (create, restore, mask, install, delete) on the run's timeline, in the order
+    /// they ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepSpan>,
+}
+
+/// One step of a resource on the run's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpan {
+    /// The step.
+    pub step: crate::engine::Step,
+    /// When it began, in milliseconds after the run started.
+    pub start_ms: u64,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// How it ended.
+    pub status: Status,
 }
 
 /// Something teardown could not remove.

@@ -930,6 +930,7 @@ pub(crate) mod testutil {
             destroyed: true,
             status: Status::Passed,
             message: None,
+            steps: Vec::new(),
         }
     }
 

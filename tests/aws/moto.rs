@@ -78,13 +78,17 @@ impl Moto {
     /// Starts moto, or returns `None` (printing why) when it is not installed. In CI (`CI`
     /// set) a missing moto fails the test instead.
     pub fn start() -> Option<Moto> {
-        Self::start_with(false)
+        Self::start_with(false, &[])
     }
 
     /// moto with the instance simulator in front (scripts/aws_sim.py): user data and SSM
     /// commands run for real in a sandbox per instance. `None` (printing why) where it cannot
     /// run — not root, or `unshare`/`nsenter` missing; in CI that fails the test instead.
     pub fn start_sim() -> Option<Moto> {
+        Self::sim_possible().then(|| Self::start_with(true, &[]))?
+    }
+
+    fn sim_possible() -> bool {
         let root = nix::unistd::geteuid().is_root();
         let tools = ["unshare", "nsenter", "ip", "setpriv", "python3", "curl"]
             .iter()
@@ -95,12 +99,25 @@ impl Moto {
                 "the AWS instance simulator needs root and unshare, nsenter, ip, setpriv, python3, curl in CI"
             );
             eprintln!("skipping: the AWS instance simulator needs root and util-linux/iproute2");
-            return None;
+            return false;
         }
-        Self::start_with(true)
+        true
     }
 
-    fn start_with(sim: bool) -> Option<Moto> {
+    /// [`Moto::start_sim`] at a cloud's pace: a restored RDS instance stays `creating` for
+    /// `rds_delay` seconds, an instance boots (and accepts SSM commands) `boot_delay` seconds
+    /// after RunInstances.
+    pub fn start_sim_paced(rds_delay: u32, boot_delay: u32) -> Option<Moto> {
+        let args = [
+            "--rds-delay".to_string(),
+            rds_delay.to_string(),
+            "--boot-delay".into(),
+            boot_delay.to_string(),
+        ];
+        Self::sim_possible().then(|| Self::start_with(true, &args))?
+    }
+
+    fn start_with(sim: bool, sim_args: &[String]) -> Option<Moto> {
         let bin = venv_bin();
         if !bin.is_file() {
             assert!(
@@ -180,7 +197,7 @@ impl Moto {
         m.wait_ready(port);
         m.fixtures();
         if sim {
-            m.start_simulator();
+            m.start_simulator(sim_args);
         }
         // Record only what the tests' runs ask, not the fixtures.
         m.http("POST", "/moto-api/recorder/reset-recording");
@@ -188,7 +205,7 @@ impl Moto {
         Some(m)
     }
 
-    fn start_simulator(&mut self) {
+    fn start_simulator(&mut self, extra: &[String]) {
         let dir = self._recording.path().join("sim");
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
@@ -203,6 +220,7 @@ impl Moto {
                 "--dir",
             ])
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)

@@ -57,38 +57,44 @@ use crate::secret::Secret;
 use clients::{Clients, Connection};
 use names::{TAG_BLUEPRINT, TAG_EXPIRES, TAG_RUN};
 
-/// The user data used when a service has no `aws.user_data`: fetch the release through the
-/// presigned URL, run its install steps, start it, and leave a status file that the install
-/// wait reads through SSM.
+/// The user data used when a service has no `aws.user_data`: it runs at boot, while the
+/// databases are still being restored, so it gets nothing that depends on them. It fetches the
+/// release through the presigned URL, unpacks it, and leaves `/var/lib/dryrun/fetched`
+/// (`fetch EXIT_CODE`), which the install ([`INSTALL`], through SSM) waits for.
 pub const DEFAULT_USER_DATA: &str = r#"#!/bin/sh
 # dryrun: service {{service}} of run {{run.id}}, release {{release.version}}
 mkdir -p /opt/dryrun/release /var/log/dryrun /var/lib/dryrun
-finish() { echo "$1 $2" > /var/lib/dryrun/status; exit 0; }
-umask 077
-printf '%s' '{{env_b64}}' | base64 -d > /opt/dryrun/env || finish fetch $?
-curl -fsS --retry 5 -o /opt/dryrun/release.tar.gz '{{{release.url}}}' > /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
-tar -xzf /opt/dryrun/release.tar.gz -C /opt/dryrun/release >> /var/log/dryrun/step-fetch.log 2>&1 || finish fetch $?
+fetched() { echo "fetch $1" > /var/lib/dryrun/fetched; exit 0; }
+curl -fsS --retry 5 -o /opt/dryrun/release.tar.gz '{{{release.url}}}' > /var/log/dryrun/step-fetch.log 2>&1 || fetched $?
+tar -xzf /opt/dryrun/release.tar.gz -C /opt/dryrun/release >> /var/log/dryrun/step-fetch.log 2>&1 || fetched $?
+fetched 0
+"#;
+
+/// The install, sent through SSM once the service's inputs exist (its dependencies are up):
+/// waits for the boot's `fetched` file, writes the env file, runs the install steps (each line
+/// `dryrun-running: NAME` first, so a command stopped at its deadline says where), starts the
+/// release, writes `/var/lib/dryrun/status` (`STEP EXIT_CODE`), then waits for the health check
+/// while watching the service's process (pid in /var/lib/dryrun/app.pid). Exit codes: 0
+/// healthy, 1 a step failed (`dryrun-step:`/`dryrun-exit:` lines, then the log's tail), 2
+/// unhealthy, 3 the service exited, 124 the boot did not fetch the release by the deadline.
+/// Values arrive quoted or base64 (the env): none can end a quote of the script.
+const INSTALL: &str = r#"deadline=$(( $(date +%s) + {{secs}} ))
+while [ ! -f /var/lib/dryrun/fetched ]; do
+  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-step: boot"; tail -c 3500 /var/log/dryrun/*.log /var/log/cloud-init-output.log 2>/dev/null; exit 124; fi
+  sleep 1
+done
+failed() { echo "$1 $2" > /var/lib/dryrun/status; echo "dryrun-step: $1"; echo "dryrun-exit: $2"; tail -c 3500 "/var/log/dryrun/step-$1.log"; exit 1; }
+read step code < /var/lib/dryrun/fetched
+[ "$code" = 0 ] || failed fetch "$code"
 rel=/opt/dryrun/release
-[ -f "$rel/dryrun-release.yaml" ] || rel=$(dirname "$(ls -d /opt/dryrun/release/*/dryrun-release.yaml | head -n 1)")
-cd "$rel" || finish fetch 1
+[ -f "$rel/dryrun-release.yaml" ] || rel=$(dirname "$(ls -d /opt/dryrun/release/*/dryrun-release.yaml 2>/dev/null | head -n 1)")
+cd "$rel" 2>/dev/null && [ -f dryrun-release.yaml ] || { echo "no dryrun-release.yaml in the release" >> /var/log/dryrun/step-fetch.log; failed fetch 1; }
+umask 077
+printf '%s' '{{env_b64}}' | base64 -d > /opt/dryrun/env || failed fetch $?
 . /opt/dryrun/env
 {{{install_steps}}}
 {{{start}}}
-finish install 0
-"#;
-
-/// Script run through SSM after the instance is running: waits for the user data's status
-/// file, reports a failed step with its log, then waits for the health check while watching
-/// the service's process (its pid is in /var/lib/dryrun/app.pid). Exit codes: 0 healthy, 1 an
-/// install step failed, 2 unhealthy, 3 the service exited, 124 still installing at the
-/// deadline. Values from the release (the health path) arrive quoted.
-const AWAIT_INSTALL: &str = r#"deadline=$(( $(date +%s) + {{secs}} ))
-while [ ! -f /var/lib/dryrun/status ]; do
-  if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-step: boot"; tail -c 3500 /var/log/dryrun/*.log 2>/dev/null; exit 124; fi
-  sleep 1
-done
-read step code < /var/lib/dryrun/status
-if [ "$code" != 0 ]; then echo "dryrun-step: $step"; echo "dryrun-exit: $code"; tail -c 3500 "/var/log/dryrun/step-$step.log"; exit 1; fi
+echo "install 0" > /var/lib/dryrun/status
 exited() { [ -f /var/lib/dryrun/app.pid ] && ! kill -0 "$(cat /var/lib/dryrun/app.pid)" 2>/dev/null; }
 {{#if has_health}}until curl -fsS -o /dev/null --max-time 5 {{{health_url}}}; do
   if exited; then echo "dryrun-exited: the service exited before GET "{{{health}}}" answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 3; fi
@@ -345,12 +351,46 @@ impl AwsProvider {
         Ok(o)
     }
 
-    fn user_data(
+    /// The user data a service's instance boots with (the default [`DEFAULT_USER_DATA`] or
+    /// the service's `aws.user_data`): the run, the service, its port and the release with
+    /// its presigned URL — nothing that depends on other resources.
+    fn boot_user_data(
         run: &RunInfo,
-        req: &InstallRequest<'_>,
+        address: &str,
+        release: &crate::release::Release,
         template: &str,
         url: &str,
         port: u16,
+    ) -> Result<String, ProviderError> {
+        let ctx = json!({
+            "run": {"id": run.run_id, "blueprint": run.blueprint},
+            "service": address.trim_start_matches("service."),
+            "port": port,
+            "release": {
+                "ref": release.reference,
+                "version": release.manifest.version,
+                "git_sha": release.manifest.git_sha.clone().unwrap_or_default(),
+                "url": url,
+            },
+        });
+        let text = crate::blueprint::template::render(template, &ctx).map_err(|e| {
+            ProviderError::Other(format!("{address}: aws.user_data cannot be rendered: {e}"))
+        })?;
+        if text.len() > 16 * 1024 {
+            return Err(ProviderError::Other(format!(
+                "{address}: the user data is {} bytes; EC2 allows 16 KiB",
+                text.len()
+            )));
+        }
+        Ok(text)
+    }
+
+    /// The [`INSTALL`] script for `req`, with `secs` until its deadline.
+    fn install_script(
+        req: &InstallRequest<'_>,
+        run: &RunInfo,
+        port: u16,
+        secs: u64,
     ) -> Result<String, ProviderError> {
         let mut env = req.env.clone();
         env.insert("PORT".into(), port.to_string());
@@ -375,7 +415,7 @@ impl AwsProvider {
                     .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
                     .collect();
                 format!(
-                    "timeout {} sh -c {} > /var/log/dryrun/step-{name}.log 2>&1 || finish {name} $?",
+                    "echo \"dryrun-running: {name}\"\ntimeout {} sh -c {} > /var/log/dryrun/step-{name}.log 2>&1 || failed {name} $?",
                     s.timeout.as_secs().max(1),
                     ssm::quote(&s.run)
                 )
@@ -392,39 +432,115 @@ impl AwsProvider {
                 )
             })
             .unwrap_or_default();
-        let ctx = json!({
-            "run": {"id": run.run_id, "blueprint": run.blueprint},
-            "service": req.record.address.trim_start_matches("service."),
-            "port": port,
-            "release": {
-                "ref": req.release.reference,
-                "version": req.release.manifest.version,
-                "git_sha": req.release.manifest.git_sha.clone().unwrap_or_default(),
-                "url": url,
-            },
-            // The exports as base64: no value, whatever it holds, can end a heredoc or a quote
-            // of the script. `env_exports` is the plain text, for custom templates.
-            "env_b64": names::base64(format!("{}\n", env_exports.join("\n")).as_bytes()),
-            "env_exports": env_exports.join("\n"),
-            "install_steps": steps.join("\n"),
-            "start": start,
-        });
-        let text = crate::blueprint::template::render(template, &ctx).map_err(|e| {
-            ProviderError::Other(format!(
-                "{}: aws.user_data cannot be rendered: {e}",
-                req.record.address
-            ))
-        })?;
-        if text.len() > 16 * 1024 {
-            return Err(ProviderError::Other(format!(
-                "{}: the user data is {} bytes; EC2 allows 16 KiB",
-                req.record.address,
-                text.len()
-            )));
-        }
-        Ok(text)
+        let health = req
+            .release
+            .manifest
+            .health
+            .as_ref()
+            .map(|h| h.http.clone())
+            .unwrap_or_default();
+        crate::blueprint::template::render(
+            INSTALL,
+            &json!({
+                "secs": secs,
+                // The exports as base64: no value, whatever it holds, can end a quote of the
+                // script.
+                "env_b64": names::base64(format!("{}\n", env_exports.join("\n")).as_bytes()),
+                "install_steps": steps.join("\n"),
+                "start": start,
+                "has_health": !health.is_empty(),
+                "health": ssm::quote(&health),
+                "health_url": ssm::quote(&format!("http://127.0.0.1:{port}{health}")),
+            }),
+        )
+        .map_err(ProviderError::Other)
     }
 
+    /// Launches a service's instance with its boot user data and waits until it runs: a
+    /// retried create adopts the instance that carries the resource's tag, and a duplicate
+    /// launched by a retried RunInstances is terminated.
+    async fn launch(
+        &self,
+        run: &RunInfo,
+        record: &mut ResourceRecord,
+        s: &crate::blueprint::ServiceSpec,
+        sg: &str,
+    ) -> Result<ec2::Instance, ProviderError> {
+        let address = record.address.clone();
+        let aws = s
+            .aws
+            .clone()
+            .ok_or_else(|| ProviderError::Other(format!("{address} has no `aws:` block")))?;
+        let release = run
+            .release
+            .as_ref()
+            .ok_or_else(|| ProviderError::Other(format!("{address}: no release to install")))?;
+        let (bucket, key) = names::parse_s3_url(&release.reference).ok_or_else(|| {
+            ProviderError::Other(format!(
+                "on AWS the release must be an S3 object: --release s3://BUCKET/KEY (got `{}`)",
+                release.reference
+            ))
+        })?;
+        let c = self.clients_for(record);
+        let ttl = (run.expires_at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::from_secs(3600))
+            .clamp(Duration::from_secs(900), Duration::from_secs(7 * 24 * 3600));
+        let url = s3::presign_get(&c, &bucket, &key, ttl).await?;
+        let template = aws.user_data.as_deref().unwrap_or(DEFAULT_USER_DATA);
+        let user_data = Self::boot_user_data(run, &address, release, template, &url, aws.port)?;
+
+        // Reconcile by tag first: a retried create must not make a second instance, and
+        // emulators ignore ClientToken.
+        let mut existing = ec2::tagged(&c, Some(&run.run_id), Some(&address)).await?;
+        let inst = if existing.is_empty() {
+            let tags = names::tags(run, &address, &record.id);
+            let inst = ec2::launch(
+                &c,
+                &ec2::Launch {
+                    ami: &aws.ami,
+                    instance_type: &aws.instance_type,
+                    subnet: aws.subnet_id.as_deref(),
+                    security_group: sg,
+                    client_token: record.data.get("client_token").map_or(&record.id, |t| t),
+                    user_data: &user_data,
+                    profile: self.settings.instance_profile.as_deref(),
+                    tags: &tags,
+                },
+            )
+            .await?;
+            // And after: when an answer to RunInstances is lost and the SDK retries, AWS
+            // returns the first instance again (same ClientToken) but an emulator launches a
+            // second one. Whatever else carries this resource's tag is such a duplicate.
+            let extra: Vec<ec2::Instance> = ec2::tagged(&c, Some(&run.run_id), Some(&address))
+                .await?
+                .into_iter()
+                .filter(|i| i.id != inst.id)
+                .collect();
+            if !extra.is_empty() {
+                let ids: Vec<&str> = extra.iter().map(|i| i.id.as_str()).collect();
+                tracing::warn!(
+                    "{address}: a retried RunInstances launched {} more instance(s) ({}); terminating them and keeping {}",
+                    extra.len(),
+                    ids.join(", "),
+                    inst.id
+                );
+                ec2::terminate(&c, &extra, &run.run_id).await?;
+                record
+                    .data
+                    .insert("duplicates_terminated".into(), ids.join(","));
+            }
+            inst
+        } else {
+            let keep = existing.remove(0);
+            ec2::terminate(&c, &existing, &run.run_id).await?;
+            keep
+        };
+        record.id.clone_from(&inst.id);
+        record.data.insert("instance_id".into(), inst.id.clone());
+        // The create is cancelled by dropping it (the engine's select): no token of its own.
+        ec2::wait_running(&c, &inst.id, s.ready_timeout, &CancellationToken::new()).await
+    }
     /// The instance a check runs on: the service whose address the URL names, else the first.
     fn instance_for<'r>(
         records: &'r [ResourceRecord],
@@ -601,9 +717,18 @@ impl Provider for AwsProvider {
                         record.address
                     )));
                 }
-                // The instance is launched by install, when its user data can be rendered.
+                // The instance boots now, while the databases restore; the install (env,
+                // steps, start) follows through SSM when they are up.
                 let sg = self.group(run).await?;
-                record.data.insert("security_group".into(), sg);
+                record.data.insert("security_group".into(), sg.clone());
+                let running = self.launch(run, &mut record, s, &sg).await?;
+                let ip = running.private_ip.unwrap_or_default();
+                let port = s.aws.as_ref().map_or(8080, |a| a.port);
+                record.data.insert("private_ip".into(), ip.clone());
+                outputs.insert("host".into(), out(&ip));
+                outputs.insert("port".into(), out(port.to_string()));
+                outputs.insert("url".into(), out(format!("http://{ip}:{port}")));
+                outputs.insert("dir".into(), out("/opt/dryrun/release"));
             }
         }
         Ok(Created { record, outputs })
@@ -639,113 +764,24 @@ impl Provider for AwsProvider {
         &self,
         run: &RunInfo,
         req: InstallRequest<'_>,
-        sink: &dyn RecordSink,
+        _sink: &dyn RecordSink,
     ) -> Result<Installed, ProviderError> {
         let started = Instant::now();
         let address = req.record.address.clone();
-        let aws = req
-            .spec
-            .aws
-            .clone()
-            .ok_or_else(|| ProviderError::Other(format!("{address} has no `aws:` block")))?;
-        let (bucket, key) = names::parse_s3_url(&req.release.reference).ok_or_else(|| {
+        let port = req.spec.aws.as_ref().map_or(8080, |a| a.port);
+        let instance = req.record.data.get("instance_id").cloned().ok_or_else(|| {
             ProviderError::Other(format!(
-                "on AWS the release must be an S3 object: --release s3://BUCKET/KEY (got `{}`)",
-                req.release.reference
+                "{address}: no instance was launched for it (its create did not finish)"
             ))
         })?;
         let c = self.clients_for(req.record);
-        let ttl = (run.expires_at - Utc::now())
-            .to_std()
-            .unwrap_or(Duration::from_secs(3600))
-            .clamp(Duration::from_secs(900), Duration::from_secs(7 * 24 * 3600));
-        let url = s3::presign_get(&c, &bucket, &key, ttl).await?;
-        let template = aws.user_data.as_deref().unwrap_or(DEFAULT_USER_DATA);
-        let user_data = Self::user_data(run, &req, template, &url, aws.port)?;
-        let mut record = req.record.clone();
-        let sg = match record.data.get("security_group") {
-            Some(g) => g.clone(),
-            None => self.group(run).await?,
-        };
-
-        // Reconcile by tag first: a retried install must not make a second instance, and
-        // emulators ignore ClientToken.
-        let mut existing = ec2::tagged(&c, Some(&run.run_id), Some(&address)).await?;
-        let inst = if existing.is_empty() {
-            let tags = names::tags(run, &address, &record.id);
-            let inst = ec2::launch(
-                &c,
-                &ec2::Launch {
-                    ami: &aws.ami,
-                    instance_type: &aws.instance_type,
-                    subnet: aws.subnet_id.as_deref(),
-                    security_group: &sg,
-                    client_token: record.data.get("client_token").map_or(&record.id, |t| t),
-                    user_data: &user_data,
-                    profile: self.settings.instance_profile.as_deref(),
-                    tags: &tags,
-                },
-            )
-            .await?;
-            // And after: when an answer to RunInstances is lost and the SDK retries, AWS
-            // returns the first instance again (same ClientToken) but an emulator launches a
-            // second one. Whatever else carries this resource's tag is such a duplicate.
-            let extra: Vec<ec2::Instance> = ec2::tagged(&c, Some(&run.run_id), Some(&address))
-                .await?
-                .into_iter()
-                .filter(|i| i.id != inst.id)
-                .collect();
-            if !extra.is_empty() {
-                let ids: Vec<&str> = extra.iter().map(|i| i.id.as_str()).collect();
-                tracing::warn!(
-                    "{address}: a retried RunInstances launched {} more instance(s) ({}); terminating them and keeping {}",
-                    extra.len(),
-                    ids.join(", "),
-                    inst.id
-                );
-                ec2::terminate(&c, &extra, &run.run_id).await?;
-                record
-                    .data
-                    .insert("duplicates_terminated".into(), ids.join(","));
-            }
-            inst
-        } else {
-            let keep = existing.remove(0);
-            ec2::terminate(&c, &existing, &run.run_id).await?;
-            keep
-        };
-        record.id.clone_from(&inst.id);
-        record.data.insert("instance_id".into(), inst.id.clone());
-        sink.update(&record)
-            .map_err(ProviderError::io("journal the instance id"))?;
-        let launched = started.elapsed();
-
-        let deadline = started + req.ready_timeout;
-        let running = ec2::wait_running(&c, &inst.id, req.ready_timeout, &req.cancel).await?;
-        let ip = running.private_ip.clone().unwrap_or_default();
-        record.data.insert("private_ip".into(), ip.clone());
-        sink.update(&record)
-            .map_err(ProviderError::io("journal the instance address"))?;
-        let ran = started.elapsed();
-
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(30));
-        let health = req.release.manifest.health.as_ref().map(|h| h.http.clone());
-        let health = health.unwrap_or_default();
-        let script = crate::blueprint::template::render(
-            AWAIT_INSTALL,
-            &json!({
-                "secs": remaining.as_secs(),
-                "has_health": !health.is_empty(),
-                "health": ssm::quote(&health),
-                "health_url": ssm::quote(&format!("http://127.0.0.1:{}{health}", aws.port)),
-            }),
-        )
-        .map_err(ProviderError::Other)?;
+        // `ready_timeout` counts from here: the instance may have booted long before, while
+        // the databases restored.
+        let remaining = req.ready_timeout.max(Duration::from_secs(30));
+        let script = Self::install_script(&req, run, port, remaining.as_secs())?;
         let inv = ssm::run(
             &c,
-            &inst.id,
+            &instance,
             &format!("dryrun {} install of {address}", run.run_id),
             &script,
             remaining + Duration::from_secs(30),
@@ -756,67 +792,82 @@ impl Provider for AwsProvider {
             &format!("{}{}", inv.stdout, inv.stderr),
             4000,
         ));
-        match inv.exit_code {
-            0 => {}
+        let via = inv.via(&instance);
+        let last = |prefix: &str| {
+            inv.stdout
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(ToString::to_string)
+        };
+        match (inv.status.as_str(), inv.exit_code) {
+            ("Success", 0) => {}
             // The instance could not fetch or unpack the release (S3 unreachable, a damaged
             // object): nothing was learnt about the release itself.
-            1 if inv.stdout.lines().any(|l| l == "dryrun-step: fetch") => {
+            (_, 1) if last("dryrun-step: ").as_deref() == Some("fetch") => {
                 return Err(ProviderError::Other(format!(
-                    "{address}: the instance could not fetch the release ({}):\n{output}",
-                    inv.via(&inst.id)
+                    "{address}: the instance could not fetch the release ({via}):\n{output}"
                 )));
             }
-            1 | 124 => {
-                let step = inv
-                    .stdout
-                    .lines()
-                    .find_map(|l| l.strip_prefix("dryrun-step: "))
-                    .unwrap_or("install")
-                    .to_string();
-                let status = if inv.exit_code == 124 {
-                    format!(
-                        "still running after {}",
-                        humantime::format_duration(remaining)
-                    )
-                } else {
-                    inv.stdout
-                        .lines()
-                        .find_map(|l| l.strip_prefix("dryrun-exit: "))
-                        .map_or_else(|| "failed".to_string(), |c| format!("exit code {c}"))
-                };
+            (_, 124) => {
                 return Err(ProviderError::InstallStep {
-                    step,
-                    status: format!("{status}; {}", inv.via(&inst.id)),
+                    step: "boot".into(),
+                    status: format!(
+                        "the instance had not fetched the release after {}; {via}",
+                        humantime::format_duration(remaining)
+                    ),
                     output,
                 });
             }
-            2 | 3 => {
-                return Err(ProviderError::Unhealthy {
-                    address,
-                    reason: format!("{} reported:\n{output}", inv.via(&inst.id)),
+            (_, 1) => {
+                let step = last("dryrun-step: ").unwrap_or_else(|| "install".into());
+                let status = last("dryrun-exit: ")
+                    .map_or_else(|| "failed".to_string(), |c| format!("exit code {c}"));
+                return Err(ProviderError::InstallStep {
+                    step,
+                    status: format!("{status}; {via}"),
+                    output,
                 });
             }
-            code => {
+            // SSM stopped the script at its deadline: inside the step it last announced.
+            ("TimedOut", _) => {
+                let step = last("dryrun-running: ").unwrap_or_else(|| "install".into());
+                return Err(ProviderError::InstallStep {
+                    step,
+                    status: format!(
+                        "still running after {}; {via}",
+                        humantime::format_duration(remaining)
+                    ),
+                    output,
+                });
+            }
+            (_, 2 | 3) => {
+                return Err(ProviderError::Unhealthy {
+                    address,
+                    reason: format!("{via} reported:\n{output}"),
+                });
+            }
+            (status, code) => {
                 return Err(ProviderError::Other(format!(
-                    "{address}: the install wait ({}) ended `{}` with exit code {code}:\n{output}",
-                    inv.via(&inst.id),
-                    inv.status
+                    "{address}: the install ({via}) ended `{status}` with exit code {code}:\n{output}"
                 )));
             }
         }
+        let ip = req
+            .record
+            .data
+            .get("private_ip")
+            .cloned()
+            .unwrap_or_default();
         let mut outputs = Outputs::new();
         outputs.insert("host".into(), out(&ip));
-        outputs.insert("port".into(), out(aws.port.to_string()));
-        outputs.insert("url".into(), out(format!("http://{ip}:{}", aws.port)));
+        outputs.insert("port".into(), out(port.to_string()));
+        outputs.insert("url".into(), out(format!("http://{ip}:{port}")));
         outputs.insert("dir".into(), out("/opt/dryrun/release"));
         Ok(Installed {
-            record,
+            record: req.record.clone(),
             outputs,
-            steps: vec![
-                ("run-instances".into(), launched),
-                ("wait-running".into(), ran - launched),
-                ("install-and-health (SSM)".into(), started.elapsed() - ran),
-            ],
+            steps: vec![("install-and-health (SSM)".into(), started.elapsed())],
         })
     }
 
@@ -1229,6 +1280,7 @@ mod tests {
             expires_at: Utc::now(),
             log_dir: PathBuf::from("/nonexistent"),
             redactor: crate::secret::Redactor::new(),
+            release: None,
         };
         let sql = Probe::Sql {
             database: "db".into(),
@@ -1300,6 +1352,7 @@ mod tests {
             expires_at: Utc::now(),
             log_dir: rel.path().into(),
             redactor: crate::secret::Redactor::new(),
+            release: None,
         };
         let record = ResourceRecord {
             address: "service.app".into(),
@@ -1325,7 +1378,7 @@ mod tests {
             firewall: &policy,
             reachable: Vec::new(),
         };
-        AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r", 8080).unwrap()
+        AwsProvider::install_script(&req, &run, 8080, 60).unwrap()
     }
 
     #[test]
@@ -1351,7 +1404,7 @@ mod tests {
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "finish() {{ exit 9; }}\n{line}\n. {}/env\nprintf '%s' \"$EVIL\"",
+                "failed() {{ exit 9; }}\n{line}\n. {}/env\nprintf '%s' \"$EVIL\"",
                 dir.path().display()
             ))
             .output()
@@ -1366,7 +1419,7 @@ mod tests {
     }
 
     #[test]
-    fn default_user_data_renders_with_quoted_env_and_steps() {
+    fn boot_user_data_fetches_the_release_and_the_install_gets_quoted_env_and_steps() {
         let rel = tempfile::tempdir().unwrap();
         std::fs::write(
             rel.path().join("dryrun-release.yaml"),
@@ -1380,6 +1433,7 @@ mod tests {
             expires_at: Utc::now(),
             log_dir: rel.path().into(),
             redactor: crate::secret::Redactor::new(),
+            release: None,
         };
         let record = ResourceRecord {
             address: "service.app".into(),
@@ -1408,17 +1462,41 @@ mod tests {
             firewall: &policy,
             reachable: Vec::new(),
         };
-        let text =
-            AwsProvider::user_data(&run, &req, DEFAULT_USER_DATA, "http://x/r?a=1&b=2", 8080)
-                .unwrap();
-        assert!(text.starts_with("#!/bin/sh\n"), "{text}");
+        let boot = AwsProvider::boot_user_data(
+            &run,
+            "service.app",
+            &release,
+            DEFAULT_USER_DATA,
+            "http://x/r?a=1&b=2",
+            8080,
+        )
+        .unwrap();
+        assert!(boot.starts_with("#!/bin/sh\n"), "{boot}");
+        assert!(boot.contains("'http://x/r?a=1&b=2'"), "{boot}");
+        assert!(boot.contains("/var/lib/dryrun/fetched"), "{boot}");
+        let text = AwsProvider::install_script(&req, &run, 8080, 60).unwrap();
         let env = env_of(&text);
         assert!(
             env.contains(r"export DATABASE_URL='postgres://u:p'\''w@h/db'"),
             "{env}"
         );
-        assert!(text.contains(r"timeout 600 sh -c './migrate '\''x'\''' > /var/log/dryrun/step-migrate.log 2>&1 || finish migrate $?"), "{text}");
+        assert!(text.contains("echo \"dryrun-running: migrate\"\ntimeout 600 sh -c './migrate '\\''x'\\''' > /var/log/dryrun/step-migrate.log 2>&1 || failed migrate $?"), "{text}");
         assert!(text.contains("nohup setsid sh -c './serve'"), "{text}");
-        assert!(text.contains("'http://x/r?a=1&b=2'"), "{text}");
+        // The boot knows nothing of the database: it runs before the copy exists.
+        assert!(
+            !boot.contains("DATABASE_URL") && !boot.contains("base64"),
+            "{boot}"
+        );
+        // A custom template that asks for the env fails to render, naming it.
+        let err = AwsProvider::boot_user_data(
+            &run,
+            "service.app",
+            &release,
+            "{{env_b64}}",
+            "http://x/r",
+            8080,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("env_b64"), "{err}");
     }
 }
