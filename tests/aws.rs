@@ -1172,3 +1172,235 @@ fn the_copys_password_and_productions_never_appear_in_any_form() {
         forms.len()
     );
 }
+
+/// A database-only blueprint of `engine` from `source` (the gate off: the emulator's copy has
+/// an address nothing connects to).
+fn db_blueprint(dir: &Path, engine: &str, source: &str) -> PathBuf {
+    let p = dir.join(format!("{engine}.yaml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name: {engine}\npii_gate: off\nresources:\n  db:\n    type: database\n    engine: {engine}\n    source: {source}\n    database: shop\nttl: 1h\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// `dryrun run` of a [`db_blueprint`] (it declares no params).
+fn db_run_args(bp: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "run",
+        bp.to_str().unwrap(),
+        "--provider",
+        "aws",
+        "--release",
+        RELEASE,
+        "--json",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    v.extend(extra.iter().map(ToString::to_string));
+    v
+}
+
+#[test]
+fn aurora_is_cloned_copy_on_write_privately_and_torn_down_instance_then_cluster() {
+    let Some(m) = Moto::start() else { return };
+    m.aurora_and_mysql();
+    let before = m.aurora_production();
+    let dir = tempfile::tempdir().unwrap();
+    let bp = db_blueprint(dir.path(), "aurora-postgresql", moto::PROD_AURORA);
+    let state = state_dir();
+    let out = run(dryrun_aws(&m, state.path()).args(db_run_args(&bp, &[])));
+    assert_eq!(out.status.code(), Some(0));
+    let r = report_of(&out);
+    assert_eq!(r["backup"]["id"], "latest", "{r}");
+    assert_eq!(r["backup"]["source"], moto::PROD_AURORA);
+    let run_id = r["run_id"].as_str().unwrap().to_string();
+
+    let reqs = m.requests();
+    let find = |action: &str| -> Vec<&moto::Request> {
+        reqs.iter().filter(|q| q.action == action).collect()
+    };
+    let restore = find("RestoreDBClusterToPointInTime");
+    assert_eq!(restore.len(), 1, "{reqs:?}");
+    let p = &restore[0].params;
+    assert_eq!(
+        p.get("RestoreType").map(String::as_str),
+        Some("copy-on-write"),
+        "{p:?}"
+    );
+    assert_eq!(
+        p.get("UseLatestRestorableTime").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        p.get("SourceDBClusterIdentifier").map(String::as_str),
+        Some(moto::PROD_AURORA)
+    );
+    assert_eq!(
+        p.get("DeletionProtection").map(String::as_str),
+        Some("false")
+    );
+    assert!(
+        p.keys().any(|k| k.starts_with("VpcSecurityGroupIds")),
+        "{p:?}"
+    );
+    assert!(
+        p.values().any(|v| v == &run_id),
+        "tagged at creation: {p:?}"
+    );
+    let clone = p["DBClusterIdentifier"].clone();
+    assert!(clone.starts_with("dryrun-"), "{clone}");
+    let writer = find("CreateDBInstance");
+    assert_eq!(writer.len(), 1);
+    let w = &writer[0].params;
+    assert_eq!(w.get("DBClusterIdentifier"), Some(&clone));
+    assert_eq!(
+        w.get("PubliclyAccessible").map(String::as_str),
+        Some("false")
+    );
+    // A fresh password on the clone, never on production.
+    let modify = find("ModifyDBCluster");
+    assert_eq!(modify.len(), 1);
+    assert_eq!(modify[0].params.get("DBClusterIdentifier"), Some(&clone));
+    // Teardown: the writer, then the cluster; production is never a target.
+    let pos = |a: &str| {
+        reqs.iter()
+            .position(|q| q.action == a)
+            .unwrap_or_else(|| panic!("no {a}"))
+    };
+    assert!(pos("DeleteDBInstance") < pos("DeleteDBCluster"));
+    for q in &reqs {
+        if q.action.starts_with("Delete") || q.action.starts_with("Modify") {
+            assert!(
+                !q.params.values().any(|v| v.starts_with("shop-")),
+                "{} touched production: {:?}",
+                q.action,
+                q.params
+            );
+        }
+    }
+    assert_nothing_tagged(&m, None);
+    assert_eq!(m.aurora_production(), before, "production changed");
+}
+
+#[test]
+fn aurora_refuses_a_snapshot_id_a_time_outside_its_window_and_the_wrong_engine_before_creating_anything()
+ {
+    let Some(m) = Moto::start() else { return };
+    m.aurora_and_mysql();
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_dir();
+    let pg = db_blueprint(dir.path(), "aurora-postgresql", moto::PROD_AURORA);
+    let my = db_blueprint(dir.path(), "aurora-mysql", moto::PROD_AURORA);
+    for (bp, backup, want) in [
+        (
+            &pg,
+            "nightly-1",
+            "an Aurora copy is a clone of the live cluster",
+        ),
+        (&pg, "2020-01-01T00:00:00Z", "restorable window"),
+        (&my, "latest", "runs aurora-postgresql, not aurora-mysql"),
+    ] {
+        let out = run(dryrun_aws(&m, state.path()).args(db_run_args(bp, &["--backup", backup])));
+        assert_eq!(out.status.code(), Some(3), "{backup}");
+        let r = report_of(&out);
+        let failure = r["failure"].as_str().unwrap_or_default();
+        assert!(failure.contains(want), "{backup}: {failure}");
+    }
+    assert!(
+        !m.requests()
+            .iter()
+            .any(|q| q.action.starts_with("Restore") || q.action.starts_with("Create")),
+        "something was created"
+    );
+    assert_nothing_tagged(&m, None);
+}
+
+#[test]
+fn a_run_killed_during_an_aurora_clone_is_cleaned_up_by_tag_and_production_is_never_touched() {
+    let Some(m) = Moto::start() else { return };
+    m.aurora_and_mysql();
+    let before = m.aurora_production();
+    let state = state_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let bp = db_blueprint(dir.path(), "aurora-postgresql", moto::PROD_AURORA);
+    // Crash right after the clone is made (cluster and writer), before anything records it
+    // as restored: the point's number comes from a counting run's failpoint log.
+    let log = dir.path().join("points");
+    let counting = state_dir();
+    let out = run(dryrun_aws(&m, counting.path())
+        .args(db_run_args(&bp, &[]))
+        .env("DRYRUN_FAILPOINT_LOG", &log));
+    assert_eq!(out.status.code(), Some(0));
+    let points = std::fs::read_to_string(&log).unwrap();
+    let at = points
+        .lines()
+        .find(|l| l.ends_with(" provider: after restore"))
+        .and_then(|l| l.split(' ').next())
+        .expect("the restore's failpoint")
+        .to_string();
+    let status = dryrun_aws(&m, state.path())
+        .args(db_run_args(&bp, &[]))
+        .env("DRYRUN_CRASH_AT", &at)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let left = m.tagged(None);
+    assert!(
+        left.iter().any(|t| t.starts_with("cluster dryrun-")),
+        "{left:?}"
+    );
+    assert!(
+        left.iter().any(|t| t.starts_with("rds dryrun-")),
+        "the writer: {left:?}"
+    );
+    let run_id = std::fs::read_dir(state.path().join("runs"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    // A production cluster that someone tagged with the run's id: cleanup must refuse it.
+    m.rt.block_on(async {
+        m.rds
+            .add_tags_to_resource()
+            .resource_name(format!(
+                "arn:aws:rds:{}:123456789012:cluster:{}",
+                moto::REGION,
+                moto::PROD_AURORA
+            ))
+            .tags(
+                aws_sdk_rds::types::Tag::builder()
+                    .key("dryrun:run-id")
+                    .value(&run_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    });
+    let out =
+        run(dryrun_aws(&m, state.path()).args(["cleanup", &run_id, "--provider", "aws", "--yes"]));
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("aurora cluster {}", moto::PROD_AURORA)),
+        "the decoy is reported left behind: {text}"
+    );
+    let left = m.tagged(None);
+    assert_eq!(left, [format!("cluster {}", moto::PROD_AURORA)], "{text}");
+    let after = m.aurora_production();
+    assert_eq!(
+        after.split(" tags=").next(),
+        before.split(" tags=").next(),
+        "production's cluster changed"
+    );
+}

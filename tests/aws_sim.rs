@@ -550,3 +550,83 @@ fn a_surviving_worker_tears_down_the_aws_resources_of_a_killed_one_from_the_shar
     assert_clean(&m, &before);
     drop(a);
 }
+
+/// `engine: mysql`: the RDS MySQL snapshot is restored and the release gets a `mysql://` URL
+/// to the copy (with a fresh password, not production's); a blueprint that says `postgres`
+/// for the MySQL instance is refused before anything is created.
+#[test]
+fn a_mysql_snapshot_is_restored_for_the_release_and_the_wrong_engine_is_refused_first() {
+    let Some(m) = Moto::start_sim() else { return };
+    m.aurora_and_mysql();
+    let dir = tempfile::tempdir().unwrap();
+    let bp = |engine: &str| {
+        let p = dir.path().join(format!("{engine}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name: shopmy\npii_gate: off\nparams:\n  ami: {{default: \"\"}}\nresources:\n  db:\n    type: database\n    engine: {engine}\n    source: {}\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\n      APP_VERSION: \"{{{{release.version}}}}\"\n    ready_timeout: 2m\n    aws:\n      ami: \"{{{{params.ami}}}}\"\nttl: 1h\n",
+                moto::PROD_MYSQL
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let release = m.put_release(
+        "shop-4.0.0.tar.gz",
+        release_tarball_with(
+            "4.0.0",
+            "#!/bin/sh\necho \"scheme ${DATABASE_URL%%://*} user $(echo \"$DATABASE_URL\" | cut -d/ -f3 | cut -d: -f1)\"\n",
+            "exec python3 ./bin/server.py",
+        ),
+    );
+    let args = |p: &Path| -> Vec<String> {
+        [
+            "run",
+            p.to_str().unwrap(),
+            "--provider",
+            "aws",
+            "--release",
+            &release,
+            "--param",
+            &format!("ami={}", m.ami),
+            "--json",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+    };
+    let state = state_dir();
+    let wrong = run(dryrun_aws(&m, state.path()).args(args(&bp("postgres"))));
+    assert_eq!(wrong.status.code(), Some(3));
+    let failure = report_of(&wrong)["failure"].as_str().unwrap().to_string();
+    assert!(
+        failure
+            .contains("is mysql, but the blueprint says `engine: postgres`; set `engine: mysql`"),
+        "{failure}"
+    );
+    assert!(
+        m.tagged(None).is_empty(),
+        "created something: {:?}",
+        m.tagged(None)
+    );
+
+    let out = run(dryrun_aws(&m, state.path()).args(args(&bp("mysql"))));
+    assert_eq!(out.status.code(), Some(0), "{}", m.sim_log());
+    assert_eq!(
+        instance_file(&m, "varlog/dryrun/step-migrate.log"),
+        ["scheme mysql user shop\n"]
+    );
+    let reqs = m.requests();
+    assert!(
+        reqs.iter()
+            .any(|q| q.action == "RestoreDBInstanceFromDBSnapshot"
+                && q.params.get("DBSnapshotIdentifier").map(String::as_str)
+                    == Some("shop-mysql-nightly"))
+    );
+    assert!(
+        reqs.iter()
+            .any(|q| q.action == "ModifyDBInstance" && q.params.contains_key("MasterUserPassword"))
+    );
+    assert!(m.tagged(None).is_empty(), "left: {:?}", m.tagged(None));
+    assert!(m.sandboxes().is_empty());
+}

@@ -275,3 +275,31 @@ async fn service_without_manifest_health_waits_for_its_port_and_is_ended_by_dele
     assert_eq!(p.delete(&inst.record).await.unwrap(), Deleted::Destroyed);
     assert!(dryrun::process::find_tagged("svc-1", None).is_empty());
 }
+
+#[tokio::test]
+async fn aws_only_engines_are_refused_by_the_local_provider_with_the_fix() {
+    let state = common::state_dir();
+    let p = provider(state.path());
+    for engine in [
+        Engine::Mysql,
+        Engine::Mariadb,
+        Engine::AuroraPostgresql,
+        Engine::AuroraMysql,
+    ] {
+        let e = p
+            .find_backup(
+                &db(engine, "shop-db"),
+                &dryrun::provider::BackupPick::Latest,
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "engine `{}` is restored by the AWS provider only",
+                engine.as_str()
+            )) && e.contains("--provider aws"),
+            "{e}"
+        );
+    }
+}

@@ -59,7 +59,14 @@ const TOP_KEYS: &[&str] = &[
 ];
 const KINDS: &[&str] = &["database", "bucket", "service"];
 const CHECK_KINDS: &[&str] = &["http", "command", "sql", "mail"];
-const ENGINES: &[&str] = &["sqlite", "postgres"];
+const ENGINES: &[&str] = &[
+    "sqlite",
+    "postgres",
+    "mysql",
+    "mariadb",
+    "aurora-postgresql",
+    "aurora-mysql",
+];
 
 /// Reads and compiles a blueprint file with `--param` values.
 ///
@@ -772,9 +779,45 @@ impl Compiler<'_> {
                         None,
                     );
                 }
+                Some(Resource {
+                    spec: ResourceSpec::Database(d),
+                    ..
+                }) if d.engine.is_mysql() => {
+                    self.diag_at(
+                        c.span().start(),
+                        format!("`{}` is {}: sql checks run on PostgreSQL and SQLite only", c.as_str(), d.engine.as_str()),
+                        "no sql check on this engine",
+                        Some("query it from the service's instance with a command check (e.g. `mysql -e \"…\"`), where the copy is reachable".into()),
+                    );
+                }
                 Some(_) => {}
                 None if all_names.iter().any(|n| n == c.as_str()) => {}
                 None => self.unknown_resource(c.as_str(), c.span().start(), &all_names),
+            }
+        }
+        // MySQL-family copies: no scan, no masking (dryrun has no MySQL client).
+        for r in &resources {
+            let ResourceSpec::Database(d) = &r.spec else {
+                continue;
+            };
+            if !d.engine.is_mysql() {
+                continue;
+            }
+            if masking.contains_key(&r.name) {
+                self.diag_at(
+                    top.get_node("masking").and_then(|n| n.span().start()),
+                    format!("`masking` has rules for `{}`, which is {}: dryrun masks PostgreSQL and SQLite copies only", r.name, d.engine.as_str()),
+                    "here",
+                    Some("remove the rules for it, and rehearse on a copy that holds no personal data you may not copy".into()),
+                );
+            }
+            if pii_gate == crate::privacy::Gate::On {
+                self.diag_at(
+                    res_marks.get(&r.name).copied().flatten().as_ref(),
+                    format!("database `{}` is {}: the personal data gate (on by default) scans PostgreSQL and SQLite copies only", r.name, d.engine.as_str()),
+                    "this database",
+                    Some("set `pii_gate: off` when the copy may hold what production holds (docs/data-safety.md)".into()),
+                );
             }
         }
         let kinds: HashMap<String, &'static str> = resources
@@ -1302,8 +1345,11 @@ impl Compiler<'_> {
             "database" => {
                 let r: RawDatabase = self.de(node, &what)?;
                 let engine = match r.engine.as_str() {
-                    "sqlite" => Engine::Sqlite,
-                    "postgres" | "postgresql" => Engine::Postgres,
+                    "postgresql" => Engine::Postgres,
+                    e if Engine::ALL.iter().any(|x| x.as_str() == e) => Engine::ALL
+                        .into_iter()
+                        .find(|x| x.as_str() == e)
+                        .unwrap_or(Engine::Sqlite),
                     other => {
                         let help = did_you_mean(other, ENGINES.iter().copied()).map_or_else(
                             || format!("engines: {}", ENGINES.join(", ")),
@@ -1880,6 +1926,35 @@ mod tests {
             "name: t\nresources:\n  app:\n    type: service\n    aws:\n      ami: ami-1\n      user_data: \"#!/bin/sh\\ncurl '{{{release.url}}}' # {{service}} {{port}} {{run.id}}\"\n",
         );
         assert!(ok.is_empty(), "{ok:?}");
+    }
+
+    #[test]
+    fn mysql_family_databases_refuse_sql_checks_masking_and_the_gate_with_the_fix() {
+        let d = diags(
+            "name: t\nresources:\n  db:\n    type: database\n    engine: aurora-mysql\n    source: prod\nmasking:\n  db:\n    customers.email: email\nchecks:\n  - name: q\n    type: sql\n    database: db\n    query: select 1\n",
+        );
+        let all = d.join("\n");
+        for want in [
+            "3:3: database `db` is aurora-mysql: the personal data gate (on by default) scans PostgreSQL and SQLite copies only",
+            "`masking` has rules for `db`, which is aurora-mysql",
+            "13:15: `db` is aurora-mysql: sql checks run on PostgreSQL and SQLite only",
+        ] {
+            assert!(all.contains(want), "{want}\n{all}");
+        }
+        assert_eq!(d.len(), 3, "{all}");
+        for engine in ["mysql", "mariadb", "aurora-postgresql", "postgresql"] {
+            let ok = diags(&format!(
+                "name: t\npii_gate: off\nresources:\n  db:\n    type: database\n    engine: {engine}\n    source: prod\n"
+            ));
+            assert!(ok.is_empty(), "{engine}: {ok:?}");
+        }
+        // Aurora PostgreSQL speaks PostgreSQL: the gate, masking and sql checks apply.
+        let pg = compile(
+            Path::new("t.yaml"),
+            "name: t\nresources:\n  db:\n    type: database\n    engine: aurora-postgresql\n    source: prod\nchecks:\n  - name: q\n    type: sql\n    database: db\n    query: select 1\n",
+            &BTreeMap::new(),
+        );
+        assert!(pg.is_ok(), "{:?}", pg.err());
     }
 
     #[test]

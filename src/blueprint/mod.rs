@@ -364,22 +364,68 @@ impl ResourceSpec {
 
 /// Database engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// SQLite file.
+    #[serde(rename = "sqlite")]
     Sqlite,
     /// PostgreSQL.
+    #[serde(rename = "postgres")]
     Postgres,
+    /// MySQL (RDS instance snapshots; AWS only).
+    #[serde(rename = "mysql")]
+    Mysql,
+    /// MariaDB (RDS instance snapshots; AWS only).
+    #[serde(rename = "mariadb")]
+    Mariadb,
+    /// Aurora PostgreSQL (a copy-on-write clone of the cluster; AWS only).
+    #[serde(rename = "aurora-postgresql")]
+    AuroraPostgresql,
+    /// Aurora MySQL (a copy-on-write clone of the cluster; AWS only).
+    #[serde(rename = "aurora-mysql")]
+    AuroraMysql,
 }
 
 impl Engine {
+    /// Every engine, as written in blueprints.
+    pub const ALL: [Engine; 6] = [
+        Engine::Sqlite,
+        Engine::Postgres,
+        Engine::Mysql,
+        Engine::Mariadb,
+        Engine::AuroraPostgresql,
+        Engine::AuroraMysql,
+    ];
+
     /// Name as written in blueprints.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::Sqlite => "sqlite",
             Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+            Engine::Mariadb => "mariadb",
+            Engine::AuroraPostgresql => "aurora-postgresql",
+            Engine::AuroraMysql => "aurora-mysql",
         }
+    }
+
+    /// Speaks the PostgreSQL protocol (sql checks, masking and the personal data gate work).
+    #[must_use]
+    pub fn is_postgres(self) -> bool {
+        matches!(self, Engine::Postgres | Engine::AuroraPostgresql)
+    }
+
+    /// Speaks the MySQL protocol: dryrun restores and tears it down, but runs no sql check,
+    /// scan or masking in it (no MySQL client in dryrun).
+    #[must_use]
+    pub fn is_mysql(self) -> bool {
+        matches!(self, Engine::Mysql | Engine::Mariadb | Engine::AuroraMysql)
+    }
+
+    /// An Aurora cluster, copied as a clone rather than restored from a snapshot.
+    #[must_use]
+    pub fn is_aurora(self) -> bool {
+        matches!(self, Engine::AuroraPostgresql | Engine::AuroraMysql)
     }
 }
 

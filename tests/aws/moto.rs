@@ -34,6 +34,10 @@ pub const SNAPSHOTS: [&str; 3] = [
 ];
 /// Region of every fixture.
 pub const REGION: &str = "us-east-1";
+/// The production Aurora PostgreSQL cluster ([`Moto::aurora_and_mysql`]).
+pub const PROD_AURORA: &str = "shop-aurora";
+/// The production MySQL instance ([`Moto::aurora_and_mysql`]).
+pub const PROD_MYSQL: &str = "shop-mysql";
 
 /// A running moto server and SDK clients pointed at it; with [`Moto::start_sim`], the instance
 /// simulator (scripts/aws_sim.py) in front of it.
@@ -437,6 +441,88 @@ impl Moto {
         });
     }
 
+    /// More production: an Aurora PostgreSQL cluster [`PROD_AURORA`] with deletion protection
+    /// and one writer, and a MySQL instance [`PROD_MYSQL`] with a snapshot.
+    pub fn aurora_and_mysql(&self) {
+        let prod = aws_sdk_rds::types::Tag::builder()
+            .key("env")
+            .value("production")
+            .build();
+        self.rt.block_on(async {
+            self.rds
+                .create_db_cluster()
+                .db_cluster_identifier(PROD_AURORA)
+                .engine("aurora-postgresql")
+                .master_username("shop")
+                .master_user_password(PROD_PASSWORD)
+                .deletion_protection(true)
+                .tags(prod.clone())
+                .send()
+                .await
+                .unwrap();
+            self.rds
+                .create_db_instance()
+                .db_instance_identifier(format!("{PROD_AURORA}-1"))
+                .db_cluster_identifier(PROD_AURORA)
+                .engine("aurora-postgresql")
+                .db_instance_class("db.r6g.large")
+                .tags(prod.clone())
+                .send()
+                .await
+                .unwrap();
+            self.rds
+                .create_db_instance()
+                .db_instance_identifier(PROD_MYSQL)
+                .engine("mysql")
+                .db_instance_class("db.t3.micro")
+                .master_username("shop")
+                .master_user_password(PROD_PASSWORD)
+                .allocated_storage(20)
+                .tags(prod)
+                .send()
+                .await
+                .unwrap();
+            self.rds
+                .create_db_snapshot()
+                .db_instance_identifier(PROD_MYSQL)
+                .db_snapshot_identifier("shop-mysql-nightly")
+                .send()
+                .await
+                .unwrap();
+        });
+        // Record only what the tests' runs ask, not these fixtures.
+        self.http("POST", "/moto-api/recorder/reset-recording");
+        self.http("POST", "/moto-api/recorder/start-recording");
+    }
+
+    /// What the production Aurora cluster looks like (status, protection, members, tags).
+    pub fn aurora_production(&self) -> String {
+        self.rt.block_on(async {
+            let c = self
+                .rds
+                .describe_db_clusters()
+                .db_cluster_identifier(PROD_AURORA)
+                .send()
+                .await
+                .unwrap();
+            let c = &c.db_clusters()[0];
+            format!(
+                "{} {} protected={:?} members={:?} tags={:?}",
+                c.db_cluster_identifier().unwrap_or(""),
+                c.status().unwrap_or(""),
+                c.deletion_protection(),
+                c.db_cluster_members()
+                    .iter()
+                    .map(|m| m.db_instance_identifier().unwrap_or(""))
+                    .collect::<Vec<_>>(),
+                c.tag_list()
+                    .iter()
+                    .map(|t| (t.key().unwrap_or(""), t.value().unwrap_or("")))
+                    .collect::<Vec<_>>(),
+            )
+        })
+    }
+
     /// Everything live in the emulator that carries a `dryrun:run-id` tag (of `run_id`, or of
     /// any run): `kind id` strings. Terminated instances do not count (they are gone on AWS
     /// too, only still listed for a while).
@@ -474,6 +560,17 @@ impl Moto {
                     .collect();
                 if matches(&tags) {
                     out.push(format!("rds {}", d.db_instance_identifier().unwrap()));
+                }
+            }
+            let clusters = self.rds.describe_db_clusters().send().await.unwrap();
+            for d in clusters.db_clusters() {
+                let tags: Vec<(String, String)> = d
+                    .tag_list()
+                    .iter()
+                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                    .collect();
+                if matches(&tags) {
+                    out.push(format!("cluster {}", d.db_cluster_identifier().unwrap()));
                 }
             }
             let sgs = self.ec2.describe_security_groups().send().await.unwrap();

@@ -30,6 +30,7 @@
 //! are reported skipped. No code path connects to the copy's private addresses from the runner
 //! unless that setting says the runner is inside the VPC.
 
+pub mod aurora;
 pub mod clients;
 pub mod ec2;
 pub mod names;
@@ -300,50 +301,88 @@ impl AwsProvider {
             Some(g) => g.clone(),
             None => self.group(run).await?,
         };
-        let subnet_group = match &self.settings.db_subnet_group {
-            Some(g) => Some(g.clone()),
-            None => self
-                .source(&db.source)
-                .await?
-                .and_then(|s| s.subnet_group.map(|(name, _)| name))
-                .filter(|n| !n.is_empty()),
-        };
         let tags = names::tags(run, &record.address, &record.id);
-        let inst = rds::restore(
-            &c,
-            &rds::RestoreRequest {
-                id: &record.id,
-                snapshot: &backup.id,
-                security_group: &sg,
-                subnet_group: subnet_group.as_deref(),
-                class: self.settings.db_instance_class.as_deref(),
-                tags: &tags,
-                run_id: &run.run_id,
-                timeout: self.settings.restore_timeout,
-            },
-            cancel,
-        )
-        .await?;
         // Production's credentials must not open the copy.
         let password = Secret::generate(32);
         run.redactor.register(&password);
-        let inst = rds::set_password(&c, &inst, &run.run_id, &password, cancel).await?;
-        let (host, port) = inst.endpoint.clone().ok_or_else(|| {
-            ProviderError::Other(format!("rds instance {} has no endpoint", inst.id))
+        let (endpoint, user) = if db.engine.is_aurora() {
+            let instance = record.data.get("instance").cloned().ok_or_else(|| {
+                ProviderError::Other(format!(
+                    "{}: its record names no writer instance",
+                    record.address
+                ))
+            })?;
+            let cl = aurora::clone(
+                &c,
+                &aurora::CloneRequest {
+                    id: &record.id,
+                    instance: &instance,
+                    source: &db.source,
+                    engine: db.engine.as_str(),
+                    to_time: (backup.id != "latest").then_some(backup.taken_at),
+                    security_group: &sg,
+                    subnet_group: self.settings.db_subnet_group.as_deref(),
+                    class: self.settings.db_instance_class.as_deref(),
+                    tags: &tags,
+                    run_id: &run.run_id,
+                    timeout: self.settings.restore_timeout,
+                },
+                cancel,
+            )
+            .await?;
+            let cl = aurora::set_password(&c, &cl, &run.run_id, &password, cancel).await?;
+            (cl.endpoint, cl.master_user)
+        } else {
+            let subnet_group = match &self.settings.db_subnet_group {
+                Some(g) => Some(g.clone()),
+                None => self
+                    .source(&db.source)
+                    .await?
+                    .and_then(|s| s.subnet_group.map(|(name, _)| name))
+                    .filter(|n| !n.is_empty()),
+            };
+            let inst = rds::restore(
+                &c,
+                &rds::RestoreRequest {
+                    id: &record.id,
+                    snapshot: &backup.id,
+                    security_group: &sg,
+                    subnet_group: subnet_group.as_deref(),
+                    class: self.settings.db_instance_class.as_deref(),
+                    tags: &tags,
+                    run_id: &run.run_id,
+                    timeout: self.settings.restore_timeout,
+                },
+                cancel,
+            )
+            .await?;
+            let inst = rds::set_password(&c, &inst, &run.run_id, &password, cancel).await?;
+            (inst.endpoint, inst.master_user)
+        };
+        let (host, port) = endpoint.ok_or_else(|| {
+            ProviderError::Other(format!(
+                "{} ({}) has no endpoint",
+                record.address, record.id
+            ))
         })?;
-        let user = inst.master_user.unwrap_or_else(|| "postgres".into());
+        let (scheme, default_user) = if db.engine.is_mysql() {
+            ("mysql", "admin")
+        } else {
+            ("postgres", "postgres")
+        };
+        let user = user.unwrap_or_else(|| default_user.into());
         let mut o = Outputs::new();
         o.insert("host".into(), out(&host));
         o.insert("port".into(), out(port.to_string()));
         o.insert("user".into(), out(&user));
         o.insert("name".into(), out(&db.database));
-        o.insert("engine".into(), out("postgres"));
+        o.insert("engine".into(), out(scheme));
         o.insert("backup_id".into(), out(&backup.id));
         o.insert("password".into(), secret_out(password.expose()));
         o.insert(
             "url".into(),
             secret_out(format!(
-                "postgres://{user}:{}@{host}:{port}/{}",
+                "{scheme}://{user}:{}@{host}:{port}/{}",
                 password.expose(),
                 db.database
             )),
@@ -639,13 +678,15 @@ impl Provider for AwsProvider {
         db: &DatabaseSpec,
         pick: &BackupPick,
     ) -> Result<BackupInfo, ProviderError> {
-        if db.engine != Engine::Postgres {
-            return Err(ProviderError::Other(format!(
-                "engine `{}` is not available on AWS; the AWS provider restores RDS PostgreSQL (`engine: postgres`)",
-                db.engine.as_str()
-            )));
+        match db.engine {
+            Engine::Sqlite => Err(ProviderError::Other(
+                "engine `sqlite` is not available on AWS; the AWS provider restores RDS snapshots (`engine: postgres`, `mysql`, `mariadb`) and clones Aurora clusters (`aurora-postgresql`, `aurora-mysql`)".into(),
+            )),
+            e if e.is_aurora() => {
+                aurora::find_point(&self.clients(), &db.source, e.as_str(), pick).await
+            }
+            e => rds::find_snapshot(&self.clients(), &db.source, e.as_str(), pick).await,
         }
-        rds::find_snapshot(&self.clients(), &db.source, pick).await
     }
 
     fn plan_record(&self, run: &RunInfo, name: &str, req: &ResourceRequest) -> ResourceRecord {
@@ -655,6 +696,13 @@ impl Provider for AwsProvider {
         let (kind, id) = match req {
             ResourceRequest::Database(d) => {
                 data.insert("source".into(), d.source.clone());
+                data.insert("engine".into(), d.engine.as_str().to_string());
+                if d.engine.is_aurora() {
+                    data.insert(
+                        "instance".into(),
+                        names::db_cluster_instance_id(&run.run_id, name),
+                    );
+                }
                 data.insert(
                     "security_group_name".into(),
                     names::security_group_name(&run.run_id),
@@ -699,7 +747,14 @@ impl Provider for AwsProvider {
                 // The instance itself is made by the restore (RDS restores into a new instance).
                 let sg = self.group(run).await?;
                 record.data.insert("security_group".into(), sg);
-                outputs.insert("engine".into(), out("postgres"));
+                outputs.insert(
+                    "engine".into(),
+                    out(if d.engine.is_mysql() {
+                        "mysql"
+                    } else {
+                        "postgres"
+                    }),
+                );
                 outputs.insert("name".into(), out(&d.database));
             }
             ResourceRequest::Bucket(_) => {
@@ -875,6 +930,14 @@ impl Provider for AwsProvider {
         let run_id = Self::run_id_of(record)?;
         let c = self.clients_for(record);
         match record.kind {
+            ResourceKind::Database
+                if record
+                    .data
+                    .get("engine")
+                    .is_some_and(|e| e.starts_with("aurora-")) =>
+            {
+                aurora::delete(&c, &record.id, run_id).await
+            }
             ResourceKind::Database => rds::delete(&c, &record.id, run_id).await,
             ResourceKind::Bucket => {
                 let name = record.address.strip_prefix("bucket.").unwrap_or_default();
@@ -904,6 +967,7 @@ impl Provider for AwsProvider {
         let c = self.clients();
         let instances = ec2::tagged(&c, Some(run_id), None).await?;
         let databases = rds::tagged(&c, Some(run_id)).await?;
+        let clusters = aurora::tagged(&c, Some(run_id)).await?;
         let buckets = s3::tagged(&c, Some(run_id)).await?;
         let groups = ec2::groups(&c, Some(run_id), None).await?;
         let mut found = Vec::new();
@@ -957,6 +1021,15 @@ impl Provider for AwsProvider {
                 Ok(())
             };
             push(format!("rds instance {} ({})", d.id, d.status), r);
+        }
+        // After the instances: Aurora deletes no cluster that still has one.
+        for cl in &clusters {
+            let r = if remove {
+                aurora::delete(&c, &cl.id, run_id).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            push(format!("aurora cluster {} ({})", cl.id, cl.status), r);
         }
         for (b, _) in &buckets {
             let r = if remove {
@@ -1066,6 +1139,7 @@ impl Provider for AwsProvider {
                 .map(|i| i.tags),
         );
         all.extend(rds::tagged(&c, None).await?.into_iter().map(|i| i.tags));
+        all.extend(aurora::tagged(&c, None).await?.into_iter().map(|i| i.tags));
         all.extend(s3::tagged(&c, None).await?.into_iter().map(|(_, t)| t));
         all.extend(
             ec2::groups(&c, None, None)

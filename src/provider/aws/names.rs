@@ -90,6 +90,13 @@ pub fn db_instance_id(run_id: &str, name: &str) -> String {
     dns_name(&["dryrun", run_id, name], 63)
 }
 
+/// RDS instance identifier of the writer in an Aurora database resource's cluster (the cluster
+/// takes [`db_instance_id`]).
+#[must_use]
+pub fn db_cluster_instance_id(run_id: &str, name: &str) -> String {
+    dns_name(&["dryrun", run_id, name, "writer"], 63)
+}
+
 /// S3 bucket name of a bucket resource (valid and deterministic; 63 characters at most).
 #[must_use]
 pub fn bucket_name(run_id: &str, name: &str) -> String {

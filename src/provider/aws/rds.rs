@@ -146,13 +146,16 @@ pub async fn tagged(c: &Clients, run_id: Option<&str>) -> Result<Vec<Instance>, 
 }
 
 /// Finds the snapshot to restore: the newest *available* one (automated or manual) of the
-/// production instance `source`, or the one `pick` names. Reads only.
+/// production instance `source`, or the one `pick` names; its engine must be `engine` (the
+/// blueprint's: `postgres`, `mysql` or `mariadb`). Reads only.
 ///
 /// # Errors
-/// [`ProviderError::NoBackup`] listing what exists; API errors.
+/// [`ProviderError::NoBackup`] listing what exists, or naming the engine that differs; API
+/// errors.
 pub async fn find_snapshot(
     c: &Clients,
     source: &str,
+    engine: &str,
     pick: &BackupPick,
 ) -> Result<BackupInfo, ProviderError> {
     let mut pages = c
@@ -161,8 +164,8 @@ pub async fn find_snapshot(
         .db_instance_identifier(source)
         .into_paginator()
         .send();
-    // (id, taken at, status, size in bytes, ARN)
-    type Snap = (String, DateTime<Utc>, String, Option<u64>, String);
+    // (id, taken at, status, size in bytes, ARN, engine)
+    type Snap = (String, DateTime<Utc>, String, Option<u64>, String, String);
     let mut snaps: Vec<Snap> = Vec::new();
     while let Some(page) = pages.next().await {
         let page = page.map_err(api(format!("list snapshots of rds instance {source}")))?;
@@ -184,6 +187,7 @@ pub async fn find_snapshot(
                     .and_then(|g| u64::try_from(g).ok())
                     .map(|g| g << 30),
                 s.db_snapshot_arn().unwrap_or(id).to_string(),
+                s.engine().unwrap_or_default().to_string(),
             ));
         }
     }
@@ -194,7 +198,14 @@ pub async fn find_snapshot(
         BackupPick::Id(want) => available.iter().find(|s| &s.0 == want),
         BackupPick::Before(t) => available.iter().find(|s| s.1 <= *t),
     };
-    if let Some((id, taken, _, size, arn)) = chosen.copied() {
+    if let Some((id, taken, _, size, arn, snap_engine)) = chosen.copied() {
+        // A blueprint that says mysql for a PostgreSQL instance would give the release a URL
+        // of the wrong kind: say so before anything is restored.
+        if !snap_engine.is_empty() && snap_engine != engine {
+            return Err(ProviderError::NoBackup(format!(
+                "snapshot `{id}` of rds instance `{source}` is {snap_engine}, but the blueprint says `engine: {engine}`; set `engine: {snap_engine}`"
+            )));
+        }
         return Ok(BackupInfo {
             id: id.clone(),
             source: source.to_string(),

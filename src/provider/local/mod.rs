@@ -201,6 +201,9 @@ impl LocalProvider {
                         self.restore_postgres(run, record, db, backup, cancel, plan)
                             .await
                     }
+                    other => {
+                        return Err(not_local(other));
+                    }
                 };
                 let (s, c) = done?;
                 streamed = s;
@@ -741,6 +744,9 @@ impl Provider for LocalProvider {
         db: &crate::blueprint::DatabaseSpec,
         pick: &BackupPick,
     ) -> Result<BackupInfo, ProviderError> {
+        if !matches!(db.engine, Engine::Sqlite | Engine::Postgres) {
+            return Err(not_local(db.engine));
+        }
         let store = self.settings()?.backups.clone();
         let source = db.source.clone();
         let engine = db.engine.as_str();
@@ -791,6 +797,10 @@ impl Provider for LocalProvider {
                             outputs.insert(k.into(), out(""));
                         }
                     }
+                    other @ (Engine::Mysql
+                    | Engine::Mariadb
+                    | Engine::AuroraPostgresql
+                    | Engine::AuroraMysql) => return Err(not_local(other)),
                     Engine::Postgres => {
                         if postgres::run_as()?.is_some() {
                             // As root, the cluster runs as an unprivileged user who must walk
@@ -1327,4 +1337,17 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The error for an engine only the AWS provider restores.
+fn not_local(engine: Engine) -> ProviderError {
+    ProviderError::Other(format!(
+        "engine `{}` is restored by the AWS provider only (RDS{}): run with `--provider aws`; the local provider restores `sqlite` and `postgres` backups",
+        engine.as_str(),
+        if engine.is_aurora() {
+            " Aurora clone"
+        } else {
+            " snapshot"
+        }
+    ))
 }
