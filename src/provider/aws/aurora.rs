@@ -23,8 +23,6 @@ use super::rds;
 use super::wait::{self, Pace, Poll};
 use crate::provider::{BackupInfo, BackupPick, Deleted, ProviderError};
 
-/// Longest wait for a cluster to be deleted.
-const DELETE_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// Longest wait for the new master password to be applied.
 const MODIFY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// The writer's class when neither `providers.aws.db_instance_class` nor the production
@@ -446,44 +444,41 @@ pub async fn set_password(
     wait_available(c, &cl.id, MODIFY_TIMEOUT, cancel, true).await
 }
 
+impl rds::Copy for Cluster {
+    fn status(&self) -> &str {
+        &self.status
+    }
+    fn protected(&self) -> bool {
+        self.deletion_protection
+    }
+    fn owned_by(&self, run_id: &str) -> Result<(), ProviderError> {
+        Cluster::owned_by(self, run_id)
+    }
+}
+
 /// Deletes a cluster of this run and its instances: each instance that passes the ownership
-/// proof first ([`rds::delete`]), then the cluster, without a final snapshot; waits until it
-/// is gone. A cluster with an instance that is not this run's (someone added one), or with
-/// deletion protection on, is refused and stays.
+/// proof first ([`rds::delete`]), then the cluster, without a final snapshot
+/// ([`rds::delete_until_gone`]); waits until it is gone. A cluster with an instance that is not
+/// this run's (someone added one), or with deletion protection on, is refused and stays.
 ///
 /// # Errors
 /// The guard, deletion protection, API errors, a timeout naming the last state.
 pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, ProviderError> {
-    let Some(first) = describe(c, id).await? else {
-        return Ok(Deleted::AlreadyGone);
-    };
-    first.owned_by(run_id)?;
-    if first.deletion_protection {
-        return Err(ProviderError::Protected(format!(
-            "aurora cluster {id} has deletion protection on; dryrun never turns it off. If it is really this run's copy, turn it off yourself and run `dryrun cleanup {run_id} --provider aws --yes`"
-        )));
+    if let Some(cl) = describe(c, id).await? {
+        // Proven, and not protected, before its instances are touched.
+        cl.owned_by(run_id)?;
+        if cl.deletion_protection {
+            return Err(rds::protected(&format!("aurora cluster {id}"), run_id));
+        }
+        for m in &cl.members {
+            rds::delete(c, m, run_id).await?;
+        }
     }
-    for m in &first.members {
-        rds::delete(c, m, run_id).await?;
-    }
-    wait::until(
-        &format!("aurora cluster {id} to be deleted"),
-        DELETE_TIMEOUT,
-        Pace::SLOW,
-        None,
+    rds::delete_until_gone(
+        &format!("aurora cluster {id}"),
+        run_id,
+        || describe(c, id),
         || async {
-            let Some(cl) = describe(c, id).await? else {
-                return Ok(Poll::Done(()));
-            };
-            if cl.status == "deleting" {
-                return Ok(Poll::Pending("deleting".into()));
-            }
-            cl.owned_by(run_id)?;
-            if cl.deletion_protection {
-                return Err(ProviderError::Protected(format!(
-                    "aurora cluster {id} got deletion protection while it was being deleted; dryrun never turns it off"
-                )));
-            }
             match c
                 .rds
                 .delete_db_cluster()
@@ -492,14 +487,10 @@ pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, Prov
                 .send()
                 .await
             {
-                Ok(_) => Ok(Poll::Pending("deleting".into())),
-                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_cluster::DeleteDBClusterError::is_db_cluster_not_found_fault) => {
-                    Ok(Poll::Done(()))
-                }
-                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_cluster::DeleteDBClusterError::is_invalid_db_cluster_state_fault) => {
-                    // Instances still deleting, or the cluster busy: accepted later.
-                    Ok(Poll::Pending(format!("{} (delete not accepted yet)", cl.status)))
-                }
+                Ok(_) => Ok(rds::Sent::Accepted),
+                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_cluster::DeleteDBClusterError::is_db_cluster_not_found_fault) => Ok(rds::Sent::Gone),
+                // Instances still deleting, or the cluster busy: accepted later.
+                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_cluster::DeleteDBClusterError::is_invalid_db_cluster_state_fault) => Ok(rds::Sent::NotYet),
                 Err(e) => Err(ProviderError::Other(format!(
                     "delete aurora cluster {id}: {}",
                     sdk_message(&e)
@@ -507,6 +498,5 @@ pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, Prov
             }
         },
     )
-    .await?;
-    Ok(Deleted::Destroyed)
+    .await
 }

@@ -389,6 +389,110 @@ pub async fn set_password(
     wait_available(c, &inst.id, MODIFY_TIMEOUT, cancel, true).await
 }
 
+/// A copy RDS deletes: an instance or an Aurora cluster, as described.
+pub(super) trait Copy {
+    /// `available`, `deleting`, ...
+    fn status(&self) -> &str;
+    /// Whether deletion protection is on.
+    fn protected(&self) -> bool;
+    /// The ownership proof ([`names::owned`]).
+    fn owned_by(&self, run_id: &str) -> Result<(), ProviderError>;
+}
+
+impl Copy for Instance {
+    fn status(&self) -> &str {
+        &self.status
+    }
+    fn protected(&self) -> bool {
+        self.deletion_protection
+    }
+    fn owned_by(&self, run_id: &str) -> Result<(), ProviderError> {
+        Instance::owned_by(self, run_id)
+    }
+}
+
+/// What one delete request got.
+pub(super) enum Sent {
+    /// Accepted: the copy is being deleted.
+    Accepted,
+    /// It was already gone.
+    Gone,
+    /// Refused for its state (creating, modifying, still has instances): try again later.
+    NotYet,
+}
+
+/// The refusal of a copy that has deletion protection on.
+pub(super) fn protected(what: &str, run_id: &str) -> ProviderError {
+    ProviderError::Protected(format!(
+        "{what} has deletion protection on; dryrun never turns it off. If it is really this run's copy, turn it off yourself and run `dryrun cleanup {run_id} --provider aws --yes`"
+    ))
+}
+
+/// The delete both kinds of copy share: before each request the copy is described again and
+/// must pass the ownership proof and have no deletion protection (dryrun never turns it off);
+/// a refusal for its state is retried; waits until it is gone. `what` names it (`rds instance
+/// ID`).
+///
+/// # Errors
+/// The guard, deletion protection, `send`'s errors, a timeout naming the last state.
+pub(super) async fn delete_until_gone<T, L, LF, S, SF>(
+    what: &str,
+    run_id: &str,
+    look: L,
+    send: S,
+) -> Result<Deleted, ProviderError>
+where
+    T: Copy,
+    L: Fn() -> LF,
+    LF: std::future::Future<Output = Result<Option<T>, ProviderError>>,
+    S: Fn() -> SF,
+    SF: std::future::Future<Output = Result<Sent, ProviderError>>,
+{
+    let Some(first) = look().await? else {
+        return Ok(Deleted::AlreadyGone);
+    };
+    first.owned_by(run_id)?;
+    if first.protected() {
+        return Err(protected(what, run_id));
+    }
+    let seen = std::sync::Mutex::new(Some(first));
+    wait::until(
+        &format!("{what} to be deleted"),
+        DELETE_TIMEOUT,
+        Pace::SLOW,
+        None,
+        || async {
+            let prior = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            let copy = match prior {
+                Some(c) => c,
+                None => match look().await? {
+                    None => return Ok(Poll::Done(())),
+                    Some(c) => c,
+                },
+            };
+            if copy.status() == "deleting" {
+                return Ok(Poll::Pending("deleting".into()));
+            }
+            copy.owned_by(run_id)?;
+            if copy.protected() {
+                return Err(ProviderError::Protected(format!(
+                    "{what} got deletion protection while it was being deleted; dryrun never turns it off"
+                )));
+            }
+            Ok(match send().await? {
+                Sent::Accepted => Poll::Pending("deleting".into()),
+                Sent::Gone => Poll::Done(()),
+                Sent::NotYet => Poll::Pending(format!("{} (delete not accepted yet)", copy.status())),
+            })
+        },
+    )
+    .await?;
+    Ok(Deleted::Destroyed)
+}
+
 /// Deletes an instance of this run — one that passes [`Instance::owned_by`] — without a final
 /// snapshot (it is a throw-away copy; a snapshot of it would be one more thing to leak) and
 /// with its automated backups; instances still `creating`, `modifying` or `backing-up` are
@@ -400,65 +504,30 @@ pub async fn set_password(
 /// The guard (the instance is not provably this run's), deletion protection, API errors, a
 /// timeout naming the last state.
 pub async fn delete(c: &Clients, id: &str, run_id: &str) -> Result<Deleted, ProviderError> {
-    let Some(first) = describe(c, id).await? else {
-        return Ok(Deleted::AlreadyGone);
-    };
-    first.owned_by(run_id)?;
-    if first.deletion_protection {
-        return Err(ProviderError::Protected(format!(
-            "rds instance {id} has deletion protection on; dryrun never turns it off. If it is really this run's copy, turn it off yourself and run `dryrun cleanup {run_id} --provider aws --yes`"
-        )));
-    }
-    let mut seen = Some(first);
-    wait::until(
-        &format!("rds instance {id} to be deleted"),
-        DELETE_TIMEOUT,
-        Pace::SLOW,
-        None,
-        || {
-            let prior = seen.take();
-            async move {
-                let inst = match prior {
-                    Some(i) => i,
-                    None => match describe(c, id).await? {
-                        None => return Ok(Poll::Done(())),
-                        Some(i) => i,
-                    },
-                };
-                if inst.status == "deleting" {
-                    return Ok(Poll::Pending("deleting".into()));
-                }
-                inst.owned_by(run_id)?;
-                if inst.deletion_protection {
-                    return Err(ProviderError::Protected(format!(
-                        "rds instance {id} got deletion protection while it was being deleted; dryrun never turns it off"
-                    )));
-                }
-                match c
-                    .rds
-                    .delete_db_instance()
-                    .db_instance_identifier(id)
-                    .skip_final_snapshot(true)
-                    .delete_automated_backups(true)
-                    .send()
-                    .await
-                {
-                    Ok(_) => Ok(Poll::Pending("deleting".into())),
-                    Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_instance::DeleteDBInstanceError::is_db_instance_not_found_fault) => {
-                        Ok(Poll::Done(()))
-                    }
-                    Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_instance::DeleteDBInstanceError::is_invalid_db_instance_state_fault) => {
-                        // creating, modifying, backing-up: the delete is accepted later.
-                        Ok(Poll::Pending(format!("{} (delete not accepted yet)", inst.status)))
-                    }
-                    Err(e) => Err(ProviderError::Other(format!(
-                        "delete rds instance {id}: {}",
-                        sdk_message(&e)
-                    ))),
-                }
+    delete_until_gone(
+        &format!("rds instance {id}"),
+        run_id,
+        || describe(c, id),
+        || async {
+            match c
+                .rds
+                .delete_db_instance()
+                .db_instance_identifier(id)
+                .skip_final_snapshot(true)
+                .delete_automated_backups(true)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(Sent::Accepted),
+                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_instance::DeleteDBInstanceError::is_db_instance_not_found_fault) => Ok(Sent::Gone),
+                // creating, modifying, backing-up: the delete is accepted later.
+                Err(e) if e.as_service_error().is_some_and(aws_sdk_rds::operation::delete_db_instance::DeleteDBInstanceError::is_invalid_db_instance_state_fault) => Ok(Sent::NotYet),
+                Err(e) => Err(ProviderError::Other(format!(
+                    "delete rds instance {id}: {}",
+                    sdk_message(&e)
+                ))),
             }
         },
     )
-    .await?;
-    Ok(Deleted::Destroyed)
+    .await
 }
