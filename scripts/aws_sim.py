@@ -313,12 +313,9 @@ class Sim:
                 with self.lock:
                     if iid in self.instances or iid in self.booting:
                         continue
+                    # Until it has booted, SendCommand to it is refused (InvalidInstanceId).
                     self.booting[iid] = time.time() + self.boot_delay
-                if self.boot_delay > 0:
-                    threading.Thread(target=self.boot, args=(iid, ip, user_data),
-                                     daemon=True).start()
-                else:
-                    self.boot(iid, ip, user_data)
+                threading.Thread(target=self.boot, args=(iid, ip, user_data), daemon=True).start()
 
     def boot(self, iid, ip, user_data):
         with self.lock:
@@ -339,10 +336,9 @@ class Sim:
                 instance.terminate()
                 return
             self.instances[iid] = instance
-        if threading.current_thread() is not threading.main_thread() and self.boot_delay > 0:
-            # The sandbox dies with the thread that started it (setpriv --pdeathsig): this
-            # one stays until the instance is terminated.
-            instance.proc.wait()
+        # The sandbox dies with the thread that started it (setpriv --pdeathsig): this one
+        # stays until the instance is terminated, whatever becomes of the request's thread.
+        instance.proc.wait()
 
     def still_booting(self, ids):
         with self.lock:
