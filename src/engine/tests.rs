@@ -308,6 +308,17 @@ async fn dependent_of_failed_resource_is_skipped_upstream_failed() {
     assert!(resource(&report, "bucket.files").id.is_empty());
     let app = resource(&report, "service.app");
     assert!(app.destroyed, "{app:?}");
+    // Its timeline: created, skipped at install, deleted.
+    let steps: Vec<(Step, Status)> = app.steps.iter().map(|s| (s.step, s.status)).collect();
+    assert_eq!(
+        steps,
+        [
+            (Step::Create, Status::Passed),
+            (Step::Install, Status::Skipped),
+            (Step::Delete, Status::Passed)
+        ],
+        "{app:?}"
+    );
     assert!(fake.calls_to("delete").contains(&"service.app".to_string()));
     assert!(!fake.calls().iter().any(|c| c.starts_with("install")));
     assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);

@@ -116,7 +116,6 @@ pub(super) async fn walk(
                     .iter()
                     .find(|&&d| matches!(w.state[d], NodeState::Failed | NodeState::Skipped))
                 {
-                    w.state[i] = NodeState::Skipped;
                     w.status[i] = Status::Skipped;
                     let msg = format!("skipped: upstream failed ({})", w.graph.nodes[bad].address);
                     // A service created early is skipped at install (teardown deletes it).

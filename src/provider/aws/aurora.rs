@@ -66,16 +66,7 @@ pub struct Cluster {
 
 impl Cluster {
     fn from_sdk(d: &DbCluster) -> Cluster {
-        let tags: Vec<(String, String)> = d
-            .tag_list()
-            .iter()
-            .map(|t| {
-                (
-                    t.key().unwrap_or_default().to_string(),
-                    t.value().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
+        let tags = rds::tag_pairs(d.tag_list());
         let engine = d.engine().unwrap_or_default().to_string();
         let default_port = if engine.contains("mysql") { 3306 } else { 5432 };
         Cluster {

@@ -63,16 +63,7 @@ impl Instance {
 
 impl Instance {
     fn from_sdk(d: &DbInstance) -> Instance {
-        let tags: Vec<(String, String)> = d
-            .tag_list()
-            .iter()
-            .map(|t| {
-                (
-                    t.key().unwrap_or_default().to_string(),
-                    t.value().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
+        let tags = tag_pairs(d.tag_list());
         Instance {
             id: d.db_instance_identifier().unwrap_or_default().to_string(),
             status: d.db_instance_status().unwrap_or("unknown").to_string(),
@@ -101,6 +92,18 @@ impl Instance {
             tags,
         }
     }
+}
+
+/// An RDS tag list (instances and clusters alike) as key/value pairs.
+pub(super) fn tag_pairs(tags: &[Tag]) -> Vec<(String, String)> {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Describes one instance; `None` when it does not exist.
