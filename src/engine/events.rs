@@ -4,55 +4,8 @@
 //! terminal display, later the server's live status) consume them. Every string in an event has
 //! already been through the run's secret redactor.
 
-pub use crate::report::Stage;
 use crate::report::Status;
-
-/// A step on one resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Step {
-    /// The resource is created.
-    Create,
-    /// A database or bucket is restored.
-    Restore,
-    /// A restored database is scanned for personal data and masked.
-    Mask,
-    /// The release is installed into a service.
-    Install,
-    /// The resource is deleted (teardown).
-    Delete,
-}
-
-impl Step {
-    /// `create`, `restore`, `mask`, `install` or `delete`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Create => "create",
-            Step::Restore => "restore",
-            Step::Mask => "mask",
-            Step::Install => "install",
-            Step::Delete => "delete",
-        }
-    }
-
-    /// The stage whose time the step counts towards.
-    #[must_use]
-    pub fn stage(self) -> Stage {
-        match self {
-            Step::Create => Stage::Provision,
-            Step::Restore | Step::Mask => Stage::Restore,
-            Step::Install => Stage::Install,
-            Step::Delete => Stage::Teardown,
-        }
-    }
-}
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::report::{Stage, Step};
 
 /// Something that happened during a run.
 #[derive(Debug, Clone, PartialEq)]

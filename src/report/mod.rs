@@ -221,11 +221,58 @@ pub struct ResourceReport {
     pub steps: Vec<StepSpan>,
 }
 
+/// A step on one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    /// The resource is created.
+    Create,
+    /// A database or bucket is restored.
+    Restore,
+    /// A restored database is scanned for personal data and masked.
+    Mask,
+    /// The release is installed into a service.
+    Install,
+    /// The resource is deleted (teardown).
+    Delete,
+}
+
+impl Step {
+    /// `create`, `restore`, `mask`, `install` or `delete`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Create => "create",
+            Step::Restore => "restore",
+            Step::Mask => "mask",
+            Step::Install => "install",
+            Step::Delete => "delete",
+        }
+    }
+
+    /// The stage whose time the step counts towards.
+    #[must_use]
+    pub fn stage(self) -> Stage {
+        match self {
+            Step::Create => Stage::Provision,
+            Step::Restore | Step::Mask => Stage::Restore,
+            Step::Install => Stage::Install,
+            Step::Delete => Stage::Teardown,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One step of a resource on the run's timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSpan {
     /// The step.
-    pub step: crate::engine::Step,
+    pub step: Step,
     /// When it began, in milliseconds after the run started.
     pub start_ms: u64,
     /// How long it took.
