@@ -357,18 +357,7 @@ impl LocalProvider {
                         .collect();
                     masked_rows = done.rows;
                 }
-                let g = golden::Golden {
-                    key: b.key().to_string(),
-                    identity: id,
-                    masked,
-                    masked_rows,
-                    built_at: chrono::Utc::now(),
-                    build_ms: millis(tb.elapsed()),
-                    built_by: run.run_id.clone(),
-                };
-                crate::failpoint::point("golden: before keep");
-                let ready = keep(b, g).await?;
-                (ready, GoldenUse::Miss, Some(millis(tb.elapsed())))
+                keep(b, id, (masked, masked_rows), &run.run_id, tb).await?
             }
         };
         let streamed = ready.golden.streamed();
@@ -498,21 +487,12 @@ impl LocalProvider {
                     }
                 };
                 let _ = std::fs::remove_file(builder.dir.join("postgres.log"));
-                let g = golden::Golden {
-                    key: b.key().to_string(),
-                    identity: id,
-                    masked: streamed
-                        .iter()
-                        .flat_map(|s| s.masked.iter().cloned())
-                        .collect(),
-                    masked_rows: streamed.as_ref().map_or(0, |s| s.rows),
-                    built_at: chrono::Utc::now(),
-                    build_ms: millis(tb.elapsed()),
-                    built_by: run.run_id.clone(),
-                };
-                crate::failpoint::point("golden: before keep");
-                let ready = keep(b, g).await?;
-                (ready, GoldenUse::Miss, Some(millis(tb.elapsed())))
+                let masked = streamed
+                    .iter()
+                    .flat_map(|s| s.masked.iter().cloned())
+                    .collect();
+                let rows = streamed.as_ref().map_or(0, |s| s.rows);
+                keep(b, id, (masked, rows), &run.run_id, tb).await?
             }
         };
         // Masked when it was built: the clone's columns are not masked again, and their
@@ -641,12 +621,30 @@ async fn restore_dump(
     r
 }
 
-/// Puts a built golden copy in place ([`golden::Building::finish`]).
-async fn keep(b: golden::Building, g: golden::Golden) -> Result<golden::Ready, ProviderError> {
-    tokio::task::spawn_blocking(move || b.finish(&g))
+/// Records and puts in place a golden copy built since `started` ([`golden::Building::finish`]),
+/// with the columns masked while it was built and their row count: the clone's source, a miss.
+async fn keep(
+    b: golden::Building,
+    identity: golden::Identity,
+    (masked, masked_rows): (Vec<(String, String)>, u64),
+    run_id: &str,
+    started: Instant,
+) -> Result<(golden::Ready, GoldenUse, Option<u64>), ProviderError> {
+    let g = golden::Golden {
+        key: b.key().to_string(),
+        identity,
+        masked,
+        masked_rows,
+        built_at: chrono::Utc::now(),
+        build_ms: millis(started.elapsed()),
+        built_by: run_id.to_string(),
+    };
+    crate::failpoint::point("golden: before keep");
+    let ready = tokio::task::spawn_blocking(move || b.finish(&g))
         .await
         .map_err(|e| ProviderError::Other(format!("golden copy task: {e}")))?
-        .map_err(ProviderError::io("keep the golden copy"))
+        .map_err(ProviderError::io("keep the golden copy"))?;
+    Ok((ready, GoldenUse::Miss, Some(millis(started.elapsed()))))
 }
 
 /// Clones a golden copy with `clone` (given its directory), off the async threads; the key's
