@@ -85,6 +85,16 @@ while [ ! -f /var/lib/dryrun/fetched ]; do
   sleep 1
 done
 failed() { echo "$1 $2" > /var/lib/dryrun/status; echo "dryrun-step: $1"; echo "dryrun-exit: $2"; tail -c 3500 "/var/log/dryrun/step-$1.log"; exit 1; }
+if ! mkdir /var/lib/dryrun/installing 2>/dev/null; then
+  # A SendCommand the SDK sent again (its answer was lost): the first one installs; this one
+  # waits for its outcome and then for health, and starts nothing.
+  while [ ! -f /var/lib/dryrun/status ]; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then echo "dryrun-step: install"; exit 124; fi
+    sleep 1
+  done
+  read step code < /var/lib/dryrun/status
+  [ "$step $code" = "install 0" ] || { echo "dryrun-step: $step"; echo "dryrun-exit: $code"; tail -c 3500 "/var/log/dryrun/step-$step.log"; exit 1; }
+else
 read step code < /var/lib/dryrun/fetched
 [ "$code" = 0 ] || failed fetch "$code"
 rel=/opt/dryrun/release
@@ -96,6 +106,7 @@ printf '%s' '{{env_b64}}' | base64 -d > /opt/dryrun/env || failed fetch $?
 {{{install_steps}}}
 {{{start}}}
 echo "install 0" > /var/lib/dryrun/status
+fi
 exited() { [ -f /var/lib/dryrun/app.pid ] && ! kill -0 "$(cat /var/lib/dryrun/app.pid)" 2>/dev/null; }
 {{#if has_health}}until curl -fsS -o /dev/null --max-time 5 {{{health_url}}}; do
   if exited; then echo "dryrun-exited: the service exited before GET "{{{health}}}" answered 2xx"; tail -c 3000 /var/log/dryrun/app.log; exit 3; fi
@@ -865,12 +876,15 @@ impl Provider for AwsProvider {
                 )));
             }
             (_, 124) => {
+                let step = last("dryrun-step: ").unwrap_or_else(|| "boot".into());
+                let status = if step == "boot" {
+                    "the instance had not fetched the release after"
+                } else {
+                    "still running after"
+                };
                 return Err(ProviderError::InstallStep {
-                    step: "boot".into(),
-                    status: format!(
-                        "the instance had not fetched the release after {}; {via}",
-                        humantime::format_duration(remaining)
-                    ),
+                    step,
+                    status: format!("{status} {}; {via}", humantime::format_duration(remaining)),
                     output,
                 });
             }
