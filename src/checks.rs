@@ -106,8 +106,10 @@ pub async fn run(
     let started = Instant::now();
     let mut attempts = 0;
     let mut last;
+    let mut timings_ms = Vec::new();
     loop {
         attempts += 1;
+        let began = Instant::now();
         let attempt = tokio::select! {
             v = attempt(check, env) => v,
             () = env.cancel.cancelled() => Err(NoVerdict::from("cancelled".to_string())),
@@ -142,6 +144,9 @@ pub async fn run(
                 None,
             ),
         };
+        if last.0 == Status::Passed {
+            timings_ms.push(ms(began.elapsed()));
+        }
         if matches!(last.0, Status::Passed | Status::Skipped)
             || attempts > check.retries
             || env.cancel.is_cancelled()
@@ -157,17 +162,59 @@ pub async fn run(
             () = env.cancel.cancelled() => break,
         }
     }
+    // `repeat: N`: a passing check is timed N times in all; every repetition must pass.
+    if last.0 == Status::Passed {
+        for n in 2..=check.repeat {
+            let began = Instant::now();
+            let v = tokio::select! {
+                v = attempt(check, env) => v,
+                () = env.cancel.cancelled() => break,
+            };
+            match v {
+                Ok(v) if v.passed && !v.skipped => timings_ms.push(ms(began.elapsed())),
+                Ok(v) => {
+                    last = (
+                        Status::Failed,
+                        Some(format!(
+                            "repetition {n} of {}: {}",
+                            check.repeat,
+                            v.message.unwrap_or_default()
+                        )),
+                        v.output,
+                    );
+                    break;
+                }
+                Err(e) => {
+                    last = (
+                        if e.blame == Blame::Release {
+                            Status::Failed
+                        } else {
+                            Status::Error
+                        },
+                        Some(format!("repetition {n} of {}: {}", check.repeat, e.message)),
+                        None,
+                    );
+                    break;
+                }
+            }
+        }
+    }
     CheckReport {
         name: check.name.clone(),
         kind: check.spec.kind(),
         status: last.0,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        duration_ms: ms(started.elapsed()),
+        timings_ms,
         attempts,
         message: last.1.map(|m| env.redactor.redact(&m)),
         output: last
             .2
             .map(|o| env.redactor.redact(&process::tail(&o, OUTPUT_LIMIT))),
     }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict> {

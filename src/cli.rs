@@ -182,6 +182,13 @@ enum Command {
         /// first attempt made; tests).
         #[arg(long, value_name = "ID", hide = true)]
         run_id: Option<String>,
+        /// The release in production now (same forms as --release): it is rehearsed first, on
+        /// its own copy of the same backup, with the same checks; the report then puts each
+        /// check's p50/p95 next to the candidate's (`repeat: N` on a check times it N times)
+        /// and `guards.max_p95_regression` fails the run on a slowdown. The baseline's report
+        /// is in run RUN_ID-baseline.
+        #[arg(long, value_name = "REF")]
+        baseline: Option<String>,
     },
     /// Find personal data in the latest backup: restore each database into a throw-away copy,
     /// classify every column (names and a sample of values through the detectors), print the
@@ -508,7 +515,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             run(
                 &blueprint,
-                None,
+                (None, None),
                 &common,
                 None,
                 None,
@@ -531,10 +538,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             concurrency,
             teardown_timeout,
             run_id,
+            baseline,
         } => {
             run(
                 &blueprint,
-                Some(&release),
+                (Some(&release), baseline.as_deref()),
                 &common,
                 report_dir.as_deref(),
                 keep,
@@ -809,11 +817,31 @@ async fn plan(
     })
 }
 
+/// Fetches (a remote reference) and loads a release; an unusable one is a usage error.
+async fn load_release(
+    provider: &dyn crate::provider::Provider,
+    state: &StateDir,
+    reference: &str,
+) -> anyhow::Result<Release> {
+    let fetched = provider
+        .fetch_release(reference, &state.root().join("releases"))
+        .await
+        .with_context(|| format!("fetch release {reference}"))?;
+    let loaded = match &fetched {
+        Some(file) => Release::load_fetched(reference, file),
+        None => Release::load(reference),
+    };
+    loaded.map_err(|e| {
+        eprintln!("error: {e}");
+        Exit(exit::USAGE).into()
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 /// `dryrun run` and, with no release, `dryrun scan` (databases only, classified, not masked).
 async fn run(
     path: &Path,
-    release_ref: Option<&str>,
+    (release_ref, baseline_ref): (Option<&str>, Option<&str>),
     common: &Common,
     report_dir: Option<&Path>,
     keep: Option<Duration>,
@@ -857,15 +885,21 @@ async fn run(
     }
     let release_ref = release_ref.unwrap_or("");
     // The operator's own path may be anywhere; a URL must be one the provider fetches.
-    if !scan
-        && let Err(e) = crate::reference::classify(
-            release_ref,
-            "--release",
-            crate::provider::remote_schemes(common.provider.as_str()),
-        )
-    {
-        eprintln!("error: {e}");
-        return Err(Exit(exit::USAGE).into());
+    for (r, flag) in [
+        (Some(release_ref), "--release"),
+        (baseline_ref, "--baseline"),
+    ] {
+        if let Some(r) = r
+            && !scan
+            && let Err(e) = crate::reference::classify(
+                r,
+                flag,
+                crate::provider::remote_schemes(common.provider.as_str()),
+            )
+        {
+            eprintln!("error: {e}");
+            return Err(Exit(exit::USAGE).into());
+        }
     }
     if let Some(w) = state
         .ensure()
@@ -880,25 +914,14 @@ async fn run(
         Ok(_) => {}
         Err(e) => return Err(e).context("the run could not start"),
     }
-    let fetched = if scan {
-        None
+    let release = if scan {
+        Release::none()
     } else {
-        provider
-            .fetch_release(release_ref, &state.root().join("releases"))
-            .await
-            .with_context(|| format!("fetch release {release_ref}"))?
+        load_release(provider.as_ref(), state, release_ref).await?
     };
-    let loaded = match &fetched {
-        _ if scan => Ok(Release::none()),
-        Some(file) => Release::load_fetched(release_ref, file),
-        None => Release::load(release_ref),
-    };
-    let release = match loaded {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Err(Exit(exit::USAGE).into());
-        }
+    let baseline = match baseline_ref {
+        Some(b) => Some(load_release(provider.as_ref(), state, b).await?),
+        None => None,
     };
 
     let shutdown = Shutdown::default();
@@ -986,6 +1009,7 @@ async fn run(
         teardown_timeout,
         secrets: database_url.map(Secret::new).into_iter().collect(),
         scan,
+        baseline,
     };
     let done = runner::execute(
         control.as_ref(),

@@ -37,6 +37,7 @@ pub mod firewall;
 pub mod graph;
 pub mod journal;
 pub mod lease;
+pub mod migrations;
 pub mod pg;
 pub mod privacy;
 pub mod process;

@@ -47,6 +47,9 @@ pub struct Launch {
     pub secrets: Vec<Secret>,
     /// `dryrun scan` ([`RunOptions::scan`]).
     pub scan: bool,
+    /// `--baseline`: the release in production, rehearsed first on its own copy of the same
+    /// backup (run `RUN_ID-baseline`), its check timings compared with the candidate's.
+    pub baseline: Option<Release>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -207,6 +210,77 @@ impl Drop for KeepAlive {
 }
 
 /// What [`execute`] did.
+/// Rehearses the baseline release under the candidate's lease, as run `RUN_ID-baseline` (its own
+/// journal, copy and teardown), then pins the candidate to the backups the baseline restored, so
+/// both releases meet the same data.
+async fn run_baseline(
+    control: &dyn Control,
+    state: &StateDir,
+    run_id: &str,
+    launch: &mut Launch,
+    release: Release,
+    events: &UnboundedSender<Event>,
+    shutdown: &Shutdown,
+) -> crate::migrations::Baseline {
+    let id = format!("{run_id}-baseline");
+    let failed = |why: String| crate::migrations::Baseline {
+        run_id: id.clone(),
+        release: release.reference.clone(),
+        status: crate::report::Status::Error,
+        failure: Some(why),
+        timings: std::collections::BTreeMap::new(),
+    };
+    match state.claim_run(&id) {
+        Ok(true) => {}
+        Ok(false) => return failed(format!("run id {id} is taken")),
+        Err(e) => return failed(format!("state directory: {e}")),
+    }
+    let opts = RunOptions {
+        release: release.clone(),
+        backup: launch.backup.clone(),
+        keep: None,
+        trigger: launch.trigger,
+        concurrency: launch.concurrency,
+        run_id: Some(id.clone()),
+        compile_ms: launch.compile_ms,
+        teardown_timeout: launch.teardown_timeout,
+        secrets: launch.secrets.clone(),
+        mirror: control.journal_mirror(),
+        scan: false,
+        baseline: None,
+    };
+    let rep = match engine::run(
+        &launch.bp,
+        launch.provider.clone(),
+        state,
+        opts,
+        events.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return failed(e.to_string()),
+    };
+    for b in &rep.backups {
+        let name = b
+            .resource
+            .split_once('.')
+            .map_or(b.resource.as_str(), |x| x.1);
+        for r in &mut launch.bp.resources {
+            if r.name == name
+                && let crate::blueprint::ResourceSpec::Database(d) = &mut r.spec
+            {
+                d.backup = Some(b.id.clone());
+            }
+        }
+    }
+    if !rep.backups.is_empty() {
+        launch.backup = BackupPick::Latest;
+    }
+    crate::migrations::Baseline::of(&rep)
+}
+
 #[derive(Debug)]
 pub struct Executed {
     /// The engine's result.
@@ -226,6 +300,13 @@ pub async fn execute(
     events: UnboundedSender<Event>,
     shutdown: Shutdown,
 ) -> Executed {
+    let mut launch = launch;
+    let baseline = match launch.baseline.take() {
+        Some(b) => {
+            Some(run_baseline(control, state, run_id, &mut launch, b, &events, &shutdown).await)
+        }
+        None => None,
+    };
     let opts = RunOptions {
         release: launch.release,
         backup: launch.backup,
@@ -238,6 +319,7 @@ pub async fn execute(
         secrets: launch.secrets,
         mirror: control.journal_mirror(),
         scan: launch.scan,
+        baseline,
     };
     let result = engine::run(&launch.bp, launch.provider, state, opts, events, shutdown).await;
     let recorded = match &result {

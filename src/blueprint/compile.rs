@@ -42,6 +42,8 @@ pub enum CompileError {
 const MAX_BLUEPRINT_BYTES: usize = 1 << 20;
 const MAX_RESOURCES: usize = 200;
 const MAX_CHECKS: usize = 500;
+/// A check's `repeat` at most (each repetition is a request against the copy).
+const MAX_REPEAT: u32 = 1000;
 
 const TOP_KEYS: &[&str] = &[
     "name",
@@ -56,6 +58,8 @@ const TOP_KEYS: &[&str] = &[
     "masking",
     "pii_gate",
     "firewall",
+    "guards",
+    "migration_trace",
 ];
 const KINDS: &[&str] = &["database", "bucket", "service"];
 const CHECK_KINDS: &[&str] = &["http", "command", "sql", "mail"];
@@ -230,6 +234,7 @@ struct RawHttp {
     timeout: Option<Spanned<String>>,
     retries: Option<u32>,
     interval: Option<Spanned<String>>,
+    repeat: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -253,6 +258,7 @@ struct RawCommand {
     timeout: Option<Spanned<String>>,
     retries: Option<u32>,
     interval: Option<Spanned<String>>,
+    repeat: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -275,6 +281,7 @@ struct RawSql {
     timeout: Option<Spanned<String>>,
     retries: Option<u32>,
     interval: Option<Spanned<String>>,
+    repeat: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -303,6 +310,16 @@ struct RawMailExpect {
     count: Option<u64>,
     to_contains: Option<String>,
     subject_contains: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuards {
+    max_exclusive_lock: Option<Spanned<String>>,
+    max_migration: Option<Spanned<String>>,
+    #[serde(default)]
+    forbid_rewrite: Vec<Spanned<String>>,
+    max_p95_regression: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -754,6 +771,39 @@ impl Compiler<'_> {
             Some(n) => self.firewall(n),
             None => crate::firewall::Policy::default(),
         };
+        let guards = match top.get_node("guards") {
+            Some(n) => self.guards(n),
+            None => crate::migrations::Guards::default(),
+        };
+        let migration_trace = match top
+            .get_node("migration_trace")
+            .and_then(|n| self.de::<Spanned<String>>(n, "migration_trace"))
+        {
+            None => true,
+            Some(g) => match g.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    self.diag_at(
+                        g.span().start(),
+                        format!("`migration_trace` is `on` or `off`, not {}", shown(other)),
+                        "here",
+                        Some("`on` (the default) samples locks while the release installs; `off` only to measure the monitor's cost".into()),
+                    );
+                    true
+                }
+            },
+        };
+        if !migration_trace
+            && (guards.max_exclusive_lock.is_some() || !guards.forbid_rewrite.is_empty())
+        {
+            self.diag_at(
+                top.get_node("migration_trace").and_then(|n| n.span().start()),
+                "`migration_trace: off` leaves `guards.max_exclusive_lock` and `guards.forbid_rewrite` nothing to judge",
+                "trace off",
+                Some("remove `migration_trace: off`, or those guards".into()),
+            );
+        }
 
         // cross references
         let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
@@ -888,7 +938,56 @@ impl Compiler<'_> {
             masking,
             pii_gate,
             firewall,
+            guards,
+            migration_trace,
         })
+    }
+
+    /// `guards: {max_exclusive_lock, max_migration, forbid_rewrite, max_p95_regression}`.
+    fn guards(&mut self, node: &Node) -> crate::migrations::Guards {
+        let Some(r) = self.de::<RawGuards>(node, "guards") else {
+            return crate::migrations::Guards::default();
+        };
+        let mut dur = |v: Option<&Spanned<String>>, what: &str| {
+            let v = v?;
+            let d = self.duration(Some(v), Duration::ZERO, what);
+            (d > Duration::ZERO).then_some(d)
+        };
+        let max_exclusive_lock = dur(r.max_exclusive_lock.as_ref(), "guards.max_exclusive_lock");
+        let max_migration = dur(r.max_migration.as_ref(), "guards.max_migration");
+        let max_p95_regression = r.max_p95_regression.and_then(|v| {
+            let n = v
+                .as_str()
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .filter(|n| n.is_finite() && *n >= 0.0);
+            if n.is_none() {
+                self.diag_at(
+                    v.span().start(),
+                    format!(
+                        "guards.max_p95_regression: {} is not a percentage",
+                        shown(v.as_str())
+                    ),
+                    "here",
+                    Some(
+                        "write e.g. `20%`: the largest growth of a check's p95 over the baseline's"
+                            .into(),
+                    ),
+                );
+            }
+            n
+        });
+        crate::migrations::Guards {
+            max_exclusive_lock,
+            max_migration,
+            forbid_rewrite: r
+                .forbid_rewrite
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect(),
+            max_p95_regression,
+        }
     }
 
     /// `firewall: auto|required|off`, or `firewall: {mode, allow: [host:port, …]}`.
@@ -1521,7 +1620,7 @@ impl Compiler<'_> {
                 src: s.as_str().to_string(),
             }
         };
-        let (name, timeout, retries, interval, spec) = match kind.as_str() {
+        let (name, timeout, retries, interval, repeat, spec) = match kind.as_str() {
             "http" => {
                 let r: RawHttp = self.de(node, &label)?;
                 let at = r.name.span().start().copied();
@@ -1547,7 +1646,7 @@ impl Compiler<'_> {
                     body_contains: r.expect.body_contains,
                     json: r.expect.json,
                 };
-                (r.name, r.timeout, r.retries, r.interval, spec)
+                (r.name, r.timeout, r.retries, r.interval, r.repeat, spec)
             }
             "command" => {
                 let r: RawCommand = self.de(node, &label)?;
@@ -1564,7 +1663,7 @@ impl Compiler<'_> {
                     exit_code: r.expect.exit_code.unwrap_or(0),
                     output_contains: r.expect.output_contains,
                 };
-                (r.name, r.timeout, r.retries, r.interval, spec)
+                (r.name, r.timeout, r.retries, r.interval, r.repeat, spec)
             }
             "sql" => {
                 let r: RawSql = self.de(node, &label)?;
@@ -1583,7 +1682,7 @@ impl Compiler<'_> {
                     value: r.expect.value,
                     rows: r.expect.rows,
                 };
-                (r.name, r.timeout, r.retries, r.interval, spec)
+                (r.name, r.timeout, r.retries, r.interval, r.repeat, spec)
             }
             "mail" => {
                 let r: RawMail = self.de(node, &label)?;
@@ -1605,7 +1704,7 @@ impl Compiler<'_> {
                     to_contains: r.expect.to_contains,
                     subject_contains: r.expect.subject_contains,
                 };
-                (r.name, r.timeout, r.retries, r.interval, spec)
+                (r.name, r.timeout, r.retries, r.interval, None, spec)
             }
             other => {
                 let help = did_you_mean(other, CHECK_KINDS.iter().copied()).map_or_else(
@@ -1623,11 +1722,24 @@ impl Compiler<'_> {
         };
         let timeout = self.duration(timeout.as_ref(), Duration::from_secs(30), "timeout");
         let interval = self.duration(interval.as_ref(), Duration::from_secs(1), "interval");
+        let repeat = repeat.unwrap_or(1);
+        if !(1..=MAX_REPEAT).contains(&repeat) {
+            self.diag_at(
+                name.span().start(),
+                format!(
+                    "check `{}`: `repeat` is {repeat}; it must be between 1 and {MAX_REPEAT}",
+                    name.as_str()
+                ),
+                "this check",
+                Some("`repeat: N` times the check N times (p50/p95 against `--baseline`); 20–100 is plenty".into()),
+            );
+        }
         Some(Check {
             name: name.as_str().to_string(),
             timeout,
             retries: retries.unwrap_or(0),
             interval,
+            repeat: repeat.clamp(1, MAX_REPEAT),
             spec,
         })
     }

@@ -99,6 +99,11 @@ pub struct Blueprint {
     pub pii_gate: crate::privacy::Gate,
     /// `firewall:`: whether the release's processes are confined to loopback (local provider).
     pub firewall: crate::firewall::Policy,
+    /// `guards:`: migration findings that fail the run ([`crate::migrations::Guards`]).
+    pub guards: crate::migrations::Guards,
+    /// `migration_trace:`: whether PostgreSQL databases are traced while the release installs
+    /// (default on).
+    pub migration_trace: bool,
 }
 
 impl Blueprint {
@@ -495,6 +500,9 @@ pub struct Check {
     /// Pause between attempts.
     #[serde(with = "humantime_serde_compat")]
     pub interval: Duration,
+    /// Times a passing check is run and timed (`repeat:`, default 1): report.json
+    /// `checks[].timings_ms`, compared with a baseline's p50/p95.
+    pub repeat: u32,
     /// What to check.
     pub spec: CheckSpec,
 }

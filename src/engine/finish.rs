@@ -27,6 +27,8 @@ pub(super) struct Outcome {
     pub verdict: Verdict,
     pub torn: TornDown,
     pub firewall: Option<crate::firewall::FirewallReport>,
+    pub judged: super::migrate::Judged,
+    pub comparison: Option<crate::migrations::Comparison>,
 }
 
 /// Writes `Finished` (and `Closed` when nothing remains) to the journal and builds the report.
@@ -42,6 +44,8 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         verdict,
         mut torn,
         firewall,
+        judged,
+        comparison,
     } = o;
     let run_id = shared.run.run_id.clone();
     let mut status = verdict.status;
@@ -243,6 +247,11 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         api_calls: provider.api_calls(),
         side_effects: shared.sinks.snapshot(),
         firewall,
+        migrations: judged.migrations,
+        migration_trace: judged.traces,
+        guards: judged.guards,
+        hints: judged.hints,
+        baseline: comparison,
         masking: {
             let done = shared
                 .privacy

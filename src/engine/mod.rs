@@ -71,6 +71,9 @@ pub struct RunOptions {
     /// `dryrun scan`: restore the databases and classify their columns; mask nothing, install
     /// nothing (the caller passes a blueprint without services and checks).
     pub scan: bool,
+    /// The baseline release's run, when `--baseline` ran one first: its check timings are
+    /// compared with the candidate's (report.json `baseline`, `guards.max_p95_regression`).
+    pub baseline: Option<crate::migrations::Baseline>,
 }
 
 /// Cancellation of a run.
@@ -117,6 +120,7 @@ pub fn new_run_id(blueprint: &str) -> String {
 }
 
 mod finish;
+mod migrate;
 mod teardown;
 mod walk;
 
@@ -178,6 +182,10 @@ struct Shared {
     /// Every finished resource step with its address, in the order they ended (report.json
     /// `resources[].steps`: the run's timeline).
     steps: Mutex<Vec<(String, crate::report::StepSpan)>>,
+    /// The migration monitors and what they saw ([`migrate`]).
+    trace: tokio::sync::Mutex<migrate::Tracing>,
+    /// `migration_trace:` (off for `dryrun scan`, which installs nothing).
+    migration_trace: bool,
 }
 
 /// The run's side of [`crate::privacy`].
@@ -334,8 +342,10 @@ pub async fn run(
         &shutdown,
     )?);
     let (backups, failures) = find_backups(bp, shared.provider.as_ref(), &opts.backup).await;
-    // 2. provision, restore, install.
-    let walked = walk::walk(
+    // The release's SQL, linted before anything is provisioned.
+    let hints = migrate::hints(&opts.release).await;
+    // 2. provision, restore, install (the migration monitor watches the install).
+    let mut walked = walk::walk(
         bp,
         &shared,
         &backups,
@@ -346,6 +356,19 @@ pub async fn run(
     .await;
     // 3. checks.
     let checked = run_checks(bp, &shared, state, &walked, &shutdown.soft).await;
+    // The guards: the migrations' locks and rewrites, and the checks against the baseline.
+    let comparison = opts
+        .baseline
+        .as_ref()
+        .map(|b| crate::migrations::compare(b, &checked.reports));
+    let judged = migrate::judge(
+        &shared,
+        &bp.guards,
+        hints,
+        comparison.as_ref(),
+        &mut walked.failures,
+    )
+    .await;
     // What the firewall refused, read while the copy still runs.
     let firewall = shared.provider.egress(&shared.run.run_id).await;
     if let Some(f) = &firewall {
@@ -377,6 +400,8 @@ pub async fn run(
             verdict,
             torn,
             firewall: firewall.map(|f| f.0),
+            judged,
+            comparison,
         },
     );
     redact_logs(&shared.run.log_dir, &shared.run.redactor);
@@ -482,6 +507,8 @@ fn begin(
         clones: Mutex::default(),
         t0,
         steps: Mutex::default(),
+        trace: tokio::sync::Mutex::default(),
+        migration_trace: bp.migration_trace && !opts.scan,
     })
 }
 
@@ -552,6 +579,7 @@ async fn run_checks(
                 attempts: 0,
                 message: Some(why.into()),
                 output: None,
+                timings_ms: Vec::new(),
             })
             .collect();
         return Checked {

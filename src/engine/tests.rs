@@ -94,6 +94,7 @@ impl Rig {
             secrets: Vec::new(),
             mirror: None,
             scan: false,
+            baseline: None,
         }
     }
 

@@ -294,7 +294,6 @@ async fn protect(
     address: &str,
     streamed: Option<&crate::privacy::stream::Streamed>,
 ) -> Result<(), Failure> {
-    use crate::provider::{Probe, ProbeOutcome, ProbeRequest};
     let rules = sh.privacy.rules.get(name).cloned().unwrap_or_default();
     if sh.privacy.gate == crate::privacy::Gate::Off && rules.is_empty() && !sh.privacy.scan {
         return Ok(());
@@ -320,36 +319,10 @@ async fn protect(
             },
         )
     };
-    let probe = Probe::Sql {
-        database: name.to_string(),
-        query: "SELECT 1".into(),
-    };
-    let records = sh.records();
-    let reach = sh
-        .provider
-        .probe(
-            &sh.run,
-            ProbeRequest {
-                check: "personal data gate",
-                probe: &probe,
-                records: &records,
-                timeout: std::time::Duration::from_secs(30),
-            },
-        )
-        .await;
-    match reach {
-        Ok(ProbeOutcome::Local) => {}
-        Ok(ProbeOutcome::Skipped(why) | ProbeOutcome::Failed { message: why, .. }) => {
-            return Err(fail(format!(
-                "personal data gate: {address} cannot be scanned or masked from this runner ({why}); run dryrun where it reaches the database, or set `pii_gate: off` and no `masking` rules if the copy holds no personal data"
-            )));
-        }
-        Ok(ProbeOutcome::Remote { via, .. }) => {
-            return Err(fail(format!(
-                "personal data gate: {address} is only reachable through {via}; masking needs a direct connection"
-            )));
-        }
-        Err(e) => return Err(fail(format!("personal data gate: {address}: {e}"))),
+    if let Err(why) = sh.direct(name, "personal data gate").await {
+        return Err(fail(format!(
+            "personal data gate: {address} cannot be scanned or masked from this runner ({why}); masking needs a direct connection: run dryrun where it reaches the database, or set `pii_gate: off` and no `masking` rules if the copy holds no personal data"
+        )));
     }
     let outputs = sh
         .outputs
@@ -600,9 +573,12 @@ async fn provision(
             firewall: &sh.firewall,
             reachable: sh.reachable(),
         };
+        // The migration monitor watches every PostgreSQL copy while the release installs.
+        sh.trace_begin().await;
         crate::failpoint::point("provider: before install");
         let installed = sh.provider.install(&sh.run, req, sh).await;
         crate::failpoint::point("provider: after install");
+        sh.trace_end().await;
         let inst = installed.map_err(|e| {
             sh.step_failed(
                 &address,
@@ -612,6 +588,11 @@ async fn provision(
             )
         })?;
         sh.set_record(&inst.record);
+        sh.trace
+            .lock()
+            .await
+            .installs
+            .push((address.clone(), inst.steps.clone()));
         sh.add_outputs(&r.name, inst.outputs);
         sh.step_passed(&address, Step::Install, t);
     }

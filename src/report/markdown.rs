@@ -21,6 +21,7 @@ pub fn to_markdown(report: &RunReport) -> String {
     headline(&mut md, report);
     stages(&mut md, report);
     checks(&mut md, report);
+    migrations(&mut md, report);
     resources(&mut md, report);
     data_safety(&mut md, report);
     left_behind(&mut md, report);
@@ -178,6 +179,18 @@ fn checks(md: &mut String, report: &RunReport) {
             message_cell(check.message.as_deref()),
         );
     }
+    md.push('\n');
+}
+
+/// Guards, the worst statements, hints and the baseline: the same lines as the terminal's, as a
+/// fenced block (statements keep their spacing and no cell escaping is needed).
+fn migrations(md: &mut String, report: &RunReport) {
+    let lines = crate::migrations::summary_lines(report, 10);
+    if lines.is_empty() {
+        return;
+    }
+    md.push_str("## Migrations\n\n");
+    fenced(md, &lines.join("\n"));
     md.push('\n');
 }
 

@@ -197,6 +197,9 @@ pub struct CheckReport {
     /// Captured output (truncated), for command and http checks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Time of each passing run (`repeat: N` gives N), for p50/p95 against a baseline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings_ms: Vec<u64>,
 }
 
 /// A resource the run created (or tried to).
@@ -353,6 +356,21 @@ pub struct RunReport {
     /// The egress firewall: whether it confined the release, and how (local provider).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall: Option<crate::firewall::FirewallReport>,
+    /// What the release's migrations did while it installed (PostgreSQL, traced), worst first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<crate::migrations::Migration>,
+    /// Per database, whether and how it was traced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migration_trace: Vec<crate::migrations::TraceReport>,
+    /// The blueprint's `guards:` and their verdicts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<crate::migrations::GuardResult>,
+    /// Static hints on the release's SQL, each with what the trace measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints: Vec<crate::migrations::Hint>,
+    /// Baseline vs candidate (`dryrun run --baseline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<crate::migrations::Comparison>,
 }
 
 impl RunReport {

@@ -48,6 +48,9 @@ pub fn summary(report: &RunReport, color: bool) -> String {
     summary_backups(&mut out, report);
     summary_stages(&mut out, report, p);
     summary_checks(&mut out, report, p);
+    for line in crate::migrations::summary_lines(report, 5) {
+        let _ = writeln!(out, "{line}");
+    }
     summary_resources(&mut out, report, p);
     summary_left_behind(&mut out, report, p);
     out
@@ -919,6 +922,7 @@ pub(crate) mod testutil {
             attempts: u32::from(!matches!(status, Status::Skipped | Status::Pending)),
             message: message.map(str::to_owned),
             output: None,
+            timings_ms: Vec::new(),
         }
     }
 
@@ -997,6 +1001,11 @@ pub(crate) mod testutil {
             api_calls: std::collections::BTreeMap::new(),
             masking: None,
             side_effects: crate::sinks::SideEffects::default(),
+            migrations: Vec::new(),
+            migration_trace: Vec::new(),
+            guards: Vec::new(),
+            hints: Vec::new(),
+            baseline: None,
             firewall: None,
         };
         match status {

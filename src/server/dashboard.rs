@@ -334,6 +334,8 @@ async fn run_page(
             data["backup_clone"] = json!(b.clone.as_ref().map(crate::report::describe_clone));
         }
         data["failure"] = json!(rep.failure);
+        // Guards, statements worst first, hints, baseline: the terminal summary's lines.
+        data["migration_lines"] = json!(crate::migrations::summary_lines(&rep, 10));
         if let Some(m) = &rep.masking {
             data["masking"] = json!({
                 "gate": m.gate,

@@ -566,6 +566,8 @@ impl App {
                 .chain(callback_url.iter().map(Secret::new))
                 .collect(),
             scan: false,
+            // The server does not take a baseline yet (`dryrun run --baseline` does).
+            baseline: None,
         };
         let started = Instant::now();
         let done = runner::execute(
