@@ -1,0 +1,309 @@
+//! Migration safety on real PostgreSQL (local provider): the lock monitor, the guards, the
+//! lint hints and baseline vs candidate, through the `dryrun` binary.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn rehearse(state: &std::path::Path, blueprint: &str, args: &[&str]) -> (i32, String, Value) {
+    let out = run(dryrun(state).args(["run", blueprint]).args(args).arg("-q"));
+    let stdout =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let id = run_ids(state)
+        .into_iter()
+        .filter(|id| !id.ends_with("-baseline"))
+        .max_by_key(|id| {
+            std::fs::metadata(state.join("runs").join(id))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .expect("a run");
+    let r = report(state, &id);
+    (out.status.code().unwrap_or(-1), stdout, r)
+}
+
+fn guard<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["guards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["guard"] == name)
+        .unwrap_or_else(|| panic!("no guard {name}: {r:#}"))
+}
+
+/// The traced statement that starts with `prefix`.
+fn statement<'a>(r: &'a Value, prefix: &str) -> &'a Value {
+    r["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["statement"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no statement {prefix}: {:#}", r["migrations"]))
+}
+
+#[test]
+fn a_rewriting_migration_is_failed_by_the_lock_guard_and_the_safe_one_passes() {
+    if !have_postgres() {
+        return;
+    }
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+
+    // pg-v4: ADD COLUMN … DEFAULT gen_random_uuid() rewrites 400 000 rows under ACCESS
+    // EXCLUSIVE, then a plain CREATE INDEX (SHARE). The migration itself succeeds.
+    let (code, out, r) = rehearse(
+        state.path(),
+        "blueprints/demo/shop-pg-guards.yaml",
+        &["--release", "blueprints/demo/releases/pg-v4"],
+    );
+    assert_eq!(code, 1, "{out}");
+    let g = guard(&r, "max_exclusive_lock");
+    assert_eq!(g["status"], "failed", "{g:#}");
+    let msg = g["message"].as_str().unwrap();
+    assert!(
+        msg.contains(
+            "`ALTER TABLE order_events ADD COLUMN trace_id uuid DEFAULT gen_random_uuid();`"
+        ) && msg.contains("held ACCESS EXCLUSIVE on order_events for"),
+        "{msg}"
+    );
+    assert!(
+        r["failure"]
+            .as_str()
+            .unwrap()
+            .contains("guard max_exclusive_lock"),
+        "{r:#}"
+    );
+    assert!(
+        out.contains("ALTER TABLE order_events ADD COLUMN trace_id"),
+        "{out}"
+    );
+    assert_eq!(guard(&r, "forbid_rewrite")["status"], "failed");
+    assert_eq!(guard(&r, "max_migration")["status"], "passed");
+
+    // The statement, its lock and how long it was held, the rewrite, the WAL it wrote.
+    let alter = statement(&r, "ALTER TABLE order_events ADD COLUMN trace_id");
+    let lock = alter["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "order_events" && l["mode"] == "ACCESS EXCLUSIVE")
+        .unwrap_or_else(|| panic!("{alter:#}"));
+    assert!(lock["held_ms"].as_u64().unwrap() > 250, "{lock:#}");
+    assert_eq!(lock["existing"], true);
+    assert!(lock["bytes"].as_u64().unwrap() > 10_000_000, "{lock:#}");
+    assert!(
+        alter["rewrites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == "order_events"),
+        "{alter:#}"
+    );
+    assert!(
+        alter["wal_bytes"].as_u64().unwrap() > 1_000_000,
+        "{alter:#}"
+    );
+    // Worst first: the rewrite is the first statement reported.
+    assert_eq!(&r["migrations"][0], alter);
+    // The index build runs in the ALTER's transaction, which already holds SHARE and ACCESS
+    // EXCLUSIVE on order_events (PostgreSQL reports a lock once per transaction): the index
+    // statement is seen with its new index, and the table's SHARE lock belongs to the ALTER.
+    let index = statement(&r, "CREATE INDEX order_events_kind_idx");
+    assert!(
+        index["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "order_events_kind_idx" && l["existing"] == false),
+        "{index:#}"
+    );
+    assert!(
+        alter["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "order_events" && l["mode"] == "SHARE"),
+        "{alter:#}"
+    );
+    // Nothing but relations the user knows: no transient rewrite copies, no TOAST tables.
+    for m in r["migrations"].as_array().unwrap() {
+        for l in m["locks"].as_array().unwrap() {
+            let rel = l["relation"].as_str().unwrap();
+            assert!(
+                rel.parse::<u64>().is_err() && !rel.starts_with("pg_toast."),
+                "{m:#}"
+            );
+        }
+    }
+    let trace = &r["migration_trace"][0];
+    assert_eq!(trace["status"], "traced", "{trace:#}");
+    assert!(trace["samples"].as_u64().unwrap() > 20, "{trace:#}");
+    // The lint saw both before provisioning, and each hint says what was measured.
+    let hints = r["hints"].as_array().unwrap();
+    let rules: Vec<&str> = hints.iter().map(|h| h["rule"].as_str().unwrap()).collect();
+    assert_eq!(
+        rules,
+        [
+            "volatile-default",
+            "missing-lock-timeout",
+            "index-not-concurrently"
+        ],
+        "{hints:#?}"
+    );
+    assert_eq!(hints[0]["file"], "migrations/0006_order_event_trace.sql");
+    assert_eq!(hints[0]["line"], 8);
+    assert!(
+        hints[0]["measured"]
+            .as_str()
+            .unwrap()
+            .contains("held ACCESS EXCLUSIVE on order_events for"),
+        "{:#}",
+        hints[0]
+    );
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
+
+    // pg-v5: no default on ADD COLUMN (metadata only), then CREATE INDEX CONCURRENTLY outside
+    // a transaction (the release's own transaction handling): passes every guard.
+    let state = state_dir();
+    let _reaper2 = Reaper(state.path().to_path_buf());
+    let (code, out, r) = rehearse(
+        state.path(),
+        "blueprints/demo/shop-pg-guards.yaml",
+        &["--release", "blueprints/demo/releases/pg-v5"],
+    );
+    assert_eq!(code, 0, "{out}\n{:#}", r["guards"]);
+    for g in ["max_exclusive_lock", "forbid_rewrite", "max_migration"] {
+        assert_eq!(guard(&r, g)["status"], "passed", "{:#}", r["guards"]);
+    }
+    assert_eq!(r["migration_trace"][0]["rewritten"], serde_json::json!([]));
+    assert!(r.get("hints").is_none(), "{:#}", r["hints"]);
+    let cic = r["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["statement"]
+                .as_str()
+                .unwrap()
+                .contains("CREATE INDEX CONCURRENTLY")
+        })
+        .unwrap_or_else(|| panic!("{:#}", r["migrations"]));
+    assert!(
+        cic["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["blocks"].is_null()),
+        "{cic:#}"
+    );
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
+}
+
+/// A release for the baseline test: one install step that defines `report_total()`, which
+/// sleeps `sleep` seconds.
+fn slow_release(dir: &std::path::Path, version: &str, sleep: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("dryrun-release.yaml"),
+        format!(
+            "version: \"{version}\"\ninstall:\n  - name: define\n    run: psql \"$DATABASE_URL\" -X -q -v ON_ERROR_STOP=1 -c \"CREATE FUNCTION report_total() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders, pg_sleep({sleep})'\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_the_run() {
+    if !have_postgres() {
+        return;
+    }
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    let dir = state.path().join("work");
+    let backups = root().join("blueprints/demo/production/backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bp.yaml"),
+        format!(
+            "name: slow\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: shop-pg\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\nguards:\n  max_p95_regression: 100%\nchecks:\n  - name: report\n    type: sql\n    database: db\n    query: SELECT report_total() > 0\n    repeat: 10\n    expect:\n      value: \"t\"\n",
+            backups.display()
+        ),
+    )
+    .unwrap();
+    slow_release(&dir.join("fast"), "1.0.0", "0.005");
+    slow_release(&dir.join("slow"), "1.1.0", "1.0");
+    let bp = dir.join("bp.yaml");
+    let bp = bp.to_str().unwrap();
+    let fast = dir.join("fast");
+    let slow = dir.join("slow");
+
+    // Candidate 1 s slower per query than the baseline (several times its p95): the guard fails the run (exit 1).
+    let (code, out, r) = rehearse(
+        state.path(),
+        bp,
+        &[
+            "--release",
+            slow.to_str().unwrap(),
+            "--baseline",
+            fast.to_str().unwrap(),
+            "--backup",
+            "shop-pg-2026-11-20T0300Z",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    let b = &r["baseline"];
+    assert_eq!(b["release"], "1.0.0", "{b:#}");
+    assert_eq!(b["status"], "passed", "{b:#}");
+    let c = &b["checks"][0];
+    assert_eq!(c["name"], "report");
+    assert_eq!(c["samples"], 10);
+    assert!(c["p95_ms"].as_u64().unwrap() >= 1000, "{c:#}");
+    assert!(c["baseline_p95_ms"].as_u64().unwrap() < 1000, "{c:#}");
+    assert!(c["p95_change_pct"].as_f64().unwrap() > 100.0, "{c:#}");
+    let g = guard(&r, "max_p95_regression");
+    assert_eq!(g["status"], "failed");
+    assert!(
+        g["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("check `report`: p95 "),
+        "{g:#}"
+    );
+    assert!(out.contains("baseline 1.0.0"), "{out}");
+    // Both copies came from the same backup (the one --backup named), each its own copy.
+    let baseline = report(state.path(), b["run_id"].as_str().unwrap());
+    assert_eq!(baseline["backups"][0]["id"], "shop-pg-2026-11-20T0300Z");
+    assert_eq!(r["backups"][0]["id"], "shop-pg-2026-11-20T0300Z");
+    assert_eq!(
+        baseline["checks"][0]["timings_ms"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+    assert_ne!(baseline["resources"][0]["id"], r["resources"][0]["id"]);
+
+    // The same release on both sides: no regression past 100 %, the run passes.
+    let state = state_dir();
+    let _reaper2 = Reaper(state.path().to_path_buf());
+    let (code, out, r) = rehearse(
+        state.path(),
+        bp,
+        &[
+            "--release",
+            fast.to_str().unwrap(),
+            "--baseline",
+            fast.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{:#}", r["baseline"]);
+    assert_eq!(guard(&r, "max_p95_regression")["status"], "passed");
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
+}
