@@ -298,6 +298,7 @@ class Sim:
         ud = form.get("UserData", [""])[0]
         user_data = base64.b64decode(ud) if ud else b""
         root = ET.fromstring(data)
+        started = []
         for item in root.iter():
             if not item.tag.endswith("instancesSet"):
                 continue
@@ -315,27 +316,40 @@ class Sim:
                         continue
                     # Until it has booted, SendCommand to it is refused (InvalidInstanceId).
                     self.booting[iid] = time.time() + self.boot_delay
-                threading.Thread(target=self.boot, args=(iid, ip, user_data), daemon=True).start()
+                up = threading.Event()
+                started.append(up)
+                threading.Thread(target=self.boot, args=(iid, ip, user_data, up),
+                                 daemon=True).start()
+        # Without a boot delay the instance is up when RunInstances answers: the agent never
+        # refuses a command, so a run sends each SendCommand exactly once and the number of
+        # side-effect points a run passes does not depend on how fast the sandbox starts
+        # (tests/aws_faults.rs crashes at each of them by number).
+        if self.boot_delay <= 0:
+            for up in started:
+                up.wait(30)
 
-    def boot(self, iid, ip, user_data):
-        with self.lock:
-            at = self.booting.get(iid)
-        if at is None:
-            return
-        time.sleep(max(0.0, at - time.time()))
+    def boot(self, iid, ip, user_data, up):
         try:
-            instance = Instance(self, iid, ip, user_data)
-        except Exception as e:  # the launch still answered; the instance never boots
-            log(f"instance {iid}: {e}")
             with self.lock:
-                self.booting.pop(iid, None)
-            return
-        with self.lock:
-            # Terminated while it booted: it never comes up.
-            if self.booting.pop(iid, None) is None:
-                instance.terminate()
+                at = self.booting.get(iid)
+            if at is None:
                 return
-            self.instances[iid] = instance
+            time.sleep(max(0.0, at - time.time()))
+            try:
+                instance = Instance(self, iid, ip, user_data)
+            except Exception as e:  # the launch still answered; the instance never boots
+                log(f"instance {iid}: {e}")
+                with self.lock:
+                    self.booting.pop(iid, None)
+                return
+            with self.lock:
+                # Terminated while it booted: it never comes up.
+                if self.booting.pop(iid, None) is None:
+                    instance.terminate()
+                    return
+                self.instances[iid] = instance
+        finally:
+            up.set()
         # The sandbox dies with the thread that started it (setpriv --pdeathsig): this one
         # stays until the instance is terminated, whatever becomes of the request's thread.
         instance.proc.wait()
