@@ -241,10 +241,11 @@ fn twenty_runs_under_faults(m: &Moto) {
             .map(|c| format!("{} {}: {}", c["name"], c["status"], c["message"]))
             .collect();
         let ctx = format!(
-            "run {} (exit {:?}), failure {}\nchecks:\n{}\n{}",
+            "run {} (exit {:?}), failure {}\nleft behind: {}\nchecks:\n{}\n{}",
             o.run_id,
             o.code,
             o.report["failure"],
+            o.report["left_behind"],
             checks.join("\n"),
             o.stderr
         );

@@ -90,9 +90,27 @@ pub(super) async fn tear_down_or_keep(
         out.left_behind = lb;
         if !hard.is_cancelled() {
             let run_id = &shared.run.run_id;
-            crate::failpoint::point("provider: before sweep");
-            let swept = provider.sweep(run_id, true).await;
-            crate::failpoint::point("provider: after sweep");
+            // Like a delete, a sweep that fails (its listing calls throttled past the SDK's
+            // retries) is tried again after a pause: "sweep failed" is reported as left behind.
+            let mut pauses = DELETE_RETRY_PAUSES.iter();
+            let swept = loop {
+                crate::failpoint::point("provider: before sweep");
+                let swept = provider.sweep(run_id, true).await;
+                crate::failpoint::point("provider: after sweep");
+                match (&swept, pauses.next()) {
+                    (Err(e), Some(&pause)) if !hard.is_cancelled() => {
+                        tracing::warn!(
+                            "sweep of run {run_id} failed ({e}); trying again in {}",
+                            humantime::format_duration(pause)
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = hard.cancelled() => break swept,
+                        }
+                    }
+                    _ => break swept,
+                }
+            };
             match swept {
                 Ok(orphans) => {
                     for o in orphans.into_iter().filter(|o| !o.removed) {

@@ -779,6 +779,28 @@ async fn successful_run_closes_journal() {
 }
 
 #[tokio::test]
+async fn a_failed_sweep_is_tried_again_and_only_a_lasting_failure_is_left_behind() {
+    let first = rig();
+    let fake = Arc::new(FakeProvider::new().fail_sweeps(2));
+    let report = first.run(CHAIN, &fake).await;
+    assert_eq!(fake.calls_to("sweep").len(), 3, "{:?}", fake.calls());
+    assert!(report.left_behind.is_empty(), "{:?}", report.left_behind);
+    assert_eq!(report.exit_code, 0);
+
+    let rig2 = rig();
+    let fake = Arc::new(FakeProvider::new().fail_sweeps(3));
+    let report = rig2.run(CHAIN, &fake).await;
+    assert_eq!(fake.calls_to("sweep").len(), 3, "{:?}", fake.calls());
+    assert_eq!(report.left_behind.len(), 1, "{:?}", report.left_behind);
+    assert!(
+        report.left_behind[0].reason.contains("sweep failed: "),
+        "{:?}",
+        report.left_behind
+    );
+    assert_eq!(report.exit_code, crate::report::exit::LEFT_BEHIND);
+}
+
+#[tokio::test]
 async fn teardown_policy_keep_keeps_resources_and_records_expiry() {
     let rig = rig();
     let fake = fake([]);

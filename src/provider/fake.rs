@@ -63,6 +63,7 @@ pub struct FakeProvider {
     create_delay: Duration,
     creating_now: AtomicUsize,
     max_creating: AtomicUsize,
+    sweeps_to_fail: AtomicUsize,
 }
 
 impl FakeProvider {
@@ -83,6 +84,13 @@ impl FakeProvider {
     #[must_use]
     pub fn create_delay(mut self, d: Duration) -> Self {
         self.create_delay = d;
+        self
+    }
+
+    /// Makes the next `n` sweeps fail (the provider's listing calls throttled away).
+    #[must_use]
+    pub fn fail_sweeps(self, n: usize) -> Self {
+        self.sweeps_to_fail.store(n, Ordering::SeqCst);
         self
     }
 
@@ -330,6 +338,15 @@ impl Provider for FakeProvider {
 
     async fn sweep(&self, run_id: &str, _remove: bool) -> Result<Vec<Orphan>, ProviderError> {
         self.log("sweep", run_id);
+        if self
+            .sweeps_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(ProviderError::Other(
+                "list tagged resources: throttled".into(),
+            ));
+        }
         Ok(Vec::new())
     }
 }

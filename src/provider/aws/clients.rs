@@ -7,6 +7,16 @@
 //! SDK's default of 3, a burst of throttling (30 % of calls answered `Throttling` in
 //! tests/aws_faults.rs) fails a run of ~70 calls most of the time; with 10 it practically never
 //! does, at a worst-case wait of about two minutes for one call.
+//!
+//! The retry quota: every retry takes tokens from a bucket (5 for throttling, more for a
+//! dropped connection), a call that succeeds at once gives one back, and an empty bucket stops
+//! all retrying. The SDK's default bucket (500 tokens, one per service for the whole process)
+//! never refills with time: a long throttling burst empties it, and from then on every call
+//! fails at its first error — teardown's deletes and the sweep included, which then leave the
+//! copy behind, and in a long-lived `dryrun serve` every later run as well. Each region's
+//! clients here have their own buckets ([`retry_partition`]) of the same size that also refill
+//! [`RETRY_QUOTA_REFILL`] tokens a second, so a pause (teardown waits 2 s and 8 s between
+//! attempts) gives retries back while a storm of them stays bounded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,6 +36,24 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 
 /// Attempts per call when `AWS_MAX_ATTEMPTS` does not say (see the module docs).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+/// Tokens in each service's retry bucket (the SDK's default size).
+const RETRY_QUOTA: usize = 500;
+/// Tokens a retry bucket gets back each second (see the module docs).
+const RETRY_QUOTA_REFILL: f32 = 10.0;
+
+/// `service`'s retry partition in `region`: its own bucket, refilled with time.
+fn retry_partition(service: &str, region: &str) -> aws_sdk_ec2::config::retry::RetryPartition {
+    use aws_sdk_ec2::config::retry::{RetryPartition, TokenBucket};
+    RetryPartition::custom(format!("dryrun-{service}-{region}"))
+        .token_bucket(
+            TokenBucket::builder()
+                .capacity(RETRY_QUOTA)
+                .refill_rate(RETRY_QUOTA_REFILL)
+                .build(),
+        )
+        .build()
+}
 
 /// Attempts per call: `AWS_MAX_ATTEMPTS` (1–100) if set, else [`DEFAULT_MAX_ATTEMPTS`].
 #[must_use]
@@ -217,23 +245,28 @@ impl Connection {
         let counter = self.counter.clone();
         let ec2 = aws_sdk_ec2::config::Builder::from(&self.base)
             .region(r.clone())
+            .retry_partition(retry_partition("ec2", region))
             .interceptor(counter.clone())
             .build();
         let rds = aws_sdk_rds::config::Builder::from(&self.base)
             .region(r.clone())
+            .retry_partition(retry_partition("rds", region))
             .interceptor(counter.clone())
             .build();
         let s3 = aws_sdk_s3::config::Builder::from(&self.base)
             .region(r.clone())
+            .retry_partition(retry_partition("s3", region))
             .force_path_style(self.endpoint.is_some())
             .interceptor(counter.clone())
             .build();
         let ssm = aws_sdk_ssm::config::Builder::from(&self.base)
             .region(r.clone())
+            .retry_partition(retry_partition("ssm", region))
             .interceptor(counter.clone())
             .build();
         let sts = aws_sdk_sts::config::Builder::from(&self.base)
             .region(r)
+            .retry_partition(retry_partition("sts", region))
             .interceptor(counter)
             .build();
         let c = Clients {
