@@ -149,6 +149,11 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
+        /// Also lint this release's SQL migrations (the files its install steps name, else
+        /// every .sql file) for statements known to lock or rewrite big tables; nothing is
+        /// installed.
+        #[arg(long, value_name = "REF")]
+        release: Option<String>,
     },
     /// Rehearse a release: restore, install, check, tear down, report.
     #[command(after_long_help = RUN_AFTER_HELP, after_help = "Exit codes: 0 passed, 1 release would break, 2 usage, 3 infrastructure, 4 left behind (see --help).")]
@@ -507,7 +512,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             blueprint,
             common,
             format,
-        } => plan(&blueprint, &common, format, &state, color, endpoint).await,
+            release,
+        } => {
+            plan(
+                &blueprint,
+                (&common, release.as_deref()),
+                format,
+                &state,
+                color,
+                endpoint,
+            )
+            .await
+        }
         Command::Scan {
             blueprint,
             common,
@@ -767,7 +783,7 @@ async fn provider_for(
 
 async fn plan(
     path: &Path,
-    common: &Common,
+    (common, release): (&Common, Option<&str>),
     format: PlanFormat,
     state: &StateDir,
     color: bool,
@@ -801,7 +817,11 @@ async fn plan(
         }
     }
     let has_errors = !errors.is_empty();
-    let plan = Plan::new(&bp, provider.name(), backups, errors);
+    let mut plan = Plan::new(&bp, provider.name(), backups, errors);
+    if let Some(reference) = release {
+        let release = load_release(provider.as_ref(), state, reference).await?;
+        plan.hints = Some(engine::release_hints(&release).await);
+    }
     print!(
         "{}",
         match format {

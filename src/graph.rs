@@ -136,6 +136,10 @@ pub struct Plan {
     pub teardown: String,
     /// TTL stamped on resources.
     pub ttl: String,
+    /// With `--release`: the release's SQL hints (known-dangerous statements), before anything
+    /// is provisioned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hints: Option<Vec<crate::migrations::lint::Hint>>,
 }
 
 impl Plan {
@@ -231,6 +235,7 @@ impl Plan {
             checks,
             teardown,
             ttl: humantime::format_duration(bp.ttl).to_string(),
+            hints: None,
         }
     }
 
@@ -285,6 +290,23 @@ impl Plan {
             "\nteardown: {}; ttl {}\n",
             self.teardown, self.ttl
         ));
+        if let Some(hints) = &self.hints {
+            s.push_str(&format!("\nrelease SQL hints ({}):\n", hints.len()));
+            for h in hints {
+                s.push_str(&format!(
+                    "  {}:{} {}: {}\n    {}\n    fix: {}\n",
+                    h.file,
+                    h.line,
+                    h.rule,
+                    h.message,
+                    crate::migrations::short(&h.statement, 120),
+                    h.fix
+                ));
+            }
+            if hints.is_empty() {
+                s.push_str("  none: no known-dangerous statement in the release's .sql files\n");
+            }
+        }
         s.push_str("nothing was created.\n");
         s
     }

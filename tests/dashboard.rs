@@ -218,6 +218,36 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
         row.to_lowercase().contains("passed") && row.contains("webhook") && row.contains("2.0.0"),
         "{row}"
     );
+    // A rewriting migration on PostgreSQL: its run page names the guard, the statement, the
+    // lock and how long it was held, worst first.
+    if have_postgres() {
+        let out = run(dryrun(srv.state()).args([
+            "run",
+            "blueprints/demo/shop-pg-guards.yaml",
+            "--release",
+            "blueprints/demo/releases/pg-v4",
+            "-q",
+        ]));
+        assert_eq!(out.status.code(), Some(1), "pg-v4 fails its guard");
+        let id = run_ids(srv.state())
+            .into_iter()
+            .find(|id| id.starts_with("shop-pg-guards-"))
+            .unwrap();
+        c.goto(&format!("{}/runs/{id}", srv.url)).await.unwrap();
+        let m = wait_text(&c, "#migrations", Duration::from_secs(10), |_| true).await;
+        let guard = m
+            .find("guard max_exclusive_lock")
+            .unwrap_or_else(|| panic!("{m}"));
+        let alter = m
+            .find("ALTER TABLE order_events ADD COLUMN trace_id")
+            .unwrap_or_else(|| panic!("{m}"));
+        assert!(guard < alter, "the guard comes first:\n{m}");
+        assert!(
+            m.contains("held ACCESS EXCLUSIVE on order_events for") && m.contains("hint "),
+            "{m}"
+        );
+        assert_nothing_left(srv.state(), &id);
+    }
     c.close().await.unwrap();
     assert_nothing_left(srv.state(), &run_id);
 }

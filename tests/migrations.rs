@@ -165,6 +165,39 @@ fn a_rewriting_migration_is_failed_by_the_lock_guard_and_the_safe_one_passes() {
         assert_nothing_left(state.path(), &id);
     }
 
+    // `dryrun plan --release` shows the same hints before anything exists.
+    let plan = state_dir();
+    let out = run(dryrun(plan.path()).args([
+        "plan",
+        "blueprints/demo/shop-pg-guards.yaml",
+        "--release",
+        "blueprints/demo/releases/pg-v4",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let planned: Vec<&str> = p["hints"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{p:#}"))
+        .iter()
+        .map(|h| h["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned, rules);
+    assert!(run_ids(plan.path()).is_empty(), "plan created a run");
+    let text = run(dryrun(plan.path()).args([
+        "plan",
+        "blueprints/demo/shop-pg-guards.yaml",
+        "--release",
+        "blueprints/demo/releases/pg-v4",
+    ]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("release SQL hints (3):")
+            && text.contains("migrations/0006_order_event_trace.sql:8 volatile-default"),
+        "{text}"
+    );
+
     // pg-v5: no default on ADD COLUMN (metadata only), then CREATE INDEX CONCURRENTLY outside
     // a transaction (the release's own transaction handling): passes every guard.
     let state = state_dir();
@@ -211,7 +244,7 @@ fn slow_release(dir: &std::path::Path, version: &str, sleep: &str) {
     std::fs::write(
         dir.join("dryrun-release.yaml"),
         format!(
-            "version: \"{version}\"\ninstall:\n  - name: define\n    run: psql \"$DATABASE_URL\" -X -q -v ON_ERROR_STOP=1 -c \"CREATE FUNCTION report_total() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders, pg_sleep({sleep})'\"\n"
+            "version: \"{version}\"\ninstall:\n  - name: define\n    run: psql \"$DATABASE_URL\" -X -q -v ON_ERROR_STOP=1 -c \"CREATE FUNCTION report_total() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders, pg_sleep({sleep})'\"\n  - name: leak\n    run: psql \"$DATABASE_URL\" -X -q -v ON_ERROR_STOP=1 -c \"SELECT pg_sleep(0.3), '$DATABASE_URL' AS secret_in_a_statement\"\n"
         ),
     )
     .unwrap();
@@ -287,6 +320,27 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
         10
     );
     assert_ne!(baseline["resources"][0]["id"], r["resources"][0]["id"]);
+    // A statement that carries the copy's password (here in its whole URL) is traced with it
+    // redacted, in the candidate's report and the baseline's.
+    for rep in [&r, &baseline] {
+        let leak = rep["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| {
+                m["statement"]
+                    .as_str()
+                    .unwrap()
+                    .contains("secret_in_a_statement")
+            })
+            .unwrap_or_else(|| panic!("{:#}", rep["migrations"]));
+        // The URL is a secret output as a whole (it carries the password).
+        let text = leak["statement"].as_str().unwrap();
+        assert!(
+            text.contains("'[redacted]' AS secret_in_a_statement") && !text.contains("://"),
+            "{text}"
+        );
+    }
 
     // The same release on both sides: no regression past 100 %, the run passes.
     let state = state_dir();

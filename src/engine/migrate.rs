@@ -190,7 +190,7 @@ pub(super) async fn judge(
 }
 
 /// The release's SQL hints, before anything is provisioned (a release without files has none).
-pub(super) async fn hints(release: &crate::release::Release) -> Vec<Hint> {
+pub async fn hints(release: &crate::release::Release) -> Vec<Hint> {
     let release = release.clone();
     tokio::task::spawn_blocking(move || {
         let steps: Vec<String> = release

@@ -37,6 +37,7 @@ use crate::secret::{Redactor, Secret};
 use crate::state::StateDir;
 
 pub use events::{Event, Stage, Step};
+pub use migrate::hints as release_hints;
 
 /// Default for [`RunOptions::teardown_timeout`].
 pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(600);

@@ -74,14 +74,46 @@ pub fn lint_dir(dir: &Path, steps: &[String]) -> Vec<Hint> {
     } else {
         named
     };
+    let chosen_len = chosen.len();
     let mut out = Vec::new();
     for f in chosen.into_iter().take(MAX_FILES) {
         let p = dir.join(f);
-        if std::fs::metadata(&p).is_ok_and(|m| m.len() <= MAX_FILE_BYTES)
-            && let Ok(text) = std::fs::read_to_string(&p)
-        {
-            out.extend(lint_text(f, &text));
+        let not_linted = |why: String| Hint {
+            file: f.clone(),
+            line: 1,
+            rule: "unparsed".into(),
+            statement: String::new(),
+            message: format!("not linted: {why}"),
+            fix: "nothing to fix if PostgreSQL accepts the file; the trace still measures it"
+                .into(),
+            measured: None,
+        };
+        match std::fs::metadata(&p) {
+            // A data load, not a schema change: parsing it would cost more than it tells.
+            Ok(m) if m.len() > MAX_FILE_BYTES => out.push(not_linted(format!(
+                "{} bytes, more than the linter reads ({MAX_FILE_BYTES})",
+                m.len()
+            ))),
+            Ok(_) => match std::fs::read_to_string(&p) {
+                Ok(text) => out.extend(lint_text(f, &text)),
+                Err(e) => out.push(not_linted(format!("unreadable ({e})"))),
+            },
+            Err(e) => out.push(not_linted(format!("unreadable ({e})"))),
         }
+    }
+    if chosen_len > MAX_FILES {
+        out.push(Hint {
+            file: ".".into(),
+            line: 1,
+            rule: "unparsed".into(),
+            statement: String::new(),
+            message: format!(
+                "not linted: {} of {chosen_len} .sql files past the first {MAX_FILES}",
+                chosen_len - MAX_FILES
+            ),
+            fix: "name the migration files in the install step to lint only those".into(),
+            measured: None,
+        });
     }
     out
 }
@@ -319,6 +351,27 @@ mod tests {
             CREATE INDEX audit_at ON audit (at);\n\
             ALTER TABLE audit ADD COLUMN u uuid DEFAULT gen_random_uuid();\n";
         assert_eq!(rules(&lint_text("ok.sql", safe)), vec![]);
+    }
+
+    #[test]
+    fn an_oversize_file_is_not_parsed_and_the_hint_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let big = "INSERT INTO t VALUES (1);\n".repeat(50_000); // 1.3 MB
+        assert!(big.len() as u64 > MAX_FILE_BYTES);
+        std::fs::write(d.path().join("0002_load.sql"), big).unwrap();
+        std::fs::write(d.path().join("0001_idx.sql"), "CREATE INDEX a ON t (x);").unwrap();
+        let h = lint_dir(d.path(), &[]);
+        assert_eq!(
+            h.iter()
+                .map(|h| (h.file.as_str(), h.rule.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("0001_idx.sql", "index-not-concurrently"),
+                ("0001_idx.sql", "missing-lock-timeout"),
+                ("0002_load.sql", "unparsed")
+            ]
+        );
+        assert!(h[2].message.contains("more than the linter reads"), "{h:?}");
     }
 
     #[test]
