@@ -402,7 +402,8 @@ pub fn list_runs(state: &StateDir) -> Result<Vec<RunState>, JournalError> {
 /// Removes the history directories (journal, report, logs) of runs that started before
 /// `before` and are closed — nothing of them remains anywhere — and whose process is gone.
 /// Runs that left something behind or are kept are never removed: their journals are what
-/// `dryrun cleanup` needs. Returns the run ids removed.
+/// `dryrun cleanup` needs. A run whose lock is held at that moment is skipped (a later prune
+/// removes it). Returns the run ids removed.
 ///
 /// # Errors
 /// I/O errors listing the directory.
@@ -462,7 +463,18 @@ mod tests {
                 j.append(&e).unwrap();
             }
         }
-        let removed = prune(&state, at("2026-09-01T00:00:00Z")).unwrap();
+        // A run whose lock is held is skipped until a later prune. Here the lock is ours and
+        // released, but another test's thread may fork a child in the instant the journal's
+        // lock file is open: the child shares the lock until it execs. So prune again, briefly,
+        // until it is gone; nothing else may be removed on the way.
+        let mut removed = Vec::new();
+        for _ in 0..200 {
+            removed.extend(prune(&state, at("2026-09-01T00:00:00Z")).unwrap());
+            if !removed.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(removed, ["old-closed"]);
         assert!(!state.run_dir("old-closed").exists());
         assert!(
