@@ -250,7 +250,7 @@ fn path_arg(rest: &str) -> String {
 
 /// At most `max` characters of `s`, without control characters: what the release sends is
 /// shown in terminals and pages, where an escape sequence must not act.
-fn clean(s: &str, max: usize) -> String {
+pub(crate) fn clean(s: &str, max: usize) -> String {
     s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 

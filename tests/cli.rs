@@ -183,6 +183,55 @@ fn unknown_param_is_a_usage_error_with_a_hint() {
 }
 
 #[test]
+fn plan_with_a_release_only_reads_its_sql_and_runs_nothing() {
+    let state = state_dir();
+    let rel = state.path().join("hostile-release");
+    let marker = state.path().join("ran");
+    std::fs::create_dir_all(rel.join("migrations")).unwrap();
+    std::fs::write(
+        rel.join("dryrun-release.yaml"),
+        format!(
+            "version: \"6.6.6\"\ninstall:\n  - name: migrate\n    run: touch {} && psql -f migrations/0001.sql\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    // The SQL names a shell command and a file outside; linting must do neither.
+    std::fs::write(
+        rel.join("migrations/0001.sql"),
+        format!(
+            "CREATE INDEX i ON orders (x);\nCOPY orders FROM PROGRAM 'touch {}';\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let out = run(dryrun(state.path()).args([
+        "plan",
+        "blueprints/demo/shop.yaml",
+        "--release",
+        rel.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["hints"][0]["rule"], "index-not-concurrently", "{p:#}");
+    assert_eq!(p["hints"][0]["file"], "migrations/0001.sql", "{p:#}");
+    assert!(!marker.exists(), "plan ran something of the release");
+    assert!(run_ids(state.path()).is_empty());
+    assert!(!state.path().join("copies").exists());
+
+    // A release that is not one is a usage error, before anything else.
+    let out = run(dryrun(state.path()).args([
+        "plan",
+        "blueprints/demo/shop.yaml",
+        "--release",
+        "../../etc",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
 fn missing_release_is_a_usage_error_and_creates_nothing() {
     let state = state_dir();
     let out = run(dryrun(state.path()).args([

@@ -32,6 +32,16 @@ fn guard<'a>(r: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no guard {name}: {r:#}"))
 }
 
+/// The traced statement that contains `needle`.
+fn statement_containing<'a>(r: &'a Value, needle: &str) -> &'a Value {
+    r["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["statement"].as_str().unwrap().contains(needle))
+        .unwrap_or_else(|| panic!("no statement with {needle}: {:#}", r["migrations"]))
+}
+
 /// The traced statement that starts with `prefix`.
 fn statement<'a>(r: &'a Value, prefix: &str) -> &'a Value {
     r["migrations"]
@@ -213,17 +223,7 @@ fn a_rewriting_migration_is_failed_by_the_lock_guard_and_the_safe_one_passes() {
     }
     assert_eq!(r["migration_trace"][0]["rewritten"], serde_json::json!([]));
     assert!(r.get("hints").is_none(), "{:#}", r["hints"]);
-    let cic = r["migrations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| {
-            m["statement"]
-                .as_str()
-                .unwrap()
-                .contains("CREATE INDEX CONCURRENTLY")
-        })
-        .unwrap_or_else(|| panic!("{:#}", r["migrations"]));
+    let cic = statement_containing(&r, "CREATE INDEX CONCURRENTLY");
     assert!(
         cic["locks"]
             .as_array()
@@ -323,17 +323,7 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
     // A statement that carries the copy's password (here in its whole URL) is traced with it
     // redacted, in the candidate's report and the baseline's.
     for rep in [&r, &baseline] {
-        let leak = rep["migrations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| {
-                m["statement"]
-                    .as_str()
-                    .unwrap()
-                    .contains("secret_in_a_statement")
-            })
-            .unwrap_or_else(|| panic!("{:#}", rep["migrations"]));
+        let leak = statement_containing(rep, "secret_in_a_statement");
         // The URL is a secret output as a whole (it carries the password).
         let text = leak["statement"].as_str().unwrap();
         assert!(

@@ -115,6 +115,12 @@ pub fn lint_dir(dir: &Path, steps: &[String]) -> Vec<Hint> {
             measured: None,
         });
     }
+    // File names and the identifiers in messages come from the release: no control characters
+    // reach a terminal or a page (statements are cleaned by `short`).
+    for h in &mut out {
+        h.file = crate::sinks::clean(&h.file, usize::MAX);
+        h.message = crate::sinks::clean(&h.message, usize::MAX);
+    }
     out
 }
 
@@ -372,6 +378,24 @@ mod tests {
             ]
         );
         assert!(h[2].message.contains("more than the linter reads"), "{h:?}");
+    }
+
+    #[test]
+    fn escape_sequences_in_a_release_file_name_or_identifier_do_not_reach_the_hint() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("0001_\x1b[2Jx.sql"),
+            "CREATE INDEX a ON \"t\x1b]0;owned\x07\" (x);",
+        )
+        .unwrap();
+        let h = lint_dir(d.path(), &[]);
+        assert_eq!(h[0].rule, "index-not-concurrently", "{h:?}");
+        for h in &h {
+            for text in [&h.file, &h.message, &h.statement] {
+                assert!(!text.chars().any(char::is_control), "{text:?}");
+            }
+        }
+        assert!(h[0].message.contains("t]0;owned"), "{h:?}");
     }
 
     #[test]

@@ -194,10 +194,14 @@ pub fn describe(m: &Migration) -> String {
     )
 }
 
-/// The statement on one line, cut to `n` characters.
+/// The statement on one line, cut to `n` characters, without control characters (the release
+/// wrote it; an escape sequence in it must not act in a terminal).
 #[must_use]
 pub fn short(s: &str, n: usize) -> String {
-    let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let one = crate::sinks::clean(
+        &s.split_whitespace().collect::<Vec<_>>().join(" "),
+        usize::MAX,
+    );
     if one.chars().count() > n {
         format!("{} …", one.chars().take(n).collect::<String>().trim_end())
     } else {
