@@ -209,7 +209,6 @@ impl Drop for KeepAlive {
     }
 }
 
-/// What [`execute`] did.
 /// Rehearses the baseline release under the candidate's lease, as run `RUN_ID-baseline` (its own
 /// journal, copy and teardown), then pins the candidate to the backups the baseline restored, so
 /// both releases meet the same data.
@@ -281,6 +280,7 @@ async fn run_baseline(
     crate::migrations::Baseline::of(&rep)
 }
 
+/// What [`execute`] did.
 #[derive(Debug)]
 pub struct Executed {
     /// The engine's result.

@@ -236,6 +236,28 @@ async fn forged_replayed_oversized_and_escaping_requests_create_no_run() {
     )
     .await;
     assert_eq!(code, 400);
+    // A baseline is a release like any other: the same root, the same refusals.
+    for (baseline, want) in [
+        ("/etc", 400),
+        ("../releases/slow", 400),
+        ("escape/hostname", 400),
+        ("releases/nope", 422),
+    ] {
+        let body = format!(
+            r#"{{"blueprint":"slow.yaml","release":"releases/slow","baseline":"{baseline}"}}"#
+        );
+        let (code, v) = hook(&url, &body, &format!("b-{baseline}")).await;
+        assert_eq!(code, want, "{baseline}: {v}");
+        if want == 422 {
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("baseline `releases/nope` not found"),
+                "{v}"
+            );
+        }
+    }
     // Callback URL not allowed (SSRF guard), unknown body field.
     let (code, _) = hook(&url, r#"{"blueprint":"slow.yaml","release":"releases/slow","callback_url":"http://169.254.169.254/"}"#, "p-cb").await;
     assert_eq!(code, 422);
@@ -398,7 +420,7 @@ async fn accepted_runs_survive_a_crash_of_the_server_and_run_after_the_restart()
 async fn schedule_fires_and_history_survives_a_restart() {
     require_demo_shop();
     let mut srv = Server::start(
-        "[[schedule]]\nname = \"nightly-shop\"\ncron = \"*/2 * * * * *\"\ntimezone = \"Europe/Berlin\"\nblueprint = \"demo/shop.yaml\"\nrelease = \"demo/releases/v2\"\n",
+        "[[schedule]]\nname = \"nightly-shop\"\ncron = \"*/2 * * * * *\"\ntimezone = \"Europe/Berlin\"\nblueprint = \"demo/shop.yaml\"\nrelease = \"demo/releases/v2\"\nbaseline = \"demo/releases/v2\"\n",
     );
     let url = srv.url.clone();
     let start = std::time::Instant::now();
@@ -416,6 +438,12 @@ async fn schedule_fires_and_history_survives_a_restart() {
     let run = get(&format!("{url}/v1/runs/{run_id}")).await;
     assert_eq!(run["run"]["trigger"], "schedule");
     assert_eq!(run["run"]["schedule"], "nightly-shop");
+    // The entry's baseline was rehearsed first, on its own copy of the same backup.
+    let b = &run["report"]["baseline"];
+    assert_eq!(b["run_id"], format!("{run_id}-baseline"), "{b:#}");
+    assert_eq!(b["status"], "passed", "{b:#}");
+    assert!(!b["checks"].as_array().unwrap().is_empty(), "{b:#}");
+    assert_nothing_left(srv.state(), &format!("{run_id}-baseline"));
     srv.stop();
     // Restart without the schedule: history is still there, with the trend.
     std::fs::write(

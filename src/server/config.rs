@@ -165,6 +165,10 @@ pub struct Schedule {
     pub blueprint: String,
     /// Release: the one in production.
     pub release: String,
+    /// A release to compare with: rehearsed first on its own copy of the same backup, the
+    /// checks' p50/p95 of `release` against its (`guards.max_p95_regression`). E.g. the
+    /// nightly rehearses `releases/next` with `baseline = "releases/current"`.
+    pub baseline: Option<String>,
     /// Blueprint params.
     #[serde(default)]
     pub params: BTreeMap<String, String>,

@@ -363,6 +363,9 @@ struct StartForm {
     release: String,
     #[serde(default)]
     backup: String,
+    /// Optional: the release in production, compared with the candidate.
+    #[serde(default)]
+    baseline: String,
     #[serde(default)]
     csrf: String,
 }
@@ -389,6 +392,7 @@ async fn start(
         blueprint: f.blueprint.trim().to_string(),
         release: f.release.trim().to_string(),
         backup: Some(f.backup.trim().to_string()).filter(|b| !b.is_empty()),
+        baseline: Some(f.baseline.trim().to_string()).filter(|b| !b.is_empty()),
         trigger: Some(crate::report::Trigger::Webhook),
         ..RunRequest::default()
     };

@@ -70,6 +70,11 @@ pub struct RunRequest {
     /// Provider of the run (a schedule's own); default: the server's.
     #[serde(default)]
     pub provider: Option<String>,
+    /// The release in production (resolved like `release`), rehearsed first on its own copy of
+    /// the same backup as run `RUN_ID-baseline`; the candidate's check timings are compared
+    /// with its. Requests queued before this field existed have none.
+    #[serde(default)]
+    pub baseline: Option<String>,
 }
 
 /// Why a request was not accepted. Nothing was created for any of these.
@@ -113,6 +118,7 @@ pub enum Submitted {
 struct Prepared {
     bp: Blueprint,
     release: Release,
+    baseline: Option<Release>,
     backup: BackupPick,
     provider: Arc<dyn Provider>,
 }
@@ -398,27 +404,15 @@ impl App {
         let provider = crate::provider::choose(provider_name, &self.state, Some(&bp), None)
             .await
             .map_err(|e| SubmitError::Unavailable(format!("the {provider_name} provider: {e}")))?;
-        let hide = |e: String| e.replace(&self.blueprints.display().to_string(), "");
-        let release = match self.resolve(
-            &req.release,
-            "release",
-            crate::provider::remote_schemes(provider_name),
-        )? {
-            reference::Resolved::Local(p) => Release::load(&p.display().to_string())
-                .map_err(|e| SubmitError::Invalid(hide(e.to_string())))?,
-            reference::Resolved::Remote(r) => {
-                let file = provider
-                    .fetch_release(&r, &self.state.root().join("releases"))
-                    .await
-                    .map_err(|e| SubmitError::Invalid(format!("release {r}: {e}")))?
-                    .ok_or_else(|| {
-                        SubmitError::BadPath(format!(
-                            "release {r}: the {provider_name} provider does not fetch it"
-                        ))
-                    })?;
-                Release::load_fetched(&r, &file)
-                    .map_err(|e| SubmitError::Invalid(hide(e.to_string())))?
-            }
+        let release = self
+            .load_release(&req.release, "release", provider.as_ref(), provider_name)
+            .await?;
+        let baseline = match &req.baseline {
+            Some(b) => Some(
+                self.load_release(b, "baseline", provider.as_ref(), provider_name)
+                    .await?,
+            ),
+            None => None,
         };
         let backup = match req.backup.as_deref() {
             None | Some("latest") => BackupPick::Latest,
@@ -430,9 +424,51 @@ impl App {
         Ok(Prepared {
             bp,
             release,
+            baseline,
             backup,
             provider,
         })
+    }
+
+    /// Loads a request's release (`what`: `release` or `baseline`): a path under the root, or
+    /// a remote object the run's provider fetches to read its manifest.
+    async fn load_release(
+        &self,
+        reference: &str,
+        what: &str,
+        provider: &dyn Provider,
+        provider_name: &str,
+    ) -> Result<Release, SubmitError> {
+        // The loader's messages say `release …`; a baseline's say which one it was.
+        let hide = |e: String| {
+            let e = e.replace(&self.blueprints.display().to_string(), "");
+            if what == "release" {
+                e
+            } else {
+                format!("{what}: {e}")
+            }
+        };
+        match self.resolve(
+            reference,
+            what,
+            crate::provider::remote_schemes(provider_name),
+        )? {
+            reference::Resolved::Local(p) => Release::load(&p.display().to_string())
+                .map_err(|e| SubmitError::Invalid(hide(e.to_string()))),
+            reference::Resolved::Remote(r) => {
+                let file = provider
+                    .fetch_release(&r, &self.state.root().join("releases"))
+                    .await
+                    .map_err(|e| SubmitError::Invalid(format!("{what} {r}: {e}")))?
+                    .ok_or_else(|| {
+                        SubmitError::BadPath(format!(
+                            "{what} {r}: the {provider_name} provider does not fetch it"
+                        ))
+                    })?;
+                Release::load_fetched(&r, &file)
+                    .map_err(|e| SubmitError::Invalid(hide(e.to_string())))
+            }
+        }
     }
 
     /// The claim loop: while a slot is free, claim the next queued run this worker may run and
@@ -566,8 +602,7 @@ impl App {
                 .chain(callback_url.iter().map(Secret::new))
                 .collect(),
             scan: false,
-            // The server does not take a baseline yet (`dryrun run --baseline` does).
-            baseline: None,
+            baseline: prepared.baseline,
         };
         let started = Instant::now();
         let done = runner::execute(
@@ -834,6 +869,7 @@ pub fn start_schedules(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
                 let req = RunRequest {
                     blueprint: s.blueprint.clone(),
                     release: s.release.clone(),
+                    baseline: s.baseline.clone(),
                     params: s.params.clone(),
                     provider: s.provider.clone(),
                     schedule: Some(s.name.clone()),

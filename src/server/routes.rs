@@ -230,6 +230,7 @@ async fn hook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         params: req.params,
         backup: req.backup,
         callback_url: req.callback_url,
+        baseline: req.baseline,
         delivery: Some(delivery),
         trigger: Some(crate::report::Trigger::Webhook),
         ..RunRequest::default()

@@ -22,6 +22,9 @@ pub struct HookBody {
     pub backup: Option<String>,
     /// Where to POST the signed summary.
     pub callback_url: Option<String>,
+    /// The release in production, rehearsed first on its own copy of the same backup; the
+    /// candidate's check timings are compared with its (`guards.max_p95_regression`).
+    pub baseline: Option<String>,
 }
 
 /// The request headers that matter.
@@ -58,7 +61,7 @@ pub enum Rejection {
     Delivery,
     /// 400.
     #[error(
-        "body: {0}; expected {{\"blueprint\", \"release\", \"params\"?, \"backup\"?, \"callback_url\"?}}"
+        "body: {0}; expected {{\"blueprint\", \"release\", \"params\"?, \"backup\"?, \"callback_url\"?, \"baseline\"?}}"
     )]
     Body(String),
 }
@@ -158,6 +161,14 @@ mod tests {
         };
         assert_eq!(delivery, "d1");
         assert_eq!(body.release, "demo/releases/v2");
+        assert_eq!(body.baseline, None);
+        let body = br#"{"blueprint":"b.yaml","release":"r/next","baseline":"r/current"}"#;
+        let sig = signature::sign(b"k", body);
+        let Ok(Verified::Run { body, .. }) = verify(b"k", &headers(&sig, "d2"), body, 1000, 300)
+        else {
+            panic!()
+        };
+        assert_eq!(body.baseline.as_deref(), Some("r/current"));
     }
 
     #[test]
