@@ -820,7 +820,7 @@ async fn plan(
     let mut plan = Plan::new(&bp, provider.name(), backups, errors);
     if let Some(reference) = release {
         let release = load_release(provider.as_ref(), state, reference).await?;
-        plan.hints = Some(engine::release_hints(&release).await);
+        plan.hints = Some(engine::release_hints(&bp, &release).await);
     }
     print!(
         "{}",

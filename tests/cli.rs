@@ -207,7 +207,7 @@ fn plan_with_a_release_only_reads_its_sql_and_runs_nothing() {
     .unwrap();
     let out = run(dryrun(state.path()).args([
         "plan",
-        "blueprints/demo/shop.yaml",
+        "blueprints/demo/shop-pg.yaml",
         "--release",
         rel.to_str().unwrap(),
         "--format",
@@ -217,6 +217,19 @@ fn plan_with_a_release_only_reads_its_sql_and_runs_nothing() {
     let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(p["hints"][0]["rule"], "index-not-concurrently", "{p:#}");
     assert_eq!(p["hints"][0]["file"], "migrations/0001.sql", "{p:#}");
+    // The rules are PostgreSQL's: a blueprint whose databases are SQLite gets none (SQLite has
+    // no CONCURRENTLY and no lock_timeout to advise).
+    let out = run(dryrun(state.path()).args([
+        "plan",
+        "blueprints/demo/shop.yaml",
+        "--release",
+        rel.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["hints"], serde_json::json!([]), "{p:#}");
     assert!(!marker.exists(), "plan ran something of the release");
     assert!(run_ids(state.path()).is_empty());
     assert!(!state.path().join("copies").exists());

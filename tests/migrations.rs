@@ -351,3 +351,121 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
         assert_nothing_left(state.path(), &id);
     }
 }
+
+/// A release for the SQLite test: the demo's migrations through `demo-shop migrate` (its own
+/// transaction per file), then `extra`, Python run against the copy (a second tool, its own
+/// transaction handling).
+fn sqlite_release(dir: &std::path::Path, version: &str, extra: &str) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let migrations = root().join("blueprints/demo/releases/v2/migrations");
+    std::fs::create_dir_all(dir.join("migrations")).unwrap();
+    for f in std::fs::read_dir(&migrations).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join("migrations").join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.join("bin/extra.py"), extra).unwrap();
+    std::fs::write(
+        dir.join("dryrun-release.yaml"),
+        format!(
+            "version: \"{version}\"\ninstall:\n  - name: migrate\n    run: '\"$DRYRUN_BIN_DIR/demo-shop\" migrate --db \"$DATABASE_PATH\" migrations'\n  - name: extra\n    run: python3 bin/extra.py \"$DATABASE_PATH\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn sqlite_write_locks_and_rebuilds_are_traced_and_judged() {
+    require_demo_shop();
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    let dir = state.path().join("work");
+    let backups = root().join("blueprints/demo/production/backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bp.yaml"),
+        format!(
+            "name: lite\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: sqlite\n    source: shop-db\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_PATH: \"{{{{resources.db.path}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\nguards:\n  max_exclusive_lock: 500ms\n  forbid_rewrite: [orders]\n",
+            backups.display()
+        ),
+    )
+    .unwrap();
+    // The unsafe one rebuilds `orders` (SQLite's copy-drop-rename) and keeps the write lock
+    // for a second (rollback-journal mode, as the backup is).
+    sqlite_release(
+        &dir.join("rebuild"),
+        "3.0.0",
+        "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nc.execute('CREATE TABLE orders_new AS SELECT * FROM orders')\nc.execute('DROP TABLE orders')\nc.execute('ALTER TABLE orders_new RENAME TO orders')\ntime.sleep(1.0)\nc.execute('COMMIT')\n",
+    );
+    // The safe one switches to WAL and writes data for 0.2 s: no schema change, a short hold.
+    sqlite_release(
+        &dir.join("safe"),
+        "2.1.0",
+        "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nassert c.execute('PRAGMA journal_mode=WAL').fetchone()[0] == 'wal'\nc.execute('BEGIN IMMEDIATE')\nc.execute(\"UPDATE orders SET notes = 'checked' WHERE id % 7 = 0\")\ntime.sleep(0.2)\nc.execute('COMMIT')\n",
+    );
+    let bp = dir.join("bp.yaml");
+    let bp = bp.to_str().unwrap();
+
+    let rebuild = dir.join("rebuild");
+    let (code, out, r) = rehearse(state.path(), bp, &["--release", rebuild.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let trace = &r["migration_trace"][0];
+    assert_eq!(trace["database"], "db", "{trace:#}");
+    assert_eq!(trace["status"], "traced", "{trace:#}");
+    assert_eq!(
+        trace["rewritten"],
+        serde_json::json!(["orders"]),
+        "{trace:#}"
+    );
+    // The transaction's schema change, as the file keeps it: `orders` rebuilt under its name
+    // (new text, new pages), its indexes gone with the old table.
+    let m = statement_containing(&r, "DROP INDEX orders_created_at_idx");
+    assert!(
+        m["statement"]
+            .as_str()
+            .unwrap()
+            .starts_with("orders became: CREATE TABLE \"orders\"("),
+        "{m:#}"
+    );
+    assert_eq!(m["rewrites"], serde_json::json!(["orders"]));
+    let w = &m["locks"][0];
+    assert_eq!(w["mode"], "WRITE", "{m:#}");
+    assert_eq!(w["blocks"], "writes");
+    let held = w["held_ms"].as_u64().unwrap();
+    assert!((900..3000).contains(&held), "{m:#}");
+    assert!(m["duration_ms"].as_u64().unwrap() >= 900, "{m:#}");
+    let g = guard(&r, "max_exclusive_lock");
+    assert_eq!(g["status"], "failed", "{g:#}");
+    assert!(
+        g["message"]
+            .as_str()
+            .unwrap()
+            .contains("held WRITE on db (the whole database file)"),
+        "{g:#}"
+    );
+    assert_eq!(guard(&r, "forbid_rewrite")["status"], "failed");
+    // demo-shop's own migration, its own entry (ADD COLUMN: the table's text changes, its pages
+    // stay; too quick to hold the lock for a sample).
+    let add = statement(&r, "orders became: CREATE TABLE orders (");
+    assert!(
+        add["statement"].as_str().unwrap().contains("notes TEXT"),
+        "{add:#}"
+    );
+    assert_eq!(add["rewrites"], serde_json::json!([]), "{add:#}");
+    assert!(add["duration_ms"].as_u64().unwrap() < 500, "{add:#}");
+    assert!(out.contains("held WRITE on db"), "{out}");
+
+    let safe = dir.join("safe");
+    let (code, out, r) = rehearse(state.path(), bp, &["--release", safe.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{:#}", r["migrations"]);
+    assert_eq!(r["migration_trace"][0]["status"], "traced");
+    assert_eq!(r["migration_trace"][0]["rewritten"], serde_json::json!([]));
+    // The WAL-mode write was seen through the -shm file's write lock.
+    let data = statement(&r, "write transaction (no schema change)");
+    let held = data["locks"][0]["held_ms"].as_u64().unwrap();
+    assert!((150..1500).contains(&held), "{data:#}");
+    assert_eq!(guard(&r, "max_exclusive_lock")["status"], "passed");
+    assert_eq!(guard(&r, "forbid_rewrite")["status"], "passed");
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
+}

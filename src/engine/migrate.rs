@@ -3,14 +3,16 @@
 //!
 //! Every PostgreSQL copy the runner reaches directly is watched from the first service's
 //! install start to the last one's end (services may install at once: one monitor per
-//! database, counted in and out). A copy the runner cannot reach (AWS without
-//! `runner_in_vpc`), or a MySQL/SQLite one, is reported in `migration_trace` as skipped, with
-//! the reason; the guards that need a trace are then `skipped`, never `passed`.
+//! database, counted in and out), and so is every SQLite copy on this machine (its file's write
+//! locks, [`migrations::sqlite`]). A copy the runner cannot reach (AWS without
+//! `runner_in_vpc`), or a MySQL one, is reported in `migration_trace` as skipped, with the
+//! reason; the guards that need a trace are then `skipped`, never `passed`.
 
 use std::time::Duration;
 
 use crate::migrations::{
     self, Comparison, Findings, GuardResult, Hint, Migration, TraceReport, postgres::Monitor,
+    sqlite::Watcher,
 };
 use crate::provider::{Probe, ProbeOutcome, ProbeRequest};
 use crate::report::Status;
@@ -22,11 +24,29 @@ use super::{Failure, Shared};
 pub(super) struct Tracing {
     /// Installs running now.
     active: usize,
-    monitors: Vec<(String, Monitor)>,
+    monitors: Vec<(String, Watch)>,
     pub migrations: Vec<Migration>,
     pub reports: Vec<TraceReport>,
     /// Per service, its install steps and their times (`guards.max_migration`).
     pub installs: Vec<(String, Vec<(String, Duration)>)>,
+}
+
+/// A running trace of one database.
+#[derive(Debug)]
+enum Watch {
+    /// PostgreSQL: its statistics views.
+    Pg(Monitor),
+    /// SQLite: its file's write locks.
+    Sqlite(Watcher),
+}
+
+impl Watch {
+    async fn stop(self) -> Result<(Vec<Migration>, TraceReport), String> {
+        match self {
+            Watch::Pg(m) => m.stop().await.map_err(|e| e.to_string()),
+            Watch::Sqlite(w) => w.stop().await.map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl Shared {
@@ -64,7 +84,7 @@ impl Shared {
         if t.active > 1 || !self.migration_trace {
             return;
         }
-        let dbs: Vec<(String, String, String)> = self
+        let dbs: Vec<(String, String, String, String)> = self
             .outputs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -72,15 +92,37 @@ impl Shared {
             .filter_map(|(name, o)| {
                 let engine = o.get("engine")?.value.clone();
                 let url = o.get("url").map(|u| u.value.clone()).unwrap_or_default();
-                Some((name.clone(), engine, url))
+                let path = o.get("path").map(|u| u.value.clone()).unwrap_or_default();
+                Some((name.clone(), engine, url, path))
             })
             .collect();
-        for (name, engine, url) in dbs {
+        for (name, engine, url, path) in dbs {
+            if engine == "sqlite" {
+                // A file on this machine (the local provider's copies; elsewhere the probe
+                // says it is not reached directly).
+                let started = match self.direct(&name, "migration monitor").await {
+                    Err(why) => Err(format!("the runner does not reach it directly ({why})")),
+                    Ok(()) => {
+                        let (db, path) = (name.clone(), std::path::PathBuf::from(&path));
+                        tokio::task::spawn_blocking(move || {
+                            Watcher::start(&db, &path, migrations::PERIOD)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| format!("the watcher could not start: {e}")))
+                    }
+                };
+                match started {
+                    Ok(w) => t.monitors.push((name, Watch::Sqlite(w))),
+                    Err(why) => t.reports.push(TraceReport::skipped(&name, why)),
+                }
+                continue;
+            }
             if !matches!(engine.as_str(), "postgres" | "aurora-postgresql") {
                 if t.reports.iter().all(|r| r.database != name) {
                     t.reports.push(TraceReport::skipped(
                         &name,
-                        format!("engine {engine}: only PostgreSQL can be watched from outside the release (its own connections, locks and files are the server's)"),
+                        format!("engine {engine}: only PostgreSQL and SQLite copies are watched (dryrun has no MySQL client)"),
                     ));
                 }
                 continue;
@@ -93,7 +135,7 @@ impl Shared {
                 continue;
             }
             match Monitor::start(&name, &url, migrations::PERIOD).await {
-                Ok(m) => t.monitors.push((name, m)),
+                Ok(m) => t.monitors.push((name, Watch::Pg(m))),
                 Err(e) => t.reports.push(TraceReport::skipped(
                     &name,
                     self.run
@@ -190,7 +232,19 @@ pub(super) async fn judge(
 }
 
 /// The release's SQL hints, before anything is provisioned (a release without files has none).
-pub async fn hints(release: &crate::release::Release) -> Vec<Hint> {
+/// The rules are PostgreSQL's (`CONCURRENTLY`, `lock_timeout`): a blueprint without a
+/// PostgreSQL database gets none.
+pub async fn hints(
+    bp: &crate::blueprint::Blueprint,
+    release: &crate::release::Release,
+) -> Vec<Hint> {
+    use crate::blueprint::{Engine, ResourceSpec};
+    let postgres = bp.resources.iter().any(|r| {
+        matches!(&r.spec, ResourceSpec::Database(d) if matches!(d.engine, Engine::Postgres | Engine::AuroraPostgresql))
+    });
+    if !postgres {
+        return Vec::new();
+    }
     let release = release.clone();
     tokio::task::spawn_blocking(move || {
         let steps: Vec<String> = release

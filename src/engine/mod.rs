@@ -344,7 +344,7 @@ pub async fn run(
     )?);
     let (backups, failures) = find_backups(bp, shared.provider.as_ref(), &opts.backup).await;
     // The release's SQL, linted before anything is provisioned.
-    let hints = migrate::hints(&opts.release).await;
+    let hints = migrate::hints(bp, &opts.release).await;
     // 2. provision, restore, install (the migration monitor watches the install).
     let mut walked = walk::walk(
         bp,

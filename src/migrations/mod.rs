@@ -14,6 +14,7 @@
 
 pub mod lint;
 pub mod postgres;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
