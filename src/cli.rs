@@ -140,7 +140,8 @@ enum Command {
         #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = parse_kv)]
         params: Vec<(String, String)>,
     },
-    /// Show what a run would create and which backup it would restore; creates nothing.
+    /// Show what a run would create, which backup it would restore and (on AWS) what it would
+    /// cost; creates nothing.
     Plan {
         /// Blueprint file.
         blueprint: PathBuf,
@@ -520,7 +521,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 format,
                 &state,
                 color,
-                endpoint,
+                (endpoint, database_url),
             )
             .await
         }
@@ -781,13 +782,66 @@ async fn provider_for(
         .with_context(|| format!("configure the {} provider", name.as_str()))
 }
 
+/// The plan's cost on a billed provider: the estimate (expected duration from the history, when
+/// there is one; a plan creates no history file), and `budget:` judged as `dryrun run` would.
+async fn plan_cost(
+    plan: &mut Plan,
+    bp: &Blueprint,
+    provider: &dyn Provider,
+    state: &StateDir,
+    database_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let billed = match provider.billed(bp).await {
+        Ok(b) => b,
+        Err(e) if bp.budget.is_some() => {
+            plan.budget = Some(crate::graph::PlannedBudget {
+                max_usd: bp.budget.unwrap_or_default(),
+                within: false,
+                refusal: Some(format!(
+                    "the cost cannot be estimated ({e}), so budget.max_usd cannot be honoured"
+                )),
+            });
+            return Ok(());
+        }
+        Err(e) => {
+            eprintln!("warning: no cost estimate: {e}");
+            return Ok(());
+        }
+    };
+    let Some((region, units)) = billed else {
+        return Ok(());
+    };
+    let history = if database_url.is_some() || state.root().join("history.sqlite").is_file() {
+        let control = open_control(state, database_url).await?;
+        runner::history_ms(control.as_ref(), &bp.name).await
+    } else {
+        Vec::new()
+    };
+    let e = crate::cost::estimate(
+        &units,
+        &region,
+        crate::cost::expected_from(&history),
+        crate::cost::worst_case(bp, None, engine::TEARDOWN_TIMEOUT),
+    );
+    plan.budget = bp.budget.map(|max| {
+        let refusal = e.within(max).err();
+        crate::graph::PlannedBudget {
+            max_usd: max,
+            within: refusal.is_none(),
+            refusal,
+        }
+    });
+    plan.cost = Some(e);
+    Ok(())
+}
+
 async fn plan(
     path: &Path,
     (common, release): (&Common, Option<&str>),
     format: PlanFormat,
     state: &StateDir,
     color: bool,
-    endpoint: Option<&str>,
+    (endpoint, database_url): (Option<&str>, Option<&str>),
 ) -> anyhow::Result<i32> {
     let params = common.params.iter().cloned().collect();
     let bp = compile(path, &params, color)?;
@@ -822,6 +876,7 @@ async fn plan(
         let release = load_release(provider.as_ref(), state, reference).await?;
         plan.hints = Some(engine::release_hints(&bp, &release).await);
     }
+    plan_cost(&mut plan, &bp, provider.as_ref(), state, database_url).await?;
     print!(
         "{}",
         match format {
@@ -832,6 +887,9 @@ async fn plan(
     );
     Ok(if has_errors {
         exit::INFRA
+    } else if plan.budget.as_ref().is_some_and(|b| !b.within) {
+        // What `dryrun run` would answer.
+        exit::USAGE
     } else {
         exit::PASSED
     })
@@ -1053,7 +1111,7 @@ async fn run(
     let _ = printer.await;
     let report = match result {
         Ok(r) => r,
-        Err(e @ engine::EngineError::MissingSecret { .. }) => {
+        Err(e @ (engine::EngineError::MissingSecret { .. } | engine::EngineError::Budget(_))) => {
             eprintln!("error: {e}");
             return Ok(exit::USAGE);
         }

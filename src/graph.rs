@@ -115,8 +115,20 @@ pub struct PlannedCheck {
     pub target: String,
 }
 
+/// `budget:` judged against the plan's estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlannedBudget {
+    /// The blueprint's `budget.max_usd`.
+    pub max_usd: f64,
+    /// Whether `dryrun run` would start.
+    pub within: bool,
+    /// Why it would be refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+}
+
 /// What `dryrun run` would do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     /// Blueprint name.
     pub blueprint: String,
@@ -140,6 +152,13 @@ pub struct Plan {
     /// is provisioned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hints: Option<Vec<crate::migrations::lint::Hint>>,
+    /// On a billed provider: what the run would cost (expected and worst case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::cost::Estimate>,
+    /// `budget.max_usd`, and whether the worst case is within it (`Err`: why the run would
+    /// be refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<PlannedBudget>,
 }
 
 impl Plan {
@@ -236,6 +255,8 @@ impl Plan {
             teardown,
             ttl: humantime::format_duration(bp.ttl).to_string(),
             hints: None,
+            cost: None,
+            budget: None,
         }
     }
 
@@ -305,6 +326,24 @@ impl Plan {
             }
             if hints.is_empty() {
                 s.push_str("  none: no known-dangerous statement in the release's .sql files\n");
+            }
+        }
+        if let Some(c) = &self.cost {
+            s.push('\n');
+            for l in c.lines() {
+                s.push_str(&l);
+                s.push('\n');
+            }
+        }
+        if let Some(b) = &self.budget {
+            match &b.refusal {
+                None => s.push_str(&format!(
+                    "budget: worst case within max_usd ${:.2}\n",
+                    b.max_usd
+                )),
+                Some(why) => s.push_str(&format!(
+                    "budget: `dryrun run` would be REFUSED (exit 2): {why}\n"
+                )),
             }
         }
         s.push_str("nothing was created.\n");

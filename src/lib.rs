@@ -31,6 +31,7 @@ pub mod blueprint;
 pub mod checks;
 pub mod cli;
 pub mod control;
+pub mod cost;
 pub mod engine;
 pub mod failpoint;
 pub mod firewall;

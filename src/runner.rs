@@ -247,6 +247,7 @@ async fn run_baseline(
         mirror: control.journal_mirror(),
         scan: false,
         baseline: None,
+        history_ms: Vec::new(),
     };
     let rep = match engine::run(
         &launch.bp,
@@ -278,6 +279,18 @@ async fn run_baseline(
         launch.backup = BackupPick::Latest;
     }
     crate::migrations::Baseline::of(&rep)
+}
+
+/// How long the blueprint's last finished runs took (for the cost estimate; none when the
+/// history cannot be read).
+pub async fn history_ms(control: &dyn Control, blueprint: &str) -> Vec<i64> {
+    control
+        .trend(blueprint, 10)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| p.duration_ms)
+        .collect()
 }
 
 /// What [`execute`] did.
@@ -320,6 +333,7 @@ pub async fn execute(
         mirror: control.journal_mirror(),
         scan: launch.scan,
         baseline,
+        history_ms: history_ms(control, &launch.bp.name).await,
     };
     let result = engine::run(&launch.bp, launch.provider, state, opts, events, shutdown).await;
     let recorded = match &result {

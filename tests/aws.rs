@@ -1404,3 +1404,146 @@ fn a_run_killed_during_an_aurora_clone_is_cleaned_up_by_tag_and_production_is_ne
         "production's cluster changed"
     );
 }
+
+#[test]
+fn plan_prices_the_copy_and_a_budget_refuses_a_run_before_anything_exists() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let before = m.production();
+    // The reference blueprint: RDS from production's class and storage, EC2, the S3 copy.
+    let out = run(dryrun_aws(&m, state.path()).args([
+        "plan",
+        "blueprints/aws/shop.yaml",
+        "--provider",
+        "aws",
+        "--param",
+        &format!("source_db={PROD_DB}"),
+        "--param",
+        &format!("assets_bucket={PROD_BUCKET}"),
+        "--param",
+        &format!("ami={}", m.ami),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &p["cost"];
+    assert_eq!(c["prices_as_of"], dryrun::cost::prices_as_of(), "{c:#}");
+    assert_eq!(c["expected_basis"], "no history: assumed 1 h", "{c:#}");
+    // ttl 3h + the 10 min teardown deadline.
+    assert!(
+        (c["max_hours"].as_f64().unwrap() - 3.17).abs() < 0.01,
+        "{c:#}"
+    );
+    let item = |a: &str| {
+        c["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["address"] == a)
+            .unwrap_or_else(|| panic!("no {a}: {c:#}"))
+            .clone()
+    };
+    let db = item("database.db");
+    assert_eq!(
+        db["what"], "RDS postgres db.t3.micro, 20 GB storage",
+        "{db:#}"
+    );
+    assert!((db["hourly_usd"].as_f64().unwrap() - (0.018 + 20.0 * 0.115 / 730.0)).abs() < 1e-9);
+    let app = item("service.app");
+    assert_eq!(app["what"], "EC2 t3.small, 8 GB gp3 root volume", "{app:#}");
+    let assets = item("bucket.assets");
+    let objects = moto::prod_objects().len();
+    assert!(
+        assets["what"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("S3 copy of {objects} object(s)")),
+        "{assets:#}"
+    );
+    assert!(assets["once_usd"].as_f64().unwrap() > 0.0);
+    let sum: f64 = ["database.db", "service.app", "bucket.assets"]
+        .iter()
+        .map(|a| item(a)["hourly_usd"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (c["hourly_usd"].as_f64().unwrap() - sum).abs() < 0.001,
+        "{c:#}"
+    );
+    assert!(c["max_usd"].as_f64().unwrap() > c["expected_usd"].as_f64().unwrap());
+    // A plan creates nothing, not even a history file.
+    assert!(!state.path().join("history.sqlite").exists());
+    let text = run(dryrun_aws(&m, state.path()).args([
+        "plan",
+        "blueprints/aws/shop.yaml",
+        "--provider",
+        "aws",
+        "--param",
+        &format!("source_db={PROD_DB}"),
+        "--param",
+        &format!("assets_bucket={PROD_BUCKET}"),
+        "--param",
+        &format!("ami={}", m.ami),
+    ]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("cost: $") && text.contains("worst case $"),
+        "{text}"
+    );
+
+    // A budget below the worst case: plan says so (exit 2), run refuses before anything exists.
+    let dir = tempfile::tempdir().unwrap();
+    let bp = db_blueprint(dir.path(), "postgres", PROD_DB);
+    let with_budget = |max: &str| {
+        let text = std::fs::read_to_string(&bp).unwrap();
+        std::fs::write(
+            &bp,
+            format!(
+                "{}budget:\n  max_usd: {max}\n",
+                text.split("budget:").next().unwrap()
+            ),
+        )
+        .unwrap();
+    };
+    // (0.018 + 20 GB × 0.115 / 730) per hour × (1 h ttl + 10 min) = $0.0247.
+    with_budget("0.02");
+    let out = run(dryrun_aws(&m, state.path()).args([
+        "plan",
+        bp.to_str().unwrap(),
+        "--provider",
+        "aws",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["budget"]["within"], false, "{p:#}");
+    assert!(
+        (p["cost"]["max_usd"].as_f64().unwrap() - 0.025).abs() < 0.0015,
+        "{p:#}"
+    );
+    let out = run(dryrun_aws(&m, state.path()).args(db_run_args(&bp, &[])));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("over budget.max_usd $0.02") && err.contains("nothing was created"),
+        "{err}"
+    );
+    assert_nothing_tagged(&m, None);
+    assert_eq!(m.production(), before);
+
+    // Within budget: the run goes on, and its report has the estimate and what it cost.
+    with_budget("1");
+    let out = run(dryrun_aws(&m, state.path()).args(db_run_args(&bp, &[])));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = report_of(&out);
+    let cost = &r["cost"];
+    assert_eq!(
+        cost["estimate"]["items"][0]["address"], "database.db",
+        "{cost:#}"
+    );
+    // The RDS minimum (10 minutes) at least.
+    let actual = cost["actual_usd"].as_f64().unwrap();
+    assert!((0.003..0.03).contains(&actual), "{cost:#}");
+    assert_nothing_tagged(&m, None);
+}

@@ -60,6 +60,7 @@ const TOP_KEYS: &[&str] = &[
     "firewall",
     "guards",
     "migration_trace",
+    "budget",
 ];
 const KINDS: &[&str] = &["database", "bucket", "service"];
 const CHECK_KINDS: &[&str] = &["http", "command", "sql", "mail"];
@@ -310,6 +311,12 @@ struct RawMailExpect {
     count: Option<u64>,
     to_contains: Option<String>,
     subject_contains: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    max_usd: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -794,6 +801,29 @@ impl Compiler<'_> {
                 }
             },
         };
+        let budget = top.get_node("budget").and_then(|n| {
+            let b = self.de::<RawBudget>(n, "budget")?;
+            let v = b
+                .max_usd
+                .as_str()
+                .trim()
+                .trim_start_matches('$')
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v > 0.0);
+            if v.is_none() {
+                self.diag_at(
+                    b.max_usd.span().start(),
+                    format!(
+                        "budget.max_usd: {} is not an amount of US dollars above 0",
+                        shown(b.max_usd.as_str())
+                    ),
+                    "here",
+                    Some("write e.g. `max_usd: 5`: a run whose worst case (all resources for the ttl) costs more is refused before anything is created".into()),
+                );
+            }
+            v
+        });
         if !migration_trace
             && (guards.max_exclusive_lock.is_some() || !guards.forbid_rewrite.is_empty())
         {
@@ -940,6 +970,7 @@ impl Compiler<'_> {
             firewall,
             guards,
             migration_trace,
+            budget,
         })
     }
 
@@ -2019,6 +2050,33 @@ mod tests {
                 .map(|i| format!("{}:{}: {}", i.line, i.col, i.message))
                 .collect(),
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_budget_is_a_positive_amount_of_dollars_and_nothing_else() {
+        let base = "name: t\nresources:\n  b:\n    type: bucket\n    source: s\n";
+        let ok = compile(
+            Path::new("t.yaml"),
+            &format!("{base}budget:\n  max_usd: 2.5\n"),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(ok.budget, Some(2.5));
+        for (bad, want) in [
+            (
+                "max_usd: 0",
+                "7:12: budget.max_usd: \"0\" is not an amount of US dollars above 0",
+            ),
+            (
+                "max_usd: lots",
+                "7:12: budget.max_usd: \"lots\" is not an amount",
+            ),
+            ("max_usd: -1", "7:12: budget.max_usd: \"-1\" is not"),
+            ("max_eur: 5", "7:3: unknown key `max_eur` in budget"),
+        ] {
+            let d = diags(&format!("{base}budget:\n  {bad}\n")).join("\n");
+            assert!(d.contains(want), "{bad}: {d}");
         }
     }
 

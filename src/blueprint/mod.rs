@@ -104,6 +104,10 @@ pub struct Blueprint {
     /// `migration_trace:`: whether PostgreSQL databases are traced while the release installs
     /// (default on).
     pub migration_trace: bool,
+    /// `budget: {max_usd}`: a run on a billed provider whose worst case costs more is refused
+    /// before anything is created ([`crate::cost`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<f64>,
 }
 
 impl Blueprint {

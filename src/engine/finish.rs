@@ -29,6 +29,7 @@ pub(super) struct Outcome {
     pub firewall: Option<crate::firewall::FirewallReport>,
     pub judged: super::migrate::Judged,
     pub comparison: Option<crate::migrations::Comparison>,
+    pub estimate: Option<crate::cost::Estimate>,
 }
 
 /// Writes `Finished` (and `Closed` when nothing remains) to the journal and builds the report.
@@ -46,6 +47,7 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         firewall,
         judged,
         comparison,
+        estimate,
     } = o;
     let run_id = shared.run.run_id.clone();
     let mut status = verdict.status;
@@ -219,6 +221,33 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         .collect();
     let restore_ms = spans.get(&Stage::Restore).map(super::Span::ms);
     let provider = shared.provider.as_ref();
+    let cost = estimate.map(|e| {
+        // Each resource is billed from its create's start to its delete's end (or to
+        // now: a kept or left-behind resource goes on costing).
+        let now = millis(t0.elapsed());
+        let lifetimes = resources
+            .iter()
+            .filter_map(|r| {
+                let start = r
+                    .steps
+                    .iter()
+                    .find(|s| s.step == crate::report::Step::Create)?
+                    .start_ms;
+                let end = r
+                    .steps
+                    .iter()
+                    .find(|s| s.step == crate::report::Step::Delete && s.status == Status::Passed)
+                    .map_or(now, |s| s.start_ms + s.duration_ms);
+                #[allow(clippy::cast_precision_loss)]
+                let h = end.saturating_sub(start) as f64 / 3_600_000.0;
+                Some((r.address.clone(), h))
+            })
+            .collect();
+        Box::new(crate::cost::CostReport {
+            actual_usd: e.actual(&lifetimes),
+            estimate: e,
+        })
+    });
     RunReport {
         run_id,
         blueprint: bp.name.clone(),
@@ -252,6 +281,7 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
         guards: judged.guards,
         hints: judged.hints,
         baseline: comparison,
+        cost,
         masking: {
             let done = shared
                 .privacy

@@ -75,6 +75,9 @@ pub struct RunOptions {
     /// The baseline release's run, when `--baseline` ran one first: its check timings are
     /// compared with the candidate's (report.json `baseline`, `guards.max_p95_regression`).
     pub baseline: Option<crate::migrations::Baseline>,
+    /// Durations (ms) of the blueprint's recent runs, for the cost estimate's expected
+    /// duration ([`crate::cost::expected_from`]); empty: none known.
+    pub history_ms: Vec<i64>,
 }
 
 /// Cancellation of a run.
@@ -105,6 +108,9 @@ pub enum EngineError {
     /// The side-effect sinks could not listen on loopback.
     #[error("start the side-effect sinks on 127.0.0.1: {0}")]
     Sinks(std::io::Error),
+    /// `budget.max_usd` refuses the run (nothing was created).
+    #[error("budget: {0}; nothing was created")]
+    Budget(String),
 }
 
 /// Generates a run id: `BLUEPRINT-YYYYMMDD-HHMMSS-XXXXXXXX` (UTC, 32 random bits). Unique in
@@ -332,6 +338,13 @@ pub async fn run(
 ) -> Result<RunReport, EngineError> {
     let started_at = Utc::now();
     let t0 = Instant::now();
+    // 0. on a billed provider, the cost: `budget.max_usd` refuses a run before anything exists.
+    let estimate = if opts.scan {
+        None
+    } else {
+        // Boxed: the AWS provider's describes would otherwise sit in every run's future.
+        Box::pin(estimate(bp, provider.as_ref(), &opts)).await?
+    };
     // 1. secrets and the journal; then the backups, all found before anything is created.
     let shared = Arc::new(begin(
         bp,
@@ -403,11 +416,50 @@ pub async fn run(
             firewall: firewall.map(|f| f.0),
             judged,
             comparison,
+            estimate,
         },
     );
     redact_logs(&shared.run.log_dir, &shared.run.redactor);
     let _ = crate::report::json::write(&report, &state.run_dir(&report.run_id));
     Ok(report)
+}
+
+/// Step 0: what the run would cost on a billed provider (`None` on the local one), judged
+/// against `budget.max_usd`. Without a budget an estimate that cannot be made is only logged.
+///
+/// # Errors
+/// [`EngineError::Budget`]: over budget, or no estimate to judge a budget by.
+async fn estimate(
+    bp: &Blueprint,
+    provider: &dyn Provider,
+    opts: &RunOptions,
+) -> Result<Option<crate::cost::Estimate>, EngineError> {
+    let billed = match provider.billed(bp).await {
+        Ok(b) => b,
+        Err(e) if bp.budget.is_some() => {
+            return Err(EngineError::Budget(format!(
+                "the cost cannot be estimated ({e}), so budget.max_usd cannot be honoured"
+            )));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no cost estimate");
+            None
+        }
+    };
+    let Some((region, units)) = billed else {
+        return Ok(None);
+    };
+    let worst = crate::cost::worst_case(bp, opts.keep, opts.teardown_timeout);
+    let e = crate::cost::estimate(
+        &units,
+        &region,
+        crate::cost::expected_from(&opts.history_ms),
+        worst,
+    );
+    if let Some(max) = bp.budget {
+        e.within(max).map_err(EngineError::Budget)?;
+    }
+    Ok(Some(e))
 }
 
 /// Step 1: registers the secrets the caller and the provider hold, resolves the blueprint's

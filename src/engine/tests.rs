@@ -95,6 +95,7 @@ impl Rig {
             mirror: None,
             scan: false,
             baseline: None,
+            history_ms: Vec::new(),
         }
     }
 

@@ -660,4 +660,18 @@ pub trait Provider: Send + Sync {
     fn api_calls(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()
     }
+
+    /// What a run of `bp` would create, per resource address, in the units it is billed by,
+    /// and the region (priced by [`crate::cost`]). Reads only. Default: `None`, nothing is
+    /// billed (the local provider).
+    ///
+    /// # Errors
+    /// When what production looks like cannot be read (the classes and sizes a copy takes
+    /// from it).
+    async fn billed(
+        &self,
+        _bp: &crate::blueprint::Blueprint,
+    ) -> Result<Option<(String, Vec<(String, crate::cost::Unit)>)>, ProviderError> {
+        Ok(None)
+    }
 }

@@ -24,6 +24,9 @@ pub fn to_markdown(report: &RunReport) -> String {
     migrations(&mut md, report);
     resources(&mut md, report);
     data_safety(&mut md, report);
+    if let Some(c) = &report.cost {
+        let _ = writeln!(md, "{}\n", c.line());
+    }
     left_behind(&mut md, report);
     failures(&mut md, report);
     let end = md.trim_end_matches('\n').len();

@@ -371,6 +371,9 @@ pub struct RunReport {
     /// Baseline vs candidate (`dryrun run --baseline`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<crate::migrations::Comparison>,
+    /// On a billed provider (AWS): the estimate made before the run, and what it cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Box<crate::cost::CostReport>>,
 }
 
 impl RunReport {

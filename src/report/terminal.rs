@@ -52,6 +52,9 @@ pub fn summary(report: &RunReport, color: bool) -> String {
         let _ = writeln!(out, "{line}");
     }
     summary_resources(&mut out, report, p);
+    if let Some(c) = &report.cost {
+        let _ = writeln!(out, "{}", c.line());
+    }
     summary_left_behind(&mut out, report, p);
     out
 }
@@ -1006,6 +1009,7 @@ pub(crate) mod testutil {
             guards: Vec::new(),
             hints: Vec::new(),
             baseline: None,
+            cost: None,
             firewall: None,
         };
         match status {

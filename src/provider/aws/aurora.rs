@@ -29,6 +29,30 @@ const MODIFY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// cluster's own writer says (the smallest class both Aurora engines accept).
 const DEFAULT_CLASS: &str = "db.t4g.medium";
 
+/// The class of a clone's writer: `class` (the blueprint's), else the production cluster's
+/// first member's, else [`DEFAULT_CLASS`]. Reads only.
+pub async fn writer_class(c: &Clients, source: Option<&Cluster>, class: Option<&str>) -> String {
+    if let Some(cl) = class {
+        return cl.to_string();
+    }
+    match source.and_then(|s| s.members.first()) {
+        Some(m) => c
+            .rds
+            .describe_db_instances()
+            .db_instance_identifier(m)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| {
+                o.db_instances()
+                    .first()
+                    .and_then(|i| i.db_instance_class().map(ToString::to_string))
+            })
+            .unwrap_or_else(|| DEFAULT_CLASS.into()),
+        None => DEFAULT_CLASS.into(),
+    }
+}
+
 /// What a described cluster looks like to the provider.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -316,25 +340,7 @@ pub async fn clone(
     wait_available(c, r.id, r.timeout, cancel, false).await?;
 
     // The writer: production's class unless the blueprint says otherwise.
-    let class = match r.class {
-        Some(cl) => cl.to_string(),
-        None => match source.as_ref().and_then(|s| s.members.first()) {
-            Some(m) => c
-                .rds
-                .describe_db_instances()
-                .db_instance_identifier(m)
-                .send()
-                .await
-                .ok()
-                .and_then(|o| {
-                    o.db_instances()
-                        .first()
-                        .and_then(|i| i.db_instance_class().map(ToString::to_string))
-                })
-                .unwrap_or_else(|| DEFAULT_CLASS.into()),
-            None => DEFAULT_CLASS.into(),
-        },
-    };
+    let class = writer_class(c, source.as_ref(), r.class).await;
     let sent = c
         .rds
         .create_db_instance()

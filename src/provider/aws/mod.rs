@@ -58,6 +58,10 @@ use crate::secret::Secret;
 use clients::{Clients, Connection};
 use names::{TAG_BLUEPRINT, TAG_EXPIRES, TAG_RUN};
 
+/// The root volume the estimate assumes for a service's instance (the size of the common
+/// Amazon Linux and Debian AMIs' root volume; dryrun does not resize it).
+const ROOT_VOLUME_GB: u64 = 8;
+
 /// The user data used when a service has no `aws.user_data`: it runs at boot, while the
 /// databases are still being restored, so it gets nothing that depends on them. It fetches the
 /// release through the presigned URL, unpacks it, and leaves `/var/lib/dryrun/fetched`
@@ -1237,6 +1241,63 @@ impl Provider for AwsProvider {
 
     fn api_calls(&self) -> BTreeMap<String, u64> {
         self.conn.calls()
+    }
+
+    async fn billed(
+        &self,
+        bp: &Blueprint,
+    ) -> Result<Option<(String, Vec<(String, crate::cost::Unit)>)>, ProviderError> {
+        use crate::cost::Unit;
+        let c = self.clients();
+        let mut units = Vec::new();
+        for r in &bp.resources {
+            let address = r.address();
+            let unit = match &r.spec {
+                ResourceSpec::Database(d) if d.engine.is_aurora() => {
+                    let source = aurora::describe(&c, &d.source).await?;
+                    Unit::Aurora {
+                        engine: d.engine.as_str().to_string(),
+                        class: aurora::writer_class(
+                            &c,
+                            source.as_ref(),
+                            self.settings.db_instance_class.as_deref(),
+                        )
+                        .await,
+                    }
+                }
+                ResourceSpec::Database(d) => {
+                    let source = self.source(&d.source).await?.ok_or_else(|| {
+                        ProviderError::Other(format!(
+                            "{address}: production instance {} not found in {} (its class and storage are what the copy takes)",
+                            d.source, self.region
+                        ))
+                    })?;
+                    Unit::Rds {
+                        engine: d.engine.as_str().to_string(),
+                        class: self
+                            .settings
+                            .db_instance_class
+                            .clone()
+                            .or(source.class)
+                            .unwrap_or_else(|| "unknown".into()),
+                        storage_gb: source.storage_gb.unwrap_or(0),
+                    }
+                }
+                ResourceSpec::Bucket(b) => {
+                    let (objects, bytes) = s3::measure(&c, &b.source, b.prefix.as_deref()).await?;
+                    Unit::S3Copy { objects, bytes }
+                }
+                ResourceSpec::Service(s) => Unit::Ec2 {
+                    instance_type: s
+                        .aws
+                        .as_ref()
+                        .map_or_else(|| "t3.micro".into(), |a| a.instance_type.clone()),
+                    volume_gb: ROOT_VOLUME_GB,
+                },
+            };
+            units.push((address, unit));
+        }
+        Ok(Some((self.region.clone(), units)))
     }
 }
 

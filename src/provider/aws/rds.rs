@@ -43,6 +43,10 @@ pub struct Instance {
     pub public: Option<bool>,
     /// When it was created, as RDS reports it.
     pub created: Option<DateTime<Utc>>,
+    /// Instance class (what a restored copy takes unless the blueprint says otherwise).
+    pub class: Option<String>,
+    /// Allocated storage, GB.
+    pub storage_gb: Option<u64>,
 }
 
 impl Instance {
@@ -89,6 +93,8 @@ impl Instance {
                 .is_some(),
             public: d.publicly_accessible(),
             created: d.instance_create_time().and_then(names::time_of),
+            class: d.db_instance_class().map(ToString::to_string),
+            storage_gb: d.allocated_storage().and_then(|g| u64::try_from(g).ok()),
             tags,
         }
     }

@@ -131,6 +131,33 @@ pub struct Copied {
     pub bytes: u64,
 }
 
+/// Counts the objects a copy of `source` (under `prefix`) would copy, and their bytes. Reads
+/// only: one LIST per 1 000 objects.
+///
+/// # Errors
+/// API errors (the bucket does not exist, access denied).
+pub async fn measure(
+    c: &Clients,
+    source: &str,
+    prefix: Option<&str>,
+) -> Result<(u64, u64), ProviderError> {
+    let mut pages =
+        c.s3.list_objects_v2()
+            .bucket(source)
+            .set_prefix(prefix.map(ToString::to_string))
+            .into_paginator()
+            .send();
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(api(format!("list production bucket {source}")))?;
+        for obj in page.contents() {
+            n += 1;
+            bytes += u64::try_from(obj.size().unwrap_or(0)).unwrap_or(0);
+        }
+    }
+    Ok((n, bytes))
+}
+
 /// Copies every object of `source` (under `prefix`) into `dest`, server-side, at most
 /// [`COPY_PARALLELISM`] at a time, page by page. `source` is only read.
 ///
