@@ -133,6 +133,76 @@ async fn dashboard_form_starts_the_demo_and_the_run_page_shows_it_passing() {
     );
     let firewall = text(&c, "#firewall").await;
     assert!(firewall.contains("enforced"), "{firewall}");
+    // The timeline: a server-drawn SVG, one row per resource, one bar per step, laid out by the
+    // browser where the report says each step ran: the app installs after the database's
+    // restore ended, and that install is on the critical path.
+    let rows = c
+        .find_all(Locator::Css("svg#timeline g.row"))
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for r in &rows {
+        names.push(r.attr("data-resource").await.unwrap().unwrap_or_default());
+    }
+    assert_eq!(names, ["database.db", "bucket.uploads", "service.app"]);
+    let bar = |resource: &str, step: &str| {
+        format!("svg#timeline g.row[data-resource=\"{resource}\"] rect[data-step=\"{step}\"]")
+    };
+    let restore = c
+        .find(Locator::Css(&bar("database.db", "restore")))
+        .await
+        .unwrap()
+        .rectangle()
+        .await
+        .unwrap();
+    let install_el = c
+        .find(Locator::Css(&bar("service.app", "install")))
+        .await
+        .unwrap();
+    let install = install_el.rectangle().await.unwrap();
+    assert!(
+        restore.2 > 0.0 && install.2 > 0.0,
+        "{restore:?} {install:?}"
+    );
+    assert!(
+        install.0 + 1.0 >= restore.0 + restore.2,
+        "install drawn before the restore ended: {restore:?} {install:?}"
+    );
+    let class = install_el.attr("class").await.unwrap().unwrap_or_default();
+    assert!(class.contains("critical"), "{class}");
+    let tip = c
+        .find(Locator::Css(&format!(
+            "{} title",
+            bar("service.app", "install")
+        )))
+        .await
+        .unwrap()
+        .prop("textContent")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        tip.starts_with("service.app install: ") && tip.ends_with("· critical path"),
+        "{tip}"
+    );
+    for step in ["create", "delete"] {
+        assert!(
+            c.find(Locator::Css(&bar("bucket.uploads", step)))
+                .await
+                .is_ok(),
+            "{step}"
+        );
+    }
+    // Every bar is drawn in its step's colour (an unstyled SVG shape is black).
+    for r in c
+        .find_all(Locator::Css("svg#timeline rect.span"))
+        .await
+        .unwrap()
+    {
+        let fill = r.css_value("fill").await.unwrap();
+        let step = r.attr("data-step").await.unwrap().unwrap_or_default();
+        assert!(fill != "rgb(0, 0, 0)" && !fill.is_empty(), "{step}: {fill}");
+    }
     let head = text(&c, "main").await;
     assert!(
         head.contains("shop-db-2026-11-21T0300Z") && head.contains("2.0.0"),

@@ -219,6 +219,111 @@ fn trend_chart(pts: &[crate::control::TrendPoint]) -> Value {
     })
 }
 
+/// Width of the timeline's label column and of its time axis (SVG user units), and one row.
+const TIMELINE_LABEL: f64 = 150.0;
+const TIMELINE_W: f64 = 560.0;
+const TIMELINE_ROW: f64 = 22.0;
+
+/// The run's timeline as SVG geometry: one row per resource, one bar per step (create,
+/// restore, mask, install, delete) at its start and length on the run's time axis, coloured by step,
+/// outlined when on the critical path, with a tooltip. The critical path is the chain of steps
+/// that set the run's length: from the provisioning step that ended last (install, usually),
+/// back through the step that ended last before each one started (what it waited for),
+/// whatever resource it belonged to. Drawn by hand, like [`trend_chart`].
+fn timeline_chart(rep: &crate::report::RunReport) -> Option<Value> {
+    use crate::report::Step;
+    let spans: Vec<(usize, &crate::report::StepSpan)> = rep
+        .resources
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| r.steps.iter().map(move |s| (i, s)))
+        .collect();
+    let end = spans
+        .iter()
+        .map(|(_, s)| s.start_ms + s.duration_ms)
+        .max()?;
+    let total = end.max(1);
+    // The critical path, walked backwards from the last provisioning step to end.
+    let mut critical: Vec<usize> = Vec::new();
+    let provisioning = |s: &crate::report::StepSpan| s.step != Step::Delete;
+    let mut at = spans
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, s))| provisioning(s))
+        .max_by_key(|(_, (_, s))| s.start_ms + s.duration_ms)
+        .map(|(k, _)| k);
+    while let Some(k) = at {
+        critical.push(k);
+        let start = spans[k].1.start_ms;
+        // Spans end and start in whole milliseconds: 1 ms of slack.
+        at = spans
+            .iter()
+            .enumerate()
+            .filter(|(j, (_, s))| {
+                !critical.contains(j)
+                    && provisioning(s)
+                    && s.start_ms + s.duration_ms <= start + 1
+                    && s.start_ms < start
+            })
+            .max_by_key(|(_, (_, s))| s.start_ms + s.duration_ms)
+            .map(|(j, _)| j);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let x = |ms: u64| TIMELINE_LABEL + TIMELINE_W * ms as f64 / total as f64;
+    let rows: Vec<Value> = rep
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            #[allow(clippy::cast_precision_loss)]
+            let top = 6.0 + TIMELINE_ROW * i as f64;
+            let bars: Vec<Value> = spans
+                .iter()
+                .enumerate()
+                .filter(|(_, (ri, _))| *ri == i)
+                .map(|(k, (_, s))| {
+                    let on = critical.contains(&k);
+                    json!({
+                        "step": s.step.to_string(),
+                        "status": s.status,
+                        "critical": on,
+                        "x": format!("{:.1}", x(s.start_ms)),
+                        "y": format!("{:.1}", top + 3.0),
+                        "width": format!("{:.1}", (x(s.start_ms + s.duration_ms) - x(s.start_ms)).max(1.5)),
+                        "title": format!(
+                            "{} {}: {} at {} ({}){}",
+                            r.address,
+                            s.step,
+                            human_ms(s.duration_ms),
+                            human_ms(s.start_ms),
+                            s.status,
+                            if on { " · critical path" } else { "" }
+                        ),
+                    })
+                })
+                .collect();
+            json!({
+                "address": r.address,
+                "text_y": format!("{:.1}", top + 15.0),
+                "bars": bars,
+            })
+        })
+        .collect();
+    #[allow(clippy::cast_precision_loss)]
+    let height = 6.0 + TIMELINE_ROW * rep.resources.len() as f64 + 20.0;
+    Some(json!({
+        "width": TIMELINE_LABEL + TIMELINE_W + 10.0,
+        "height": height,
+        "axis_y": format!("{:.1}", height - 18.0),
+        "label_y": format!("{:.1}", height - 4.0),
+        "x0": TIMELINE_LABEL,
+        "x1": TIMELINE_LABEL + TIMELINE_W,
+        "total": human_ms(end),
+        "rows": rows,
+        "critical_steps": critical.len(),
+    }))
+}
+
 async fn index_data(app: &App, visitor: &Visitor, notice: Option<&str>) -> Value {
     let rows = app.control.list(None, None, 50).await.unwrap_or_default();
     let runs: Vec<Value> = rows
@@ -326,6 +431,7 @@ async fn run_page(
             .map(|c| json!({ "name": c.name, "kind": c.kind, "status": c.status, "duration": human_ms(c.duration_ms), "attempts": c.attempts, "message": c.message }))
             .collect();
         data["resources"] = serde_json::to_value(&rep.resources).unwrap_or_default();
+        data["timeline"] = timeline_chart(&rep).unwrap_or(Value::Null);
         data["left_behind"] = serde_json::to_value(&rep.left_behind).unwrap_or_default();
         if let Some(b) = &rep.backup {
             data["backup"] = serde_json::to_value(b).unwrap_or_default();
