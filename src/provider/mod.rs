@@ -71,6 +71,10 @@ pub async fn choose(
         "aws" => Ok(std::sync::Arc::new(
             aws::AwsProvider::connect(bp, endpoint).await?,
         )),
+        #[cfg(not(feature = "aws"))]
+        "aws" => Err(ProviderError::Other(
+            "this dryrun was built without the AWS provider (--no-default-features); build it with `cargo build --release` to get it".into(),
+        )),
         other => Err(ProviderError::Other(format!(
             "unknown provider `{other}`; this build has: {}",
             NAMES.join(", ")
