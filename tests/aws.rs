@@ -1411,20 +1411,12 @@ fn plan_prices_the_copy_and_a_budget_refuses_a_run_before_anything_exists() {
     let state = state_dir();
     let before = m.production();
     // The reference blueprint: RDS from production's class and storage, EC2, the S3 copy.
-    let out = run(dryrun_aws(&m, state.path()).args([
-        "plan",
-        "blueprints/aws/shop.yaml",
-        "--provider",
-        "aws",
-        "--param",
-        &format!("source_db={PROD_DB}"),
-        "--param",
-        &format!("assets_bucket={PROD_BUCKET}"),
-        "--param",
-        &format!("ami={}", m.ami),
-        "--format",
-        "json",
-    ]));
+    let mut plan = run_args(&m, "blueprints/aws/shop.yaml", &[]);
+    plan[0] = "plan".into();
+    plan.retain(|a| a != "--json" && a != "--release" && a != RELEASE);
+    let out = run(dryrun_aws(&m, state.path())
+        .args(&plan)
+        .args(["--format", "json"]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let c = &p["cost"];
@@ -1473,18 +1465,7 @@ fn plan_prices_the_copy_and_a_budget_refuses_a_run_before_anything_exists() {
     assert!(c["max_usd"].as_f64().unwrap() > c["expected_usd"].as_f64().unwrap());
     // A plan creates nothing, not even a history file.
     assert!(!state.path().join("history.sqlite").exists());
-    let text = run(dryrun_aws(&m, state.path()).args([
-        "plan",
-        "blueprints/aws/shop.yaml",
-        "--provider",
-        "aws",
-        "--param",
-        &format!("source_db={PROD_DB}"),
-        "--param",
-        &format!("assets_bucket={PROD_BUCKET}"),
-        "--param",
-        &format!("ami={}", m.ami),
-    ]));
+    let text = run(dryrun_aws(&m, state.path()).args(&plan));
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("cost: $") && text.contains("worst case $"),

@@ -131,6 +131,18 @@ pub struct Copied {
     pub bytes: u64,
 }
 
+/// Pages through the objects of `source` under `prefix` (1 000 per request).
+fn listing(
+    c: &Clients,
+    source: &str,
+    prefix: Option<&str>,
+) -> aws_sdk_s3::operation::list_objects_v2::paginator::ListObjectsV2Paginator {
+    c.s3.list_objects_v2()
+        .bucket(source)
+        .set_prefix(prefix.map(ToString::to_string))
+        .into_paginator()
+}
+
 /// Counts the objects a copy of `source` (under `prefix`) would copy, and their bytes. Reads
 /// only: one LIST per 1 000 objects.
 ///
@@ -141,12 +153,7 @@ pub async fn measure(
     source: &str,
     prefix: Option<&str>,
 ) -> Result<(u64, u64), ProviderError> {
-    let mut pages =
-        c.s3.list_objects_v2()
-            .bucket(source)
-            .set_prefix(prefix.map(ToString::to_string))
-            .into_paginator()
-            .send();
+    let mut pages = listing(c, source, prefix).send();
     let (mut n, mut bytes) = (0u64, 0u64);
     while let Some(page) = pages.next().await {
         let page = page.map_err(api(format!("list production bucket {source}")))?;
@@ -173,12 +180,7 @@ pub async fn copy_all(
     let sem = Arc::new(Semaphore::new(COPY_PARALLELISM));
     let mut set: JoinSet<Result<u64, ProviderError>> = JoinSet::new();
     let mut copied = Copied::default();
-    let mut pages =
-        c.s3.list_objects_v2()
-            .bucket(source)
-            .set_prefix(prefix.map(ToString::to_string))
-            .into_paginator()
-            .send();
+    let mut pages = listing(c, source, prefix).send();
     loop {
         let page = tokio::select! {
             p = pages.next() => p,
