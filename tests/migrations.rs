@@ -460,7 +460,8 @@ fn sqlite_write_locks_and_rebuilds_are_traced_and_judged() {
     assert_eq!(r["migration_trace"][0]["status"], "traced");
     assert_eq!(r["migration_trace"][0]["rewritten"], serde_json::json!([]));
     // The WAL-mode write was seen through the -shm file's write lock.
-    let data = statement(&r, "write transaction (no schema change)");
+    // (Its schema is read after the commit unless the release closed its WAL too quickly.)
+    let data = statement(&r, "write transaction");
     let held = data["locks"][0]["held_ms"].as_u64().unwrap();
     assert!((150..1500).contains(&held), "{data:#}");
     assert_eq!(guard(&r, "max_exclusive_lock")["status"], "passed");

@@ -223,9 +223,7 @@ pub fn estimate(
             }
         })
         .collect();
-    if items.iter().any(|i| i.address.starts_with("database.")) {
-        notes.push("not included: RDS and Aurora I/O, data transfer, and CloudWatch/SSM usage beyond the free tiers".into());
-    }
+    notes.push("not included: RDS and Aurora I/O, data transfer, public IPv4 addresses, and CloudWatch/SSM usage beyond the free tiers".into());
     if region != t.region {
         notes.push(format!(
             "prices are {}'s; {region}'s differ, usually by 0–30 %",
@@ -263,6 +261,16 @@ impl Estimate {
     /// The worst case exceeds the budget, or a resource has no price (the worst case is then
     /// unknown).
     pub fn within(&self, max_usd: f64) -> Result<(), String> {
+        self.within_times(max_usd, 1)
+    }
+
+    /// [`Estimate::within`] for `copies` runs of the same blueprint on one budget (a baseline
+    /// and its candidate each make their own copy).
+    ///
+    /// # Errors
+    /// As [`Estimate::within`].
+    pub fn within_times(&self, max_usd: f64, copies: u32) -> Result<(), String> {
+        let copies_f = f64::from(copies.max(1));
         if let Some(i) = self.unpriced().first() {
             return Err(format!(
                 "{}: {}; the worst case cannot be known, so budget.max_usd ({max_usd}) cannot be honoured: add the price to src/cost/prices.toml (docs/cost.md) or remove `budget:`",
@@ -270,14 +278,22 @@ impl Estimate {
                 i.unpriced.as_deref().unwrap_or_default()
             ));
         }
-        if self.max_usd > max_usd {
+        if self.max_usd * copies_f > max_usd {
             let worst = self
                 .items
                 .iter()
                 .max_by(|a, b| a.over(self.max_hours).total_cmp(&b.over(self.max_hours)));
             return Err(format!(
-                "the worst case costs ${:.2} (all resources for {} h: the ttl or keep time and the teardown deadline), over budget.max_usd ${max_usd:.2}{}; lower `ttl`, choose smaller classes (providers.aws.db_instance_class, services' aws.instance_type) or raise the budget",
-                self.max_usd,
+                "the worst case costs ${:.2}{} (all resources for {} h: the ttl, any keep time and the teardown deadline), over budget.max_usd ${max_usd:.2}{}; lower `ttl`, choose smaller classes (providers.aws.db_instance_class, services' aws.instance_type) or raise the budget",
+                self.max_usd * copies_f,
+                if copies > 1 {
+                    format!(
+                        " ({copies} copies of ${:.2}: the baseline and the candidate)",
+                        self.max_usd
+                    )
+                } else {
+                    String::new()
+                },
                 self.max_hours,
                 worst.map_or(String::new(), |w| format!(
                     "; the largest part is {} ({}): ${:.2}",
@@ -305,7 +321,7 @@ impl Estimate {
     #[must_use]
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
-            "cost: ${:.3}/h; expected ${:.2} ({} h, {}); worst case ${:.2} ({} h: ttl or keep time + teardown deadline); {} on-demand prices of {}",
+            "cost: ${:.3}/h; expected ${:.2} ({} h, {}); worst case ${:.2} ({} h: ttl + keep time + teardown deadline); {} on-demand prices of {}",
             self.hourly_usd,
             self.expected_usd,
             self.expected_hours,
@@ -331,8 +347,9 @@ impl Estimate {
 }
 
 /// The longest a run's resources can exist: the TTL (after which `dryrun cleanup --expired`
-/// or the next run's sweep reaps them), or a kept copy's keep time when longer (the blueprint's
-/// `teardown.keep_for`, `--keep`), plus the teardown deadline.
+/// or the next run's sweep reaps what a crash left), plus a kept copy's keep time (the
+/// blueprint's `teardown.keep_for`, `--keep`: it starts when the run ends), plus the teardown
+/// deadline.
 #[must_use]
 pub fn worst_case(
     bp: &crate::blueprint::Blueprint,
@@ -344,7 +361,7 @@ pub fn worst_case(
         TeardownPolicy::Always => Duration::ZERO,
         TeardownPolicy::OnSuccess { keep_for } | TeardownPolicy::Keep { keep_for } => *keep_for,
     };
-    bp.ttl.max(kept).max(keep.unwrap_or_default()) + teardown
+    bp.ttl + kept.max(keep.unwrap_or_default()) + teardown
 }
 
 /// Estimate vs actual (report.json `cost`).
@@ -464,6 +481,48 @@ mod tests {
         let over = e.within(0.10).unwrap_err();
         assert!(over.contains("over budget.max_usd $0.10"), "{over}");
         assert!(over.contains("largest part is database.db"), "{over}");
+    }
+
+    #[test]
+    fn a_baseline_and_its_candidate_share_one_budget() {
+        let e = estimate(
+            &units()[..1],
+            "us-east-1",
+            (Duration::from_secs(60), "x".into()),
+            Duration::from_secs(3600),
+        );
+        let max = e.max_usd * 1.5;
+        assert!(e.within(max).is_ok());
+        let why = e.within_times(max, 2).unwrap_err();
+        assert!(why.contains("(2 copies of $"), "{why}");
+    }
+
+    #[test]
+    fn the_worst_case_adds_a_kept_copys_time_to_the_ttl() {
+        let bp = |extra: &str| {
+            crate::blueprint::compile::compile(
+                std::path::Path::new("t.yaml"),
+                &format!(
+                    "name: t\nresources:\n  b:\n    type: bucket\n    source: s\nttl: 1h\n{extra}"
+                ),
+                &BTreeMap::new(),
+            )
+            .unwrap()
+        };
+        let td = Duration::from_secs(600);
+        assert_eq!(
+            worst_case(&bp(""), None, td),
+            Duration::from_secs(3600 + 600)
+        );
+        let kept = bp("teardown:\n  policy: keep\n  keep_for: 2h\n");
+        assert_eq!(
+            worst_case(&kept, None, td),
+            Duration::from_secs(3 * 3600 + 600)
+        );
+        assert_eq!(
+            worst_case(&bp(""), Some(Duration::from_secs(5 * 3600)), td),
+            Duration::from_secs(6 * 3600 + 600)
+        );
     }
 
     #[test]

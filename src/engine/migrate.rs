@@ -29,6 +29,10 @@ pub(super) struct Tracing {
     pub reports: Vec<TraceReport>,
     /// Per service, its install steps and their times (`guards.max_migration`).
     pub installs: Vec<(String, Vec<(String, Duration)>)>,
+    /// Databases restored and masked: the only ones an install's trace watches. One still
+    /// being masked is dryrun's own work (its statements are not the release's, and its open
+    /// SQLite file must not be touched by another descriptor of this process).
+    ready: std::collections::BTreeSet<String>,
 }
 
 /// A running trace of one database.
@@ -77,7 +81,13 @@ impl Shared {
         }
     }
 
-    /// An install starts: the first one starts a monitor on every PostgreSQL copy.
+    /// Database `name` is restored and masked: installs from now on trace it.
+    pub(super) async fn trace_ready(&self, name: &str) {
+        self.trace.lock().await.ready.insert(name.to_string());
+    }
+
+    /// An install starts: the first one starts a monitor on every ready PostgreSQL and SQLite
+    /// copy.
     pub(super) async fn trace_begin(&self) {
         let mut t = self.trace.lock().await;
         t.active += 1;
@@ -97,6 +107,9 @@ impl Shared {
             })
             .collect();
         for (name, engine, url, path) in dbs {
+            if !t.ready.contains(&name) {
+                continue;
+            }
             if engine == "sqlite" {
                 // A file on this machine (the local provider's copies; elsewhere the probe
                 // says it is not reached directly).

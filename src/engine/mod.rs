@@ -338,13 +338,10 @@ pub async fn run(
 ) -> Result<RunReport, EngineError> {
     let started_at = Utc::now();
     let t0 = Instant::now();
-    // 0. on a billed provider, the cost: `budget.max_usd` refuses a run before anything exists.
-    let estimate = if opts.scan {
-        None
-    } else {
-        // Boxed: the AWS provider's describes would otherwise sit in every run's future.
-        Box::pin(estimate(bp, provider.as_ref(), &opts)).await?
-    };
+    // 0. on a billed provider, the cost: `budget.max_usd` refuses a run before anything exists
+    // (`dryrun scan` restores copies too). Boxed: the AWS provider's describes would otherwise
+    // sit in every run's future.
+    let estimate = Box::pin(estimate(bp, provider.as_ref(), &opts)).await?;
     // 1. secrets and the journal; then the backups, all found before anything is created.
     let shared = Arc::new(begin(
         bp,
@@ -457,7 +454,14 @@ async fn estimate(
         worst,
     );
     if let Some(max) = bp.budget {
-        e.within(max).map_err(EngineError::Budget)?;
+        // A baseline and its candidate share the budget: each makes its own copy.
+        let pair = opts.baseline.is_some()
+            || opts
+                .run_id
+                .as_deref()
+                .is_some_and(|id| id.ends_with("-baseline"));
+        e.within_times(max, if pair { 2 } else { 1 })
+            .map_err(EngineError::Budget)?;
     }
     Ok(Some(e))
 }

@@ -518,6 +518,7 @@ async fn provision(
         sh.step_passed(&address, Step::Restore, t);
         if matches!(r.spec, ResourceSpec::Database(_)) {
             protect(sh, &r.name, &address, streamed.as_ref()).await?;
+            sh.trace_ready(&r.name).await;
         }
     }
 
@@ -573,7 +574,8 @@ async fn provision(
             firewall: &sh.firewall,
             reachable: sh.reachable(),
         };
-        // The migration monitor watches every PostgreSQL copy while the release installs.
+        // The migration monitor watches every ready PostgreSQL and SQLite copy while the
+        // release installs.
         sh.trace_begin().await;
         crate::failpoint::point("provider: before install");
         let installed = sh.provider.install(&sh.run, req, sh).await;

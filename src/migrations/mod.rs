@@ -421,7 +421,7 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
             })
             .collect();
         if why.is_empty() {
-            "no PostgreSQL database was traced (the install did not run)".to_string()
+            "no database was traced (the install did not run)".to_string()
         } else {
             format!("not traced ({})", why.join("; "))
         }

@@ -15,10 +15,11 @@
 //! the first to the last sample that saw it. When it ends, the watcher reads the schema
 //! (`sqlite_master`) and compares it with the one before: the objects created, changed or
 //! dropped are the statement's text, a table or index whose root page moved was rebuilt (a
-//! rewrite: SQLite's "12-step" `ALTER TABLE`, or `VACUUM`). Reading never waits for a lock and
-//! never makes the release wait: in rollback mode the file is read with `immutable=1` (no lock
-//! at all) and the read counts only if the file's change counter did not move and no writer
-//! started meanwhile; in WAL mode a reader does not block a writer.
+//! rewrite: SQLite's "12-step" `ALTER TABLE`; with `auto_vacuum`, a root page moved by a drop
+//! is a move). Reading never waits for a lock and never makes the release wait: in rollback
+//! mode the file is read with `immutable=1` (no lock at all) and the read counts only if the
+//! file's change counter did not move and no writer started meanwhile; in WAL mode only while
+//! another connection is open (a reader then blocks no writer, and never runs recovery).
 //!
 //! What it cannot see: the statements inside one transaction one by one (their sum is the
 //! hold), and a transaction shorter than a sampling period (the file changed between two
@@ -26,8 +27,9 @@
 //! without the `-shm` file (no lock to see: reported as one change at the end).
 //!
 //! dryrun's own process must not hold the file open meanwhile: closing any descriptor of a file
-//! drops all of the process's POSIX locks on it. Nothing of dryrun's holds a copy open while
-//! the release installs (masking and golden copies end before, checks start after).
+//! drops all of the process's POSIX locks on it. The trace watches only databases that are
+//! restored and masked (`engine::migrate`: masking another database can go on while a service
+//! installs, and is left alone); checks start after the install.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -44,6 +46,9 @@ use super::{LockHold, Migration, TraceReport, millis};
 const PENDING_BYTE: i64 = 0x4000_0000;
 const RESERVED_BYTE: i64 = PENDING_BYTE + 1;
 const WAL_WRITE_BYTE: i64 = 120;
+/// The `-shm` byte every connection holds a read lock on while it is open (`os_unix.c`:
+/// `UNIX_SHM_DMS`).
+const SHM_DMS_BYTE: i64 = 128;
 
 /// After the install ends, how long a write still in progress (a release's background process)
 /// is waited for before the watcher reports what it has.
@@ -63,10 +68,20 @@ pub enum WatchError {
     Stopped(String),
 }
 
+/// What a watcher saw: the write transactions and the trace's report.
+type Seen = Result<(Vec<Migration>, TraceReport), WatchError>;
+
 /// A running watcher; [`Watcher::stop`] ends it and returns what it saw.
 pub struct Watcher {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(Vec<Migration>, TraceReport), WatchError>>,
+    thread: Option<std::thread::JoinHandle<Seen>>,
+}
+
+impl Drop for Watcher {
+    /// A watcher dropped without [`Watcher::stop`] (its install panicked) still ends.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Watcher {
@@ -91,7 +106,10 @@ impl Watcher {
             .name("sqlite-watch".into())
             .spawn(move || watch(&database, &path, &file, before, period, &s))
             .map_err(|e| WatchError::Io("cannot start the watcher's thread".into(), e))?;
-        Ok(Watcher { stop, thread })
+        Ok(Watcher {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops sampling (a write still in progress is waited for up to 2 s) and returns the
@@ -99,9 +117,11 @@ impl Watcher {
     ///
     /// # Errors
     /// The schema could not be read at the end, or the thread failed.
-    pub async fn stop(self) -> Result<(Vec<Migration>, TraceReport), WatchError> {
+    pub async fn stop(mut self) -> Result<(Vec<Migration>, TraceReport), WatchError> {
         self.stop.store(true, Ordering::SeqCst);
-        let thread = self.thread;
+        let Some(thread) = self.thread.take() else {
+            return Err(WatchError::Stopped("stopped twice".into()));
+        };
         tokio::task::spawn_blocking(move || thread.join())
             .await
             .map_err(|e| WatchError::Stopped(e.to_string()))?
@@ -164,12 +184,27 @@ fn writer(file: &File, shm: Option<&File>) -> std::io::Result<Writer> {
     Ok(Writer::None)
 }
 
-/// The file's header: WAL mode (byte 18 is 2) and its change counter (bytes 24..28).
-fn header(file: &File) -> (bool, u32) {
-    let mut h = [0u8; 28];
+/// What the file's header says.
+#[derive(Debug, Clone, Copy, Default)]
+struct Header {
+    /// WAL mode (byte 18 is 2).
+    wal: bool,
+    /// The change counter (bytes 24..28): rollback-mode commits move it.
+    counter: u32,
+    /// `auto_vacuum` on (bytes 52..56, the largest root page, are not 0): dropping a table
+    /// moves other tables' root pages.
+    auto_vacuum: bool,
+}
+
+fn header(file: &File) -> Header {
+    let mut h = [0u8; 56];
     match file.read_exact_at(&mut h, 0) {
-        Ok(()) => (h[18] == 2, u32::from_be_bytes([h[24], h[25], h[26], h[27]])),
-        Err(_) => (false, 0),
+        Ok(()) => Header {
+            wal: h[18] == 2,
+            counter: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+            auto_vacuum: h[52..56] != [0, 0, 0, 0],
+        },
+        Err(_) => Header::default(),
     }
 }
 
@@ -218,19 +253,36 @@ fn read_schema(path: &Path, immutable: bool) -> Result<Schema, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The schema, read while no writer holds the file (`None`: one was, or the read was torn).
+/// The schema, read while no writer holds the file (`None`: one was, or the read was torn;
+/// `Some(Err)`: it cannot be read now).
 ///
-/// With a WAL file the reader is an ordinary one (it blocks no writer, and sees the WAL's
-/// commits); without one the file is complete and is read `immutable`, without any lock, and
-/// the read counts only if no writer came and the change counter stayed.
+/// Without a WAL file the file is complete and is read `immutable`, without any lock, and the
+/// read counts only if no writer came and the change counter stayed. With one, the commits are
+/// in the WAL and only an ordinary reader sees them; it blocks no writer, but the first
+/// connection to a WAL database runs recovery under locks another connection would wait for.
+/// So it reads only while another process is connected (holds the `-shm` file's DMS byte),
+/// and never is that first connection (but for an instant's race: the release closing its
+/// last connection between the check and the open).
 fn schema_now(path: &Path, file: &File, shm: Option<&File>) -> Option<Result<Schema, String>> {
-    let (wal, counter) = header(file);
+    let h = header(file);
     if writer(file, shm).ok()? != Writer::None {
         return None;
     }
-    let immutable = !(wal && side_file(path, "-wal").exists());
+    let immutable = !(h.wal && side_file(path, "-wal").exists());
+    if !immutable {
+        let connected = match shm {
+            Some(f) => held_by_other(f, SHM_DMS_BYTE, false).ok()?,
+            None => false,
+        };
+        if !connected {
+            return Some(Err(
+                "its commits are in a WAL no connection has open (reading it would run recovery, which the release could wait for)"
+                    .into(),
+            ));
+        }
+    }
     let s = read_schema(path, immutable);
-    if immutable && (writer(file, shm).ok()? != Writer::None || header(file).1 != counter) {
+    if immutable && (writer(file, shm).ok()? != Writer::None || header(file).counter != h.counter) {
         return None;
     }
     Some(s)
@@ -260,7 +312,7 @@ fn fingerprint(path: &Path, file: &File) -> (u32, Option<(u64, Option<std::time:
     let wal = std::fs::metadata(side_file(path, "-wal"))
         .ok()
         .map(|m| (m.len(), m.modified().ok()));
-    (header(file).1, wal)
+    (header(file).counter, wal)
 }
 
 /// `FILE-shm` or `FILE-wal`.
@@ -284,10 +336,13 @@ fn span(a: Instant, b: Instant) -> u64 {
 }
 
 /// What changed between two schemas: the text (new and changed objects' SQL as the file keeps
-/// it, dropped objects as `DROP`), and the objects rebuilt (root page moved).
-fn diff(before: &Schema, after: &Schema) -> (Vec<String>, Vec<String>) {
+/// it, dropped objects as `DROP`), and the objects rebuilt (root page moved). With
+/// `auto_vacuum` on, dropping an object moves another one's root page into the freed place: a
+/// moved root page with an unchanged definition is then a move, not a rewrite.
+fn diff(before: &Schema, after: &Schema, auto_vacuum: bool) -> (Vec<String>, Vec<String>) {
     let mut text = Vec::new();
     let mut rebuilt = Vec::new();
+    let relocating = auto_vacuum && before.keys().any(|k| !after.contains_key(k));
     for (name, o) in after {
         let sql = o
             .sql
@@ -300,6 +355,9 @@ fn diff(before: &Schema, after: &Schema) -> (Vec<String>, Vec<String>) {
                 if b.rootpage != o.rootpage && b.rootpage != 0 {
                     rebuilt.push(name.clone());
                 }
+            }
+            Some(b) if b.rootpage != o.rootpage && b.rootpage != 0 && relocating => {
+                text.push(format!("{name} moved (auto_vacuum)"));
             }
             Some(b) if b.rootpage != o.rootpage && b.rootpage != 0 => {
                 text.push(format!("{name} rebuilt"));
@@ -369,7 +427,7 @@ fn watch(
             && (!ended.is_empty() || fp != seen)
             && let Some(Ok(after)) = schema_now(path, file, shm.as_ref())
         {
-            let (text, rebuilt) = diff(&schema, &after);
+            let (text, rebuilt) = diff(&schema, &after, header(file).auto_vacuum);
             if !ended.is_empty() || !text.is_empty() {
                 out.push(migration(
                     database,
@@ -394,10 +452,20 @@ fn watch(
         std::thread::sleep(period.saturating_sub(now.elapsed()));
     }
     // Whatever changed without a hold the samples saw (a transaction shorter than a period),
-    // and a hold still open after the linger, are one last entry.
-    let after = settled_schema(path, file, LINGER)?;
-    let (text, rebuilt) = diff(&schema, &after);
+    // and a hold still open after the linger, are one last entry. A schema that cannot be
+    // read now (a writer that keeps writing, an unread WAL) loses nothing seen before: the
+    // last holds are reported without their schema change.
     ended.extend(hold.take());
+    let (text, rebuilt) = match settled_schema(path, file, LINGER) {
+        Ok(after) => diff(&schema, &after, header(file).auto_vacuum),
+        Err(e) if !ended.is_empty() => (
+            vec![format!(
+                "write transaction (its schema change not read: {e})"
+            )],
+            Vec::new(),
+        ),
+        Err(_) => (Vec::new(), Vec::new()),
+    };
     if !text.is_empty() || !ended.is_empty() {
         out.push(migration(
             database,
@@ -511,7 +579,7 @@ mod tests {
             ),
         ]
         .into();
-        let (text, rebuilt) = diff(&before, &after);
+        let (text, rebuilt) = diff(&before, &after, false);
         assert_eq!(
             text,
             [
@@ -523,6 +591,24 @@ mod tests {
             ]
         );
         assert_eq!(rebuilt, ["big", "events"]);
+        // With auto_vacuum, a drop moves another table's root page: a move, not a rewrite.
+        let after_drop: Schema = [
+            (
+                "orders".to_string(),
+                obj("table", 2, "CREATE TABLE orders(id)"),
+            ),
+            (
+                "events".to_string(),
+                obj("table", 3, "CREATE TABLE events(id)"),
+            ),
+            ("big".to_string(), obj("table", 4, "CREATE TABLE big(id)")),
+        ]
+        .into();
+        let (text, rebuilt) = diff(&before, &after_drop, true);
+        assert_eq!(text, ["big moved (auto_vacuum)", "DROP TABLE old"]);
+        assert!(rebuilt.is_empty());
+        let (_, rebuilt) = diff(&before, &after_drop, false);
+        assert_eq!(rebuilt, ["big"]);
     }
 
     #[test]
