@@ -394,7 +394,7 @@ fn sqlite_write_locks_and_rebuilds_are_traced_and_judged() {
     sqlite_release(
         &dir.join("rebuild"),
         "3.0.0",
-        "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nc.execute('CREATE TABLE orders_new AS SELECT * FROM orders')\nc.execute('DROP TABLE orders')\nc.execute('ALTER TABLE orders_new RENAME TO orders')\ntime.sleep(1.0)\nc.execute('COMMIT')\n",
+        "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nc.execute('CREATE TABLE orders_new AS SELECT * FROM orders')\nc.execute('DROP TABLE orders')\nc.execute('ALTER TABLE orders_new RENAME TO orders')\ntime.sleep(1.0)\nc.execute('COMMIT')\ntime.sleep(0.1)\nc.execute('CREATE TABLE \"esc\\x1b[2Jape\" (a)')\n",
     );
     // The safe one switches to WAL and writes data for 0.2 s: no schema change, a short hold.
     sqlite_release(
@@ -453,6 +453,10 @@ fn sqlite_write_locks_and_rebuilds_are_traced_and_judged() {
     assert_eq!(add["rewrites"], serde_json::json!([]), "{add:#}");
     assert!(add["duration_ms"].as_u64().unwrap() < 500, "{add:#}");
     assert!(out.contains("held WRITE on db"), "{out}");
+    // A name the release chose, with a terminal escape in it, is in the report as it is and
+    // reaches the terminal without its control characters.
+    statement_containing(&r, "esc\u{1b}[2Jape");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
 
     let safe = dir.join("safe");
     let (code, out, r) = rehearse(state.path(), bp, &["--release", safe.to_str().unwrap()]);
