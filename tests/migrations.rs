@@ -229,7 +229,9 @@ fn a_rewriting_migration_is_failed_by_the_lock_guard_and_the_safe_one_passes() {
             .as_array()
             .unwrap()
             .iter()
-            .all(|l| l["blocks"].is_null()),
+            // The new index's own ACCESS EXCLUSIVE lock (sometimes sampled, for a moment)
+            // blocks nobody: production has no queries on a relation that did not exist.
+            .all(|l| l["blocks"].is_null() || l["existing"] == false),
         "{cic:#}"
     );
     for id in run_ids(state.path()) {
