@@ -140,6 +140,66 @@ enum Command {
         #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = parse_kv)]
         params: Vec<(String, String)>,
     },
+    /// Write a starting blueprint and release manifest from what production has: the local
+    /// backup store's sources and bucket directories, or on AWS the named RDS instances,
+    /// Aurora clusters and buckets (read only). The blueprint validates as written; edit its
+    /// comments' TODOs, then `dryrun doctor` it.
+    #[command(
+        after_long_help = "Examples:\n  dryrun init --name shop --backups /srv/backups --buckets /srv/buckets\n  dryrun init --name shop --provider aws --database shop-prod --database shop-aurora --bucket shop-assets\n\n\
+Writes DIR/NAME.yaml and DIR/release/dryrun-release.yaml; existing files are kept unless --force.\n\
+Names from the store or the account that are not plain (letters, digits, `.`, `_`, `-`) are left out and reported."
+    )]
+    Init {
+        /// Blueprint name (lowercase letters, digits, `-`).
+        #[arg(long, default_value = "rehearsal")]
+        name: String,
+        /// Directory to write into.
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        dir: PathBuf,
+        /// Backend the blueprint is for.
+        #[arg(long, value_enum, default_value_t = ProviderName::Local)]
+        provider: ProviderName,
+        /// Local provider: the backup store (one directory per production source).
+        #[arg(long, value_name = "DIR")]
+        backups: Option<PathBuf>,
+        /// Local provider: the production buckets (one directory per bucket).
+        #[arg(long, value_name = "DIR")]
+        buckets: Option<PathBuf>,
+        /// AWS: an RDS instance or Aurora cluster to restore (repeatable).
+        #[arg(long = "database", value_name = "ID")]
+        databases: Vec<String>,
+        /// AWS: a production bucket to copy (repeatable).
+        #[arg(long = "bucket", value_name = "NAME")]
+        bucket_names: Vec<String>,
+        /// Overwrite files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check this machine (and with `--provider aws` the account) for what the blueprints
+    /// need, and say how to fix each miss: state directory, free space, backups, PostgreSQL
+    /// binaries that read the dumps, the egress firewall; on AWS credentials, region,
+    /// snapshots, buckets, a dry-run launch of each service, the subnet's route to SSM.
+    /// Creates nothing. Exit 0 when nothing failed (warnings allowed), 1 otherwise.
+    #[command(
+        after_long_help = "Examples:\n  dryrun doctor                                   # this machine, any blueprint\n  dryrun doctor blueprints/demo/shop-pg.yaml\n  dryrun doctor blueprints/aws/shop.yaml --provider aws --json\n\n\
+Statuses: ok, warn (doctor cannot tell, or the run goes on with less), FAIL (a rehearsal would fail), skip (not needed).\n\
+See docs/cli.md#dryrun-doctor for every check and what it does not try."
+    )]
+    Doctor {
+        /// Blueprint files (none: what any blueprint may need).
+        #[arg(value_name = "BLUEPRINT")]
+        blueprints: Vec<PathBuf>,
+        /// Parameter values (K=V) the blueprints are compiled with.
+        #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+        /// Backend to check.
+        #[arg(long, value_enum, default_value_t = ProviderName::Local)]
+        provider: ProviderName,
+        /// Print the findings as JSON (`{provider, blueprints, ok, findings: [{check, status,
+        /// detail, fix}]}`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a run would create, which backup it would restore and (on AWS) what it would
     /// cost; creates nothing.
     Plan {
@@ -586,6 +646,52 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             cleanup_cmd(&state, provider, &target, yes, (endpoint, database_url)).await
         }
+        Command::Doctor {
+            blueprints,
+            params,
+            provider,
+            json,
+        } => {
+            let params = params.into_iter().collect();
+            let report = doctor_cmd(
+                &state,
+                &blueprints,
+                &params,
+                provider,
+                (endpoint, database_url),
+            )
+            .await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(if report.ok {
+                exit::PASSED
+            } else {
+                exit::FAILED
+            })
+        }
+        Command::Init {
+            name,
+            dir,
+            provider,
+            backups,
+            buckets,
+            databases,
+            bucket_names,
+            force,
+        } => {
+            init_cmd(
+                &state,
+                (&name, &dir, force),
+                provider,
+                (backups.as_deref(), buckets.as_deref()),
+                (&databases, &bucket_names),
+                endpoint,
+            )
+            .await
+        }
         Command::Runs { limit, json } => runs(&state, limit, json),
         Command::Cache { action } => cache_cmd(&state, &action),
         Command::LogPump { .. } => Ok(exit::PASSED),
@@ -632,6 +738,248 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             .await
         }
     }
+}
+
+/// A path as the blueprint in `dir` should name it: relative to `dir` when it lies below it,
+/// else absolute.
+fn relative_to(path: &Path, dir: &Path) -> String {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (p, d) = (abs(path), abs(dir));
+    p.strip_prefix(&d)
+        .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+}
+
+/// `dryrun init`: finds the sources, writes the blueprint and the release manifest (never over
+/// a file unless `force`), and compiles what it wrote.
+async fn init_cmd(
+    state: &StateDir,
+    (name, dir, force): (&str, &Path, bool),
+    provider: ProviderName,
+    (backups, buckets): (Option<&Path>, Option<&Path>),
+    (databases, bucket_names): (&[String], &[String]),
+    endpoint: Option<&str>,
+) -> anyhow::Result<i32> {
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        eprintln!(
+            "error: --name `{name}`: use lowercase letters, digits and `-`, starting with a letter (e.g. shop)"
+        );
+        return Ok(exit::USAGE);
+    }
+    let (sources, local) = match provider {
+        ProviderName::Local => {
+            if !databases.is_empty() || !bucket_names.is_empty() {
+                eprintln!(
+                    "error: --database and --bucket name AWS sources; the local provider reads --backups and --buckets"
+                );
+                return Ok(exit::USAGE);
+            }
+            let Some(store) = backups else {
+                eprintln!("error: --backups DIR is required with the local provider");
+                return Ok(exit::USAGE);
+            };
+            let found = crate::init::scan_local(store, buckets)
+                .with_context(|| format!("read the backup store {}", store.display()))?;
+            let paths = crate::init::LocalPaths {
+                backups: relative_to(store, dir),
+                buckets: buckets
+                    .filter(|_| !found.buckets.is_empty())
+                    .map(|b| relative_to(b, dir)),
+            };
+            for p in std::iter::once(&paths.backups).chain(&paths.buckets) {
+                if !crate::init::safe_path(p) {
+                    eprintln!(
+                        "error: the path {p:?} would go into the blueprint as it is, and holds characters other than letters, digits, `.`, `_`, `-` and `/`: move or link the store to a plain path"
+                    );
+                    return Ok(exit::USAGE);
+                }
+            }
+            (found, Some(paths))
+        }
+        #[cfg(feature = "aws")]
+        ProviderName::Aws => {
+            if databases.is_empty() && bucket_names.is_empty() {
+                eprintln!(
+                    "error: name production's sources: --database ID (RDS instance or Aurora cluster) and/or --bucket NAME"
+                );
+                return Ok(exit::USAGE);
+            }
+            let p = provider_for(provider, state, None, endpoint).await?;
+            let found = p
+                .describe_sources(databases, bucket_names)
+                .await
+                .context("describe production's sources")?;
+            (found, None)
+        }
+    };
+    #[cfg(not(feature = "aws"))]
+    let _ = (state, endpoint);
+    if sources.databases.is_empty() && sources.buckets.is_empty() {
+        for n in &sources.notes {
+            eprintln!("note: {n}");
+        }
+        eprintln!("error: found no backup source and no bucket to rehearse with");
+        return Ok(exit::USAGE);
+    }
+    let file = dir.join(format!("{name}.yaml"));
+    let manifest = dir.join("release").join("dryrun-release.yaml");
+    for f in [&file, &manifest] {
+        if f.exists() && !force {
+            eprintln!(
+                "error: {} exists; pass --force to overwrite it",
+                f.display()
+            );
+            return Ok(exit::USAGE);
+        }
+    }
+    std::fs::create_dir_all(dir.join("release"))
+        .with_context(|| format!("create {}", dir.join("release").display()))?;
+    let text = crate::init::blueprint_yaml(name, &sources, local.as_ref());
+    std::fs::write(&file, &text).with_context(|| format!("write {}", file.display()))?;
+    std::fs::write(&manifest, crate::init::release_yaml())
+        .with_context(|| format!("write {}", manifest.display()))?;
+    // What init wrote must compile: a failure here is dryrun's own bug.
+    if let Err(e) = blueprint::compile_file(&file, &BTreeMap::new()) {
+        let shown = match &e {
+            CompileError::Invalid(d) => d.render(false),
+            CompileError::Read { .. } => e.to_string(),
+        };
+        eprint!("{shown}");
+        anyhow::bail!(
+            "the blueprint init wrote does not validate (a dryrun bug; please report it)"
+        );
+    }
+    for n in &sources.notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "wrote {} ({} database(s), {} bucket(s), 1 service, {} check(s)) and {}",
+        file.display(),
+        sources.databases.len(),
+        sources.buckets.len(),
+        sources.databases.len(),
+        manifest.display()
+    );
+    let aws = if local.is_none() {
+        " --provider aws"
+    } else {
+        ""
+    };
+    println!(
+        "next:
+  dryrun doctor {}{aws}
+  dryrun scan {}{aws}      # personal data: what to mask
+  dryrun run {}{aws} --release {}",
+        file.display(),
+        file.display(),
+        file.display(),
+        dir.join("release").display()
+    );
+    Ok(exit::PASSED)
+}
+
+/// `dryrun doctor`: the state directory, the control database when one is named, then each
+/// blueprint's needs on the provider (prefixed with the blueprint's name when there are
+/// several).
+async fn doctor_cmd(
+    state: &StateDir,
+    paths: &[PathBuf],
+    params: &BTreeMap<String, String>,
+    name: ProviderName,
+    (endpoint, database_url): (Option<&str>, Option<&str>),
+) -> crate::doctor::Report {
+    use crate::doctor::Finding;
+    let mut findings = vec![crate::doctor::state_dir_check(state)];
+    if let Some(url) = database_url {
+        findings.push(match crate::pg::connect(url).await {
+            Ok(c) => match c.query_one("SELECT version()", &[]).await {
+                Ok(row) => Finding::pass(
+                    "control database",
+                    row.get::<_, String>(0)
+                        .split(" on ")
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                Err(e) => Finding::fail(
+                    "control database",
+                    crate::pg::error(&e),
+                    "check DRYRUN_DATABASE_URL (docs/server.md, \"Several workers on PostgreSQL\")",
+                ),
+            },
+            Err(e) => Finding::fail(
+                "control database",
+                e,
+                "check DRYRUN_DATABASE_URL: host, port, user, database, and the password in PGPASSWORD or ~/.pgpass",
+            ),
+        });
+    }
+    let mut names = Vec::new();
+    let several = paths.len() > 1;
+    if paths.is_empty() {
+        match crate::provider::choose(
+            name.as_str(),
+            state,
+            None,
+            endpoint.map(ToString::to_string),
+        )
+        .await
+        {
+            Ok(p) => findings.extend(p.doctor(None).await),
+            Err(e) => findings.push(Finding::fail(
+                format!("{} provider", name.as_str()),
+                e.to_string(),
+                "see docs/providers/",
+            )),
+        }
+    }
+    for path in paths {
+        let bp = match blueprint::compile_file(path, params) {
+            Ok(bp) => bp,
+            Err(e) => {
+                let detail = match &e {
+                    CompileError::Invalid(d) => d.render(false),
+                    CompileError::Read { .. } => e.to_string(),
+                };
+                findings.push(Finding::fail(
+                    format!("blueprint {}", path.display()),
+                    detail.lines().next().unwrap_or_default().to_string(),
+                    format!(
+                        "`dryrun validate {}` lists every error with file:line:col",
+                        path.display()
+                    ),
+                ));
+                continue;
+            }
+        };
+        names.push(bp.name.clone());
+        let mut found = match crate::provider::choose(
+            name.as_str(),
+            state,
+            Some(&bp),
+            endpoint.map(ToString::to_string),
+        )
+        .await
+        {
+            Ok(p) => p.doctor(Some(&bp)).await,
+            Err(e) => vec![Finding::fail(
+                format!("{} provider", name.as_str()),
+                e.to_string(),
+                "see docs/providers/",
+            )],
+        };
+        if several {
+            for f in &mut found {
+                f.check = format!("{}: {}", bp.name, f.check);
+            }
+        }
+        findings.extend(found);
+    }
+    crate::doctor::Report::new(name.as_str(), names, findings)
 }
 
 fn compile(

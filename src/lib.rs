@@ -17,6 +17,7 @@
 //! | side effects | [`sinks`], [`firewall`] | SMTP/HTTP sinks that record what the release sends; the local provider's egress firewall |
 //! | report | [`report`] | the run report model and its views (terminal, JSON, JUnit, Markdown) |
 //! | edge | [`cli`] | the `dryrun` command line; the only place that uses anyhow |
+//! | first hour | [`init`], [`doctor`] | `dryrun init` scaffolds from production's sources; `dryrun doctor` checks what a blueprint needs |
 //! | start | [`runner`] | one way to start a run for the CLI and the server: lease, history row, engine, outcome; recovery of a dead run |
 //! | control plane | [`control`] | history, queue, dedup, leases, heartbeats, outbox, journal mirror: SQLite for one machine, PostgreSQL for several workers |
 //! | triggers | [`server`] | `dryrun serve`: signed portal webhook, queue, API, schedules, dashboard, metrics |
@@ -32,10 +33,12 @@ pub mod checks;
 pub mod cli;
 pub mod control;
 pub mod cost;
+pub mod doctor;
 pub mod engine;
 pub mod failpoint;
 pub mod firewall;
 pub mod graph;
+pub mod init;
 pub mod journal;
 pub mod lease;
 pub mod migrations;

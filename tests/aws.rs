@@ -1528,3 +1528,228 @@ fn plan_prices_the_copy_and_a_budget_refuses_a_run_before_anything_exists() {
     assert!((0.003..0.03).contains(&actual), "{cost:#}");
     assert_nothing_tagged(&m, None);
 }
+
+/// `dryrun doctor` of the reference blueprint with the fixture params, as JSON.
+fn doctor_aws(m: &Moto, state: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
+    let out = run(dryrun_aws(m, state)
+        .args([
+            "doctor",
+            "blueprints/aws/shop.yaml",
+            "--provider",
+            "aws",
+            "--json",
+            "--param",
+            &format!("source_db={PROD_DB}"),
+            "--param",
+            &format!("assets_bucket={PROD_BUCKET}"),
+            "--param",
+            &format!("ami={}", m.ami),
+        ])
+        .args(extra));
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).expect("doctor --json"),
+    )
+}
+
+fn finding(r: &serde_json::Value, check: &str) -> serde_json::Value {
+    r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == check)
+        .unwrap_or_else(|| panic!("no finding `{check}`: {r:#}"))
+        .clone()
+}
+
+#[test]
+fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creating_nothing() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let before = m.production();
+    // No instance profile: SSM could not reach the instance. The default VPC of the emulator
+    // has no default route and no endpoints.
+    let (code, r) = doctor_aws(&m, state.path(), &[]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(finding(&r, "aws region")["status"], "pass");
+    let who = finding(&r, "aws credentials");
+    assert_eq!(who["status"], "pass", "{r:#}");
+    assert!(
+        who["detail"].as_str().unwrap().contains("account"),
+        "{who:#}"
+    );
+    let db = finding(&r, "database.db backup");
+    assert_eq!(db["status"], "pass", "{r:#}");
+    assert!(
+        db["detail"].as_str().unwrap().contains(SNAPSHOTS[2]),
+        "{db:#}"
+    );
+    assert_eq!(
+        finding(&r, "bucket.assets source")["status"],
+        "pass",
+        "{r:#}"
+    );
+    assert_eq!(finding(&r, "instance profile")["status"], "fail", "{r:#}");
+    // The emulator's first Amazon image, which the fixtures use, is a Windows one: the boot
+    // template and the install are shell scripts.
+    let ami = finding(&r, "service.app ami");
+    assert_eq!(ami["status"], "fail", "{r:#}");
+    assert!(
+        ami["detail"].as_str().unwrap().contains("Windows image"),
+        "{ami:#}"
+    );
+    let launch = finding(&r, "service.app launch (dry run)");
+    assert_eq!(launch["status"], "pass", "{r:#}");
+    let route = finding(&r, "service.app route to ssm");
+    assert_eq!(route["status"], "fail", "{r:#}");
+    assert!(
+        route["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no default route"),
+        "{route:#}"
+    );
+    assert!(
+        route["fix"].as_str().unwrap().contains("NAT gateway"),
+        "{route:#}"
+    );
+    assert_eq!(finding(&r, "other permissions")["status"], "skip");
+
+    // A profile that does not exist: the dry-run launch says so.
+    let (_, r) = doctor_aws(
+        &m,
+        state.path(),
+        &["--param", "instance_profile=no-such-profile"],
+    );
+    let launch = finding(&r, "service.app launch (dry run)");
+    assert_eq!(launch["status"], "fail", "{r:#}");
+    assert!(
+        launch["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the launch would fail"),
+        "{launch:#}"
+    );
+
+    // Interface endpoints for ssm, ssmmessages and ec2messages: the route check passes.
+    m.rt.block_on(async {
+        let vpc = m
+            .ec2
+            .describe_vpcs()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("is-default")
+                    .values("true")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .vpcs()[0]
+            .vpc_id()
+            .unwrap()
+            .to_string();
+        for s in ["ssm", "ssmmessages", "ec2messages"] {
+            m.ec2
+                .create_vpc_endpoint()
+                .vpc_id(&vpc)
+                .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Interface)
+                .service_name(format!("com.amazonaws.{}.{s}", moto::REGION))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    // And an Ubuntu image of the emulator's catalogue: a family that ships the SSM agent.
+    let (_, r) = doctor_aws(&m, state.path(), &["--param", "ami=ami-785db401"]);
+    let ami = finding(&r, "service.app ami");
+    assert_eq!(ami["status"], "pass", "{r:#}");
+    assert!(
+        ami["detail"].as_str().unwrap().contains("ubuntu-xenial"),
+        "{ami:#}"
+    );
+    let route = finding(&r, "service.app route to ssm");
+    assert_eq!(route["status"], "pass", "{r:#}");
+    assert!(
+        route["detail"]
+            .as_str()
+            .unwrap()
+            .contains("endpoints for ssm, ssmmessages and ec2messages"),
+        "{route:#}"
+    );
+
+    // Wrong credentials: one failure that says how to configure them, nothing else asked.
+    let out = run(dryrun_aws(&m, state.path())
+        .args(["doctor", "--provider", "aws", "--json"])
+        .env("AWS_ACCESS_KEY_ID", "")
+        .env("AWS_SECRET_ACCESS_KEY", ""));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let who = finding(&r, "aws credentials");
+    assert_eq!(who["status"], "fail", "{r:#}");
+    assert!(
+        who["fix"].as_str().unwrap().contains("AWS_PROFILE"),
+        "{who:#}"
+    );
+
+    // Doctor created nothing: no instance, nothing tagged, production as it was.
+    let instances = m.rt.block_on(m.ec2.describe_instances().send()).unwrap();
+    assert!(instances.reservations().is_empty(), "{instances:?}");
+    assert_nothing_tagged(&m, None);
+    assert_eq!(m.production(), before);
+    assert!(!state.path().join("history.sqlite").exists());
+}
+
+#[test]
+fn init_describes_the_production_instance_and_bucket_and_what_it_writes_validates() {
+    let Some(m) = Moto::start() else { return };
+    let state = state_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dryrun_aws(&m, state.path()).args([
+        "init",
+        "--provider",
+        "aws",
+        "--name",
+        "shop-aws",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--database",
+        PROD_DB,
+        "--bucket",
+        PROD_BUCKET,
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = std::fs::read_to_string(dir.path().join("shop-aws.yaml")).unwrap();
+    for want in [
+        &format!("engine: postgres\n    source: {PROD_DB}") as &str,
+        &format!("type: bucket\n    source: {PROD_BUCKET}"),
+        "RDS instance `shop-prod`: postgres",
+        "ami: \"{{params.ami}}\"",
+        "instance_profile: \"{{params.instance_profile}}\"",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let v = run(dryrun(state.path()).args([
+        "validate",
+        dir.path().join("shop-aws.yaml").to_str().unwrap(),
+    ]));
+    assert_eq!(v.status.code(), Some(0), "{v:?}");
+    // A source that does not exist is named; nothing is written.
+    let other = tempfile::tempdir().unwrap();
+    let out = run(dryrun_aws(&m, state.path()).args([
+        "init",
+        "--provider",
+        "aws",
+        "--dir",
+        other.path().to_str().unwrap(),
+        "--database",
+        "no-such-db",
+    ]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no RDS instance or Aurora cluster `no-such-db`")
+    );
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0);
+    assert_nothing_tagged(&m, None);
+}

@@ -665,6 +665,32 @@ pub trait Provider: Send + Sync {
         BTreeMap::new()
     }
 
+    /// `dryrun doctor`: what this backend needs for `bp` (`None`: what any blueprint may
+    /// need), each miss with its fix. Reads only. Default: nothing to check.
+    async fn doctor(
+        &self,
+        _bp: Option<&crate::blueprint::Blueprint>,
+    ) -> Vec<crate::doctor::Finding> {
+        Vec::new()
+    }
+
+    /// `dryrun init`: what the named production databases and buckets are (engine, database
+    /// name), read only. Default: this provider describes no sources (the local provider's
+    /// store is scanned by [`crate::init::scan_local`]).
+    ///
+    /// # Errors
+    /// A source that does not exist or cannot be read.
+    async fn describe_sources(
+        &self,
+        _databases: &[String],
+        _buckets: &[String],
+    ) -> Result<crate::init::Sources, ProviderError> {
+        Err(ProviderError::Other(format!(
+            "the {} provider describes no named sources",
+            self.name()
+        )))
+    }
+
     /// What a run of `bp` would create, per resource address, in the units it is billed by,
     /// and the region (priced by [`crate::cost`]). Reads only. Default: `None`, nothing is
     /// billed (the local provider).

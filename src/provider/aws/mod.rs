@@ -32,7 +32,9 @@
 
 pub mod aurora;
 pub mod clients;
+mod doctor;
 pub mod ec2;
+mod init;
 pub mod names;
 pub mod rds;
 pub mod s3;
@@ -1184,6 +1186,18 @@ impl Provider for AwsProvider {
             }
         }
         Ok(runs.into_values().collect())
+    }
+
+    async fn doctor(&self, bp: Option<&Blueprint>) -> Vec<crate::doctor::Finding> {
+        self.doctor_checks(bp).await
+    }
+
+    async fn describe_sources(
+        &self,
+        databases: &[String],
+        buckets: &[String],
+    ) -> Result<crate::init::Sources, ProviderError> {
+        self.describe(databases, buckets).await
     }
 
     async fn describe_target(&self) -> Result<Option<String>, ProviderError> {

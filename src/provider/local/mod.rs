@@ -12,6 +12,7 @@
 //! only read.
 
 pub mod backup;
+mod doctor;
 pub mod golden;
 pub mod postgres;
 
@@ -735,6 +736,13 @@ async fn remove_dir(dir: &Path) -> Result<bool, ProviderError> {
 impl Provider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    async fn doctor(
+        &self,
+        bp: Option<&crate::blueprint::Blueprint>,
+    ) -> Vec<crate::doctor::Finding> {
+        self.doctor_checks(bp).await
     }
 
     async fn find_backup(
