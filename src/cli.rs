@@ -142,8 +142,8 @@ enum Command {
     },
     /// Write a starting blueprint and release manifest from what production has: the local
     /// backup store's sources and bucket directories, or on AWS the named RDS instances,
-    /// Aurora clusters and buckets (read only). The blueprint validates as written; edit its
-    /// comments' TODOs, then `dryrun doctor` it.
+    /// Aurora clusters and buckets (read only). The blueprint validates as written; read its
+    /// comments, then `dryrun doctor` it.
     #[command(
         after_long_help = "Examples:\n  dryrun init --name shop --backups /srv/backups --buckets /srv/buckets\n  dryrun init --name shop --provider aws --database shop-prod --database shop-aurora --bucket shop-assets\n\n\
 Writes DIR/NAME.yaml and DIR/release/dryrun-release.yaml; existing files are kept unless --force.\n\
@@ -782,6 +782,17 @@ async fn init_cmd(
                 eprintln!("error: --backups DIR is required with the local provider");
                 return Ok(exit::USAGE);
             };
+            for (flag, d) in
+                std::iter::once(("--backups", store)).chain(buckets.map(|b| ("--buckets", b)))
+            {
+                if let Err(e) = std::fs::read_dir(d) {
+                    eprintln!(
+                        "error: {flag} {}: cannot read the directory: {e}",
+                        d.display()
+                    );
+                    return Ok(exit::USAGE);
+                }
+            }
             let found = crate::init::scan_local(store, buckets)
                 .with_context(|| format!("read the backup store {}", store.display()))?;
             let paths = crate::init::LocalPaths {
@@ -808,18 +819,39 @@ async fn init_cmd(
                 );
                 return Ok(exit::USAGE);
             }
+            if let Some(bad) = databases
+                .iter()
+                .chain(bucket_names)
+                .find(|n| !crate::init::safe_name(n))
+            {
+                eprintln!("error: {bad:?} is not an RDS identifier or a bucket name");
+                return Ok(exit::USAGE);
+            }
             let p = provider_for(provider, state, None, endpoint).await?;
-            let found = p
+            let mut found = p
                 .describe_sources(databases, bucket_names)
                 .await
                 .context("describe production's sources")?;
+            found.notes.push(
+                "the blueprint has `pii_gate: off`: the personal data gate and masking connect to the copy from the runner, which needs providers.aws.runner_in_vpc; turn the gate on with the runner inside the VPC (docs/data-safety.md)".into(),
+            );
             (found, None)
         }
     };
     #[cfg(not(feature = "aws"))]
     let _ = (state, endpoint);
+    // Notes quote names and API answers: no control character reaches the terminal.
+    let notes: Vec<String> = sources
+        .notes
+        .iter()
+        .map(|n| {
+            n.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect()
+        })
+        .collect();
     if sources.databases.is_empty() && sources.buckets.is_empty() {
-        for n in &sources.notes {
+        for n in &notes {
             eprintln!("note: {n}");
         }
         eprintln!("error: found no backup source and no bucket to rehearse with");
@@ -838,22 +870,26 @@ async fn init_cmd(
     }
     std::fs::create_dir_all(dir.join("release"))
         .with_context(|| format!("create {}", dir.join("release").display()))?;
+    // The blueprint is compiled beside its final place (relative paths resolve the same) and
+    // renamed into it only when it validates: a failure leaves nothing behind.
     let text = crate::init::blueprint_yaml(name, &sources, local.as_ref());
-    std::fs::write(&file, &text).with_context(|| format!("write {}", file.display()))?;
-    std::fs::write(&manifest, crate::init::release_yaml())
-        .with_context(|| format!("write {}", manifest.display()))?;
-    // What init wrote must compile: a failure here is dryrun's own bug.
-    if let Err(e) = blueprint::compile_file(&file, &BTreeMap::new()) {
+    let draft = dir.join(format!(".{name}.yaml.dryrun-init"));
+    std::fs::write(&draft, &text).with_context(|| format!("write {}", draft.display()))?;
+    if let Err(e) = blueprint::compile_file(&draft, &BTreeMap::new()) {
+        let _ = std::fs::remove_file(&draft);
         let shown = match &e {
             CompileError::Invalid(d) => d.render(false),
             CompileError::Read { .. } => e.to_string(),
         };
         eprint!("{shown}");
         anyhow::bail!(
-            "the blueprint init wrote does not validate (a dryrun bug; please report it)"
+            "the blueprint init made does not validate, so nothing was written (a dryrun bug; please report it)"
         );
     }
-    for n in &sources.notes {
+    std::fs::write(&manifest, crate::init::release_yaml())
+        .with_context(|| format!("write {}", manifest.display()))?;
+    std::fs::rename(&draft, &file).with_context(|| format!("write {}", file.display()))?;
+    for n in &notes {
         eprintln!("note: {n}");
     }
     println!(

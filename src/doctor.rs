@@ -4,9 +4,9 @@
 //! The checks that are the same for every backend (the state directory, its free space) live
 //! here; each provider adds its own through [`crate::provider::Provider::doctor`] (the local
 //! provider: engines' binaries, backups, the egress firewall; AWS: credentials, snapshots,
-//! buckets, a dry-run launch, the route to SSM). Doctor reads only: it creates nothing but a
-//! probe file in the state directory (removed at once) and, on the local provider, a network
-//! namespace that dies with its thread.
+//! buckets, a dry-run launch, the route to SSM). Doctor reads only: it writes no file (whether
+//! the state directory is writable is asked with `access(2)`) and creates nothing but, on the
+//! local provider, a network namespace that dies with its thread.
 
 use std::path::Path;
 
@@ -174,33 +174,36 @@ fn nearest_existing(root: &Path) -> &Path {
         .unwrap_or(Path::new("/"))
 }
 
+/// Whether this process may create entries in `dir` (`access(2)`, which writes nothing: a
+/// probe file would follow a planted symlink in a directory others can write).
+fn can_write(dir: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| e.desc().to_string())
+}
+
 /// The state directory: where it is, that dryrun can write there, and that others cannot.
+/// Writes nothing.
 #[must_use]
 pub fn state_dir_check(state: &StateDir) -> Finding {
     use std::os::unix::fs::MetadataExt as _;
     let root = state.root();
     let check = "state directory";
-    let mut out = Vec::new();
     let existing = nearest_existing(root);
     if existing != root {
-        let probe = existing.join(format!(".dryrun-doctor-{}", std::process::id()));
-        match std::fs::create_dir(&probe) {
-            Ok(()) => {
-                let _ = std::fs::remove_dir(&probe);
-                out.push(Finding::pass(
-                    check,
-                    format!(
-                        "{} does not exist yet; the first run creates it owner-only ({})",
-                        root.display(),
-                        if crate::state::running_as_root() {
-                            "0711: PostgreSQL's user passes through"
-                        } else {
-                            "0700"
-                        }
-                    ),
-                ));
-            }
-            Err(e) => out.push(Finding::fail(
+        return match can_write(existing) {
+            Ok(()) => Finding::pass(
+                check,
+                format!(
+                    "{} does not exist yet; the first run creates it owner-only ({})",
+                    root.display(),
+                    if crate::state::running_as_root() {
+                        "0711: PostgreSQL's user passes through"
+                    } else {
+                        "0700"
+                    }
+                ),
+            ),
+            Err(e) => Finding::fail(
                 check,
                 format!(
                     "{} does not exist and cannot be created: {} is not writable ({e})",
@@ -208,82 +211,79 @@ pub fn state_dir_check(state: &StateDir) -> Finding {
                     existing.display()
                 ),
                 "create it for the user that runs dryrun (`install -d -m 700 DIR`), or point DRYRUN_STATE_DIR / --state-dir elsewhere",
-            )),
-        }
-    } else {
-        match std::fs::metadata(root) {
-            Ok(md) if !md.is_dir() => out.push(Finding::fail(
-                check,
-                format!("{} is not a directory", root.display()),
-                "point DRYRUN_STATE_DIR / --state-dir at a directory",
-            )),
-            Ok(md) => {
-                let mode = md.mode() & 0o777;
-                let uid = nix::unistd::geteuid().as_raw();
-                let probe = root.join(format!(".doctor-{}", std::process::id()));
-                let writable = crate::state::create_private_file(&probe)
-                    .map(|_| {
-                        let _ = std::fs::remove_file(&probe);
-                    })
-                    .map_err(|e| e.to_string());
-                if let Err(e) = writable {
-                    out.push(Finding::fail(
-                        check,
-                        format!("{} is not writable: {e}", root.display()),
-                        format!(
-                            "`chown` it to the user that runs dryrun (uid {uid}), or use another --state-dir"
-                        ),
-                    ));
-                } else if md.uid() != uid {
-                    out.push(Finding::fail(
-                        check,
-                        format!(
-                            "{} belongs to uid {}, not to the user running dryrun (uid {uid}): that user can read the copies of production inside",
-                            root.display(),
-                            md.uid()
-                        ),
-                        format!("`chown -R {uid} {}` or use another --state-dir", root.display()),
-                    ));
-                } else if mode & 0o022 != 0 {
-                    out.push(Finding::fail(
-                        check,
-                        format!(
-                            "{} is writable by other users (mode {mode:o}): they could swap what dryrun restores or runs",
-                            root.display()
-                        ),
-                        format!("chmod 700 {}", root.display()),
-                    ));
-                } else if mode & 0o044 != 0 {
-                    // As root, PostgreSQL's own user must pass through (0711, as dryrun makes it).
-                    let want = if crate::state::running_as_root() {
-                        "711"
-                    } else {
-                        "700"
-                    };
-                    out.push(Finding::warn(
-                        check,
-                        format!(
-                            "{} is readable by other users (mode {mode:o}); what dryrun creates inside is owner-only, but the names of runs show",
-                            root.display()
-                        ),
-                        format!("chmod {want} {}", root.display()),
-                    ));
-                } else {
-                    out.push(Finding::pass(
-                        check,
-                        format!("{} (mode {mode:o}, yours, writable)", root.display()),
-                    ));
-                }
-            }
-            Err(e) => out.push(Finding::fail(
+            ),
+        };
+    }
+    let md = match std::fs::metadata(root) {
+        Ok(md) => md,
+        Err(e) => {
+            return Finding::fail(
                 check,
                 format!("cannot read {}: {e}", root.display()),
                 "point DRYRUN_STATE_DIR / --state-dir at a directory you own",
-            )),
+            );
         }
+    };
+    if !md.is_dir() {
+        return Finding::fail(
+            check,
+            format!("{} is not a directory", root.display()),
+            "point DRYRUN_STATE_DIR / --state-dir at a directory",
+        );
     }
-    out.pop()
-        .unwrap_or_else(|| Finding::skip(check, "not checked"))
+    let mode = md.mode() & 0o777;
+    let uid = nix::unistd::geteuid().as_raw();
+    if md.uid() != uid {
+        return Finding::fail(
+            check,
+            format!(
+                "{} belongs to uid {}, not to the user running dryrun (uid {uid}): that user can read the copies of production inside",
+                root.display(),
+                md.uid()
+            ),
+            format!(
+                "`chown -R {uid} {}` or use another --state-dir",
+                root.display()
+            ),
+        );
+    }
+    if mode & 0o022 != 0 {
+        return Finding::fail(
+            check,
+            format!(
+                "{} is writable by other users (mode {mode:o}): they could swap what dryrun restores or runs",
+                root.display()
+            ),
+            format!("chmod 700 {}", root.display()),
+        );
+    }
+    if let Err(e) = can_write(root) {
+        return Finding::fail(
+            check,
+            format!("{} is not writable: {e}", root.display()),
+            "make it writable by its owner (`chmod u+rwx`), or use another --state-dir",
+        );
+    }
+    if mode & 0o044 != 0 {
+        // As root, PostgreSQL's own user must pass through (0711, as dryrun makes it).
+        let want = if crate::state::running_as_root() {
+            "711"
+        } else {
+            "700"
+        };
+        return Finding::warn(
+            check,
+            format!(
+                "{} is readable by other users (mode {mode:o}); what dryrun creates inside is owner-only, but the names of runs show",
+                root.display()
+            ),
+            format!("chmod {want} {}", root.display()),
+        );
+    }
+    Finding::pass(
+        check,
+        format!("{} (mode {mode:o}, yours, writable)", root.display()),
+    )
 }
 
 /// What a backend or a file system said may hold anything; the terminal gets no control

@@ -75,6 +75,22 @@ pub fn safe_path(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
 }
 
+/// Text for a `#` comment in the blueprint: what a backup id or an API answer holds may end
+/// the comment (a newline) or start a template, so only a plain set of characters is kept;
+/// anything else becomes `?`.
+#[must_use]
+pub fn comment_text(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " .,:;_-()/+@%=`'".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
 /// A blueprint resource name for `source`: lowercase, `[a-z][a-z0-9_-]*`, at most 40
 /// characters, unique among `taken`.
 fn resource_name(source: &str, prefix: &str, taken: &mut Vec<String>) -> String {
@@ -179,7 +195,13 @@ pub fn scan_local(backups: &Path, buckets: Option<&Path>) -> std::io::Result<Sou
                 ));
                 continue;
             }
-            let count = walk_count(&dir.join(&source));
+            let mut count = 0;
+            walk_count(&dir.join(&source), &mut count);
+            let count = if count >= COUNT_CAP {
+                format!("{COUNT_CAP}+")
+            } else {
+                count.to_string()
+            };
             out.buckets.push(BucketSeed {
                 note: format!("bucket directory `{source}`, {count} file(s)"),
                 source,
@@ -189,15 +211,25 @@ pub fn scan_local(backups: &Path, buckets: Option<&Path>) -> std::io::Result<Sou
     Ok(out)
 }
 
-fn walk_count(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |rd| {
-        rd.flatten()
-            .map(|e| {
-                let p = e.path();
-                if p.is_dir() { walk_count(&p) } else { 1 }
-            })
-            .sum()
-    })
+/// Most files counted in a bucket directory (the number is only for a comment).
+const COUNT_CAP: usize = 10_000;
+
+/// Files under `dir`, symlinks not followed (a link to `..` would never end), up to
+/// [`COUNT_CAP`].
+fn walk_count(dir: &Path, seen: &mut usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if *seen >= COUNT_CAP {
+            return;
+        }
+        match e.file_type() {
+            Ok(t) if t.is_dir() => walk_count(&e.path(), seen),
+            Ok(_) => *seen += 1,
+            Err(_) => {}
+        }
+    }
 }
 
 /// The blueprint's text. `provider` is `local` (with `local`) or `aws`.
@@ -243,7 +275,7 @@ pub fn blueprint_yaml(name: &str, src: &Sources, local: Option<&LocalPaths>) -> 
         s.push_str("providers:\n  local:\n");
         let _ = writeln!(
             s,
-            "    backups: {}{}",
+            "    backups: \"{}\"{}",
             l.backups,
             if Path::new(&l.backups).is_absolute() {
                 ""
@@ -252,7 +284,7 @@ pub fn blueprint_yaml(name: &str, src: &Sources, local: Option<&LocalPaths>) -> 
             }
         );
         if let Some(b) = &l.buckets {
-            let _ = writeln!(s, "    buckets: {b}");
+            let _ = writeln!(s, "    buckets: \"{b}\"");
         }
         s.push('\n');
     }
@@ -262,10 +294,10 @@ pub fn blueprint_yaml(name: &str, src: &Sources, local: Option<&LocalPaths>) -> 
     let mut checks = String::new();
     for db in &src.databases {
         let r = resource_name(&db.source, "db", &mut taken);
-        let _ = writeln!(s, "  # {}", db.note);
+        let _ = writeln!(s, "  # {}", comment_text(&db.note));
         let _ = writeln!(
             s,
-            "  {r}:\n    type: database\n    engine: {}\n    source: {}\n    database: {}",
+            "  {r}:\n    type: database\n    engine: {}\n    source: \"{}\"\n    database: \"{}\"",
             db.engine.as_str(),
             db.source,
             db.database
@@ -297,8 +329,8 @@ pub fn blueprint_yaml(name: &str, src: &Sources, local: Option<&LocalPaths>) -> 
     }
     for b in &src.buckets {
         let r = resource_name(&b.source, "bucket", &mut taken);
-        let _ = writeln!(s, "  # {}", b.note);
-        let _ = writeln!(s, "  {r}:\n    type: bucket\n    source: {}", b.source);
+        let _ = writeln!(s, "  # {}", comment_text(&b.note));
+        let _ = writeln!(s, "  {r}:\n    type: bucket\n    source: \"{}\"", b.source);
         let var = r.to_ascii_uppercase().replace('-', "_");
         if aws {
             env.push(format!("{var}_BUCKET: \"{{{{resources.{r}.name}}}}\""));
@@ -335,7 +367,7 @@ pub fn release_yaml() -> String {
      version: \"0.1.0-draft\"\n\
      install:                      # each step runs with `sh -c` in the release directory, in order\n  \
        - name: migrate\n    \
-         run: 'echo \"dryrun init: replace this step with your migrations, e.g. ./bin/migrate --database-url \\\"$DATABASE_URL\\\"\"'\n\
+         run: 'echo \"dryrun init: replace this step with your migrations (the copies are in the environment of this step, named as in the env of the blueprint service)\"'\n\
      # start: 'exec ./bin/server --port \"$PORT\"'   # then the service is started and checked\n\
      # health:\n\
      #   http: /healthz\n\

@@ -52,10 +52,10 @@ fn init_scaffolds_from_the_demo_store_and_what_it_writes_validates_plans_and_pas
     let text = std::fs::read_to_string(&file).unwrap();
     // Every source of the store, with its engine from backup.json, and the bucket.
     for want in [
-        "engine: sqlite\n    source: shop-db",
-        "engine: postgres\n    source: shop-pg\n",
-        "engine: postgres\n    source: shop-pg-large",
-        "type: bucket\n    source: uploads",
+        "engine: sqlite\n    source: \"shop-db\"",
+        "engine: postgres\n    source: \"shop-pg\"\n",
+        "engine: postgres\n    source: \"shop-pg-large\"",
+        "type: bucket\n    source: \"uploads\"",
         "SHOP_DB_PATH: \"{{resources.shop-db.path}}\"",
         "SHOP_PG_URL: \"{{resources.shop-pg.url}}\"",
         "name: shop-db-has-tables",
@@ -127,12 +127,14 @@ fn init_leaves_out_names_that_could_inject_a_template_or_yaml_and_still_validate
     let t = tempfile::tempdir().unwrap();
     let store = t.path().join("backups");
     let demo = root().join("blueprints/demo/production/backups/shop-db/shop-db-2026-11-21T0300Z");
-    // A good source, and two whose names an attacker with write access to the store chose.
+    // A good source, and two whose names an attacker with write access to the store chose;
+    // the good one's backup id (it goes into a comment) is the attacker's too.
     for source in ["orders", "x{{secrets.api_token}}", "a\nresources: {}"] {
         let dir = store.join(source).join("b1");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(demo.join("shop.sqlite"), dir.join("shop.sqlite")).unwrap();
-        let meta = serde_json::json!({"id": "b1", "source": source, "engine": "sqlite",
+        let id = "b1\nresources:\n  evil: {type: bucket, source: x}\n# {{secrets.api_token}}";
+        let meta = serde_json::json!({"id": id, "source": source, "engine": "sqlite",
             "taken_at": "2026-11-21T03:00:00Z", "file": "shop.sqlite", "complete": true});
         std::fs::write(dir.join("backup.json"), meta.to_string()).unwrap();
     }
@@ -148,15 +150,21 @@ fn init_leaves_out_names_that_could_inject_a_template_or_yaml_and_still_validate
     ]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let text = std::fs::read_to_string(out_dir.join("orders.yaml")).unwrap();
-    assert!(text.contains("source: orders"), "{text}");
-    assert!(!text.contains("secrets.api_token"), "{text}");
+    assert!(text.contains("source: \"orders\""), "{text}");
+    assert!(!text.contains("{{secrets"), "{text}");
     assert!(!text.contains("resources: {}"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("resources:")).count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("\n  evil:"), "{text}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("left out backup source").count(), 2, "{err}");
     // The blueprint points at the store by an absolute path (it is not below --dir).
     assert!(
         text.contains(&format!(
-            "backups: {}",
+            "backups: \"{}\"",
             std::fs::canonicalize(&store).unwrap().display()
         )),
         "{text}"

@@ -9,7 +9,8 @@
 //! policy to compare the identity's with is docs/providers/aws-iam/runner-policy.json.
 
 use aws_sdk_ec2::types::{
-    Filter, IamInstanceProfileSpecification, InstanceType, ResourceType, Tag, TagSpecification,
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
+    InstanceType, ResourceType, Tag, TagSpecification,
 };
 
 use crate::blueprint::{Blueprint, ResourceSpec, ServiceAws};
@@ -268,6 +269,11 @@ impl AwsProvider {
                     .as_ref()
                     .map(|p| IamInstanceProfileSpecification::builder().name(p).build()),
             )
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .build(),
+            )
             .tag_specifications(spec(ResourceType::Instance))
             .tag_specifications(spec(ResourceType::Volume))
             .send()
@@ -360,6 +366,20 @@ impl AwsProvider {
         let sid = subnet.subnet_id().unwrap_or_default().to_string();
         let vpc = subnet.vpc_id().unwrap_or_default().to_string();
         let public = subnet.map_public_ip_on_launch().unwrap_or(false);
+        // The run's security group is made in the run's VPC (providers.aws.vpc_id, else the
+        // service's subnet's, the database's subnet group's, the default one): an instance
+        // in a subnet of another VPC cannot be launched with it.
+        if let Ok(run_vpc) = self.vpc().await
+            && run_vpc != vpc
+        {
+            return Finding::fail(
+                check,
+                format!(
+                    "subnet {sid} is in VPC {vpc}, but the run's security group goes into VPC {run_vpc}"
+                ),
+                "set providers.aws.vpc_id to the subnet's VPC, or give the service a subnet of the run's VPC (aws.subnet_id)",
+            );
+        }
         // The subnet's own route table, else the VPC's main one.
         let mut table = None;
         for f in [
@@ -391,7 +411,10 @@ impl AwsProvider {
         let default_route = table.as_ref().and_then(|t| {
             t.routes()
                 .iter()
-                .find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"))
+                .find(|r| {
+                    r.destination_cidr_block() == Some("0.0.0.0/0")
+                        && r.state().is_none_or(|st| st.as_str() != "blackhole")
+                })
                 .cloned()
         });
         if let Some(r) = &default_route {
@@ -410,8 +433,20 @@ impl AwsProvider {
                 );
             }
         }
+        // A route doctor cannot follow (transit gateway, peering, a NAT instance, a virtual
+        // private gateway) may well lead out: say so instead of failing.
+        let elsewhere = default_route.as_ref().and_then(|r| {
+            r.transit_gateway_id()
+                .or(r.vpc_peering_connection_id())
+                .or(r.network_interface_id())
+                .or(r.instance_id())
+                .or(r.gateway_id().filter(|g| !g.starts_with("igw-")))
+                .map(ToString::to_string)
+        });
         let region = &self.region;
-        let wanted: Vec<String> = ["ssm", "ssmmessages", "ec2messages"]
+        // The instance also fetches the release from S3 (a presigned URL): without a route
+        // out, that takes an S3 endpoint (gateway or interface).
+        let wanted: Vec<String> = ["ssm", "ssmmessages", "ec2messages", "s3"]
             .iter()
             .map(|s| format!("com.amazonaws.{region}.{s}"))
             .collect();
@@ -424,6 +459,10 @@ impl AwsProvider {
             Ok(o) => o
                 .vpc_endpoints()
                 .iter()
+                .filter(|e| {
+                    e.state()
+                        .is_none_or(|st| st.as_str().eq_ignore_ascii_case("available"))
+                })
                 .filter_map(|e| e.service_name().map(ToString::to_string))
                 .collect(),
             Err(e) => {
@@ -439,15 +478,29 @@ impl AwsProvider {
             return Finding::pass(
                 check,
                 format!(
-                    "subnet {sid}: VPC {vpc} has endpoints for ssm, ssmmessages and ec2messages"
+                    "subnet {sid}: VPC {vpc} has endpoints for ssm, ssmmessages, ec2messages and s3"
                 ),
+            );
+        }
+        if let Some(via) = elsewhere {
+            return Finding::warn(
+                check,
+                format!(
+                    "subnet {sid}: default route via {via}, which doctor cannot follow; VPC {vpc} lacks endpoints for {}",
+                    missing
+                        .iter()
+                        .map(|m| m.rsplit('.').next().unwrap_or(m))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "make sure that route reaches the SSM and S3 endpoints of the region (or add the VPC endpoints)",
             );
         }
         let why = match &default_route {
             Some(r) if r.gateway_id().is_some_and(|g| g.starts_with("igw-")) => {
                 "its default route goes to an internet gateway, but the subnet gives no public address on launch"
             }
-            Some(_) => "its default route goes neither to a NAT gateway nor to an internet gateway",
+            Some(_) => "its default route leads to no NAT or internet gateway",
             None => "it has no default route",
         };
         Finding::fail(
@@ -460,7 +513,7 @@ impl AwsProvider {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            "route 0.0.0.0/0 through a NAT gateway, or add interface VPC endpoints for ssm, ssmmessages and ec2messages (private DNS on)",
+            "route 0.0.0.0/0 through a NAT gateway, or add interface VPC endpoints for ssm, ssmmessages and ec2messages (private DNS on) and an S3 gateway endpoint",
         )
     }
 }

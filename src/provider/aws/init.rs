@@ -25,7 +25,22 @@ impl AwsProvider {
                     "{id:?} is not an RDS identifier (letters, digits and hyphens)"
                 )));
             }
+            let mut source = id.clone();
             let seed = match c.rds.describe_db_instances().db_instance_identifier(id).send().await {
+                // A member of an Aurora cluster: the cluster is what a run clones.
+                Ok(o) if o.db_instances().first().and_then(|i| i.db_cluster_identifier()).is_some() => {
+                    let cluster = o.db_instances()[0].db_cluster_identifier().unwrap_or_default();
+                    if !safe_name(cluster) {
+                        return Err(ProviderError::Other(format!(
+                            "`{id}` belongs to an Aurora cluster whose id is not plain"
+                        )));
+                    }
+                    out.notes.push(format!(
+                        "`{id}` is an instance of Aurora cluster `{cluster}`: the blueprint clones the cluster"
+                    ));
+                    source = cluster.to_string();
+                    None
+                }
                 Ok(o) => o.db_instances().first().map(|i| {
                     let engine = i.engine().unwrap_or_default().to_string();
                     (
@@ -49,14 +64,14 @@ impl AwsProvider {
             };
             let seed = match seed {
                 Some(s) => Some(s),
-                None => match c.rds.describe_db_clusters().db_cluster_identifier(id).send().await {
+                None => match c.rds.describe_db_clusters().db_cluster_identifier(&source).send().await {
                     Ok(o) => o.db_clusters().first().map(|k| {
                         let engine = k.engine().unwrap_or_default().to_string();
                         (
                             engine.clone(),
                             k.database_name().map(ToString::to_string),
                             format!(
-                                "Aurora cluster `{id}`: {engine} {}, {} instance(s)",
+                                "Aurora cluster `{source}`: {engine} {}, {} instance(s)",
                                 k.engine_version().unwrap_or_default(),
                                 k.db_cluster_members().len()
                             ),
@@ -97,7 +112,7 @@ impl AwsProvider {
                 }
             });
             out.databases.push(DatabaseSeed {
-                source: id.clone(),
+                source,
                 engine,
                 database,
                 note,

@@ -28,7 +28,10 @@ impl LocalProvider {
                     let pick = db.backup.clone().map_or(BackupPick::Latest, BackupPick::Id);
                     match self.find_backup(db, &pick).await {
                         Ok(b) => {
-                            needed = Some(needed.unwrap_or(0) + b.size_bytes.unwrap_or(0));
+                            let size = b.size_bytes.or_else(|| {
+                                std::fs::metadata(&b.location).ok().map(|m| m.len())
+                            });
+                            needed = Some(needed.unwrap_or(0) + size.unwrap_or(0));
                             let age = (chrono::Utc::now() - b.taken_at).num_seconds();
                             out.push(Finding::pass(
                                 check,
@@ -38,8 +41,7 @@ impl LocalProvider {
                                     db.engine.as_str(),
                                     b.taken_at.format("%Y-%m-%d %H:%M UTC"),
                                     crate::report::human_secs(age),
-                                    b.size_bytes
-                                        .map(|n| format!(", {}", crate::report::human_bytes(n)))
+                                    size.map(|n| format!(", {}", crate::report::human_bytes(n)))
                                         .unwrap_or_default()
                                 ),
                             ));
@@ -103,6 +105,14 @@ impl LocalProvider {
     ) -> Vec<Finding> {
         let mut out = Vec::new();
         let check = "postgres binaries";
+        // Without a blueprint that needs PostgreSQL, what is missing is only a warning.
+        let miss = |check: &str, detail: String, fix: &str| {
+            if required {
+                Finding::fail(check, detail, fix)
+            } else {
+                Finding::warn(check, detail, fix)
+            }
+        };
         let missing: Vec<&str> = PG_BINARIES
             .iter()
             .copied()
@@ -147,13 +157,13 @@ impl LocalProvider {
                         self.state.root().display()
                     ),
                 )),
-                Err(e) => out.push(Finding::fail(
+                Err(e) => out.push(miss(
                     "postgres user",
                     e.to_string(),
                     "put the state directory where that user can reach it (e.g. under /var/tmp with mode 755 on the way), or run dryrun as an ordinary user",
                 )),
             },
-            Err(e) => out.push(Finding::fail(
+            Err(e) => out.push(miss(
                 "postgres user",
                 e.to_string(),
                 "create the user (`useradd --system postgres`) or set DRYRUN_PG_USER",
@@ -225,7 +235,11 @@ async fn firewall_check(bp: Option<&Blueprint>) -> Finding {
     let made = tokio::task::spawn_blocking(|| Netns::create().map(|ns| ns.how()))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-    let fix = "run dryrun as root or with CAP_SYS_ADMIN and CAP_NET_ADMIN (docs/security.md)";
+    let fix = if crate::state::running_as_root() {
+        "as root the namespace should be possible: install iproute2 (`ip`) and util-linux (`nsenter`), and lift a sandbox that forbids namespaces (systemd RestrictNamespaces=, a container without CAP_SYS_ADMIN; packaging/dryrun.service says how)"
+    } else {
+        "run dryrun as root or with CAP_SYS_ADMIN and CAP_NET_ADMIN (docs/security.md)"
+    };
     match made {
         Ok(how) if how.contains("not recorded") => {
             Finding::warn(check, how, "apt-get install nftables")
