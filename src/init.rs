@@ -126,19 +126,7 @@ fn resource_name(source: &str, prefix: &str, taken: &mut Vec<String>) -> String 
 /// When `backups` cannot be read.
 pub fn scan_local(backups: &Path, buckets: Option<&Path>) -> std::io::Result<Sources> {
     let mut out = Sources::default();
-    let mut dirs: Vec<_> = std::fs::read_dir(backups)?
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    dirs.sort();
-    for source in dirs {
-        if !safe_name(&source) {
-            out.notes.push(format!(
-                "left out backup source {source:?}: use a name of letters, digits, `.`, `_` and `-`"
-            ));
-            continue;
-        }
+    for source in plain_dirs(backups, "backup source", &mut out.notes)? {
         let found = crate::provider::local::backup::list(backups, &source).unwrap_or_default();
         let Some((latest, _)) = found.first() else {
             out.notes.push(format!(
@@ -182,19 +170,7 @@ pub fn scan_local(backups: &Path, buckets: Option<&Path>) -> std::io::Result<Sou
         });
     }
     if let Some(dir) = buckets {
-        let mut names: Vec<_> = std::fs::read_dir(dir)?
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        for source in names {
-            if !safe_name(&source) {
-                out.notes.push(format!(
-                    "left out bucket directory {source:?}: use a name of letters, digits, `.`, `_` and `-`"
-                ));
-                continue;
-            }
+        for source in plain_dirs(dir, "bucket directory", &mut out.notes)? {
             let mut count = 0;
             walk_count(&dir.join(&source), &mut count);
             let count = if count >= COUNT_CAP {
@@ -209,6 +185,28 @@ pub fn scan_local(backups: &Path, buckets: Option<&Path>) -> std::io::Result<Sou
         }
     }
     Ok(out)
+}
+
+/// The directories in `dir` whose names are plain ([`safe_name`]), sorted; the others are
+/// named in `notes` as left out (`what`: "backup source", "bucket directory").
+fn plain_dirs(dir: &Path, what: &str, notes: &mut Vec<String>) -> std::io::Result<Vec<String>> {
+    // A linked directory counts (a store on another disk); nothing below it is walked here.
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.retain(|n| {
+        let plain = safe_name(n);
+        if !plain {
+            notes.push(format!(
+                "left out {what} {n:?}: use a name of letters, digits, `.`, `_` and `-`"
+            ));
+        }
+        plain
+    });
+    Ok(names)
 }
 
 /// Most files counted in a bucket directory (the number is only for a comment).

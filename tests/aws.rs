@@ -1562,6 +1562,16 @@ fn finding(r: &serde_json::Value, check: &str) -> serde_json::Value {
         .clone()
 }
 
+/// Asserts a finding's status and that its detail holds `detail`.
+fn expect_finding(r: &serde_json::Value, check: &str, status: &str, detail: &str) {
+    let f = finding(r, check);
+    assert_eq!(f["status"], status, "{check}: {r:#}");
+    assert!(
+        f["detail"].as_str().unwrap().contains(detail),
+        "{check}: {f:#}"
+    );
+}
+
 #[test]
 fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creating_nothing() {
     let Some(m) = Moto::start() else { return };
@@ -1572,18 +1582,8 @@ fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creat
     let (code, r) = doctor_aws(&m, state.path(), &[]);
     assert_eq!(code, 1, "{r:#}");
     assert_eq!(finding(&r, "aws region")["status"], "pass");
-    let who = finding(&r, "aws credentials");
-    assert_eq!(who["status"], "pass", "{r:#}");
-    assert!(
-        who["detail"].as_str().unwrap().contains("account"),
-        "{who:#}"
-    );
-    let db = finding(&r, "database.db backup");
-    assert_eq!(db["status"], "pass", "{r:#}");
-    assert!(
-        db["detail"].as_str().unwrap().contains(SNAPSHOTS[2]),
-        "{db:#}"
-    );
+    expect_finding(&r, "aws credentials", "pass", "account");
+    expect_finding(&r, "database.db backup", "pass", SNAPSHOTS[2]);
     assert_eq!(
         finding(&r, "bucket.assets source")["status"],
         "pass",
@@ -1598,25 +1598,17 @@ fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creat
             .images()[0]
             .platform()
             .is_some_and(|p| p.as_str() == "windows");
-    let ami = finding(&r, "service.app ami");
     if windows {
-        assert_eq!(ami["status"], "fail", "{r:#}");
-        assert!(
-            ami["detail"].as_str().unwrap().contains("Windows image"),
-            "{ami:#}"
-        );
+        expect_finding(&r, "service.app ami", "fail", "Windows image");
     }
-    let launch = finding(&r, "service.app launch (dry run)");
-    assert_eq!(launch["status"], "pass", "{r:#}");
-    let route = finding(&r, "service.app route to ssm");
-    assert_eq!(route["status"], "fail", "{r:#}");
-    assert!(
-        route["detail"]
-            .as_str()
-            .unwrap()
-            .contains("no default route"),
-        "{route:#}"
+    expect_finding(
+        &r,
+        "service.app launch (dry run)",
+        "pass",
+        "would be allowed",
     );
+    expect_finding(&r, "service.app route to ssm", "fail", "no default route");
+    let route = finding(&r, "service.app route to ssm");
     assert!(
         route["fix"].as_str().unwrap().contains("NAT gateway"),
         "{route:#}"
@@ -1629,14 +1621,11 @@ fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creat
         state.path(),
         &["--param", "instance_profile=no-such-profile"],
     );
-    let launch = finding(&r, "service.app launch (dry run)");
-    assert_eq!(launch["status"], "fail", "{r:#}");
-    assert!(
-        launch["detail"]
-            .as_str()
-            .unwrap()
-            .contains("the launch would fail"),
-        "{launch:#}"
+    expect_finding(
+        &r,
+        "service.app launch (dry run)",
+        "fail",
+        "the launch would fail",
     );
 
     // Interface endpoints for ssm, ssmmessages and ec2messages, but none for S3: the instance
@@ -1673,14 +1662,11 @@ fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creat
         endpoint(s, aws_sdk_ec2::types::VpcEndpointType::Interface);
     }
     let (_, r) = doctor_aws(&m, state.path(), &[]);
-    let route = finding(&r, "service.app route to ssm");
-    assert_eq!(route["status"], "fail", "{r:#}");
-    assert!(
-        route["detail"]
-            .as_str()
-            .unwrap()
-            .ends_with("lacks endpoints for s3"),
-        "{route:#}"
+    expect_finding(
+        &r,
+        "service.app route to ssm",
+        "fail",
+        "lacks endpoints for s3",
     );
     // With the S3 gateway endpoint too, the route check passes; and an Ubuntu image of the
     // emulator's catalogue is of a family that ships the SSM agent.
@@ -1703,20 +1689,12 @@ fn doctor_reads_the_account_dry_runs_the_launch_and_finds_the_route_to_ssm_creat
             .to_string()
     });
     let (_, r) = doctor_aws(&m, state.path(), &["--param", &format!("ami={ubuntu}")]);
-    let ami = finding(&r, "service.app ami");
-    assert_eq!(ami["status"], "pass", "{r:#}");
-    assert!(
-        ami["detail"].as_str().unwrap().contains("ubuntu"),
-        "{ami:#}"
-    );
-    let route = finding(&r, "service.app route to ssm");
-    assert_eq!(route["status"], "pass", "{r:#}");
-    assert!(
-        route["detail"]
-            .as_str()
-            .unwrap()
-            .contains("endpoints for ssm, ssmmessages, ec2messages and s3"),
-        "{route:#}"
+    expect_finding(&r, "service.app ami", "pass", "ubuntu");
+    expect_finding(
+        &r,
+        "service.app route to ssm",
+        "pass",
+        "endpoints for ssm, ssmmessages, ec2messages and s3",
     );
 
     // Wrong credentials: one failure that says how to configure them, nothing else asked.

@@ -36,17 +36,20 @@ fn init_scaffolds_from_the_demo_store_and_what_it_writes_validates_plans_and_pas
     let state = state_dir();
     let out_dir = tempfile::tempdir().unwrap();
     let store = root().join("blueprints/demo/production");
-    let out = run(dryrun(state.path()).args([
-        "init",
-        "--name",
-        "shop-start",
-        "--dir",
-        out_dir.path().to_str().unwrap(),
-        "--backups",
-        store.join("backups").to_str().unwrap(),
-        "--buckets",
-        store.join("buckets").to_str().unwrap(),
-    ]));
+    let init = || {
+        run(dryrun(state.path()).args([
+            "init",
+            "--name",
+            "shop-start",
+            "--dir",
+            out_dir.path().to_str().unwrap(),
+            "--backups",
+            store.join("backups").to_str().unwrap(),
+            "--buckets",
+            store.join("buckets").to_str().unwrap(),
+        ]))
+    };
+    let out = init();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let file = out_dir.path().join("shop-start.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -84,15 +87,7 @@ fn init_scaffolds_from_the_demo_store_and_what_it_writes_validates_plans_and_pas
     assert_eq!(plan["backups"].as_array().unwrap().len(), 3, "{plan:#}");
 
     // Files that exist are kept without --force.
-    let again = run(dryrun(state.path()).args([
-        "init",
-        "--name",
-        "shop-start",
-        "--dir",
-        out_dir.path().to_str().unwrap(),
-        "--backups",
-        store.join("backups").to_str().unwrap(),
-    ]));
+    let again = init();
     assert_eq!(again.status.code(), Some(2), "{again:?}");
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
