@@ -279,3 +279,52 @@ fn doctor_without_a_blueprint_checks_the_machine_and_says_what_it_skips() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("Exit 0 when nothing failed"), "{help}");
 }
+
+#[test]
+fn a_backup_whose_data_file_points_outside_its_directory_is_never_read() {
+    let state = state_dir();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("backups");
+    let secret = t.path().join("secret.sqlite");
+    std::fs::write(&secret, b"not production").unwrap();
+    // backup.json is a file anyone who writes the store can shape.
+    for (source, file) in [
+        ("up", "../../../secret.sqlite".to_string()),
+        ("abs", secret.display().to_string()),
+    ] {
+        let dir = store.join(source).join("b1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = serde_json::json!({"id": "b1", "source": source, "engine": "sqlite",
+            "taken_at": "2026-11-21T03:00:00Z", "file": file, "complete": true});
+        std::fs::write(dir.join("backup.json"), meta.to_string()).unwrap();
+    }
+    // init finds no usable backup in either source.
+    let out = run(dryrun(state.path()).args([
+        "init",
+        "--dir",
+        t.path().join("out").to_str().unwrap(),
+        "--backups",
+        store.to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("no complete backup").count(), 2, "{err}");
+    // doctor and plan of a blueprint naming them: no backup, and the secret is never named.
+    let bp = t.path().join("esc.yaml");
+    std::fs::write(
+        &bp,
+        format!(
+            "name: esc\nproviders:\n  local:\n    backups: {}\nresources:\n  up:\n    type: database\n    engine: sqlite\n    source: up\n    database: up\n  abs:\n    type: database\n    engine: sqlite\n    source: abs\n    database: abs\nchecks: []\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let (code, r) = doctor_json(state.path(), &[bp.to_str().unwrap()]);
+    assert_eq!(code, 1, "{r:#}");
+    for check in ["database.up backup", "database.abs backup"] {
+        assert_eq!(finding(&r, check)["status"], "fail", "{r:#}");
+    }
+    assert!(!r.to_string().contains("secret.sqlite"), "{r:#}");
+    let plan = run(dryrun(state.path()).args(["plan", bp.to_str().unwrap()]));
+    assert_eq!(plan.status.code(), Some(3), "{plan:?}");
+}

@@ -63,12 +63,27 @@ pub fn list(store: &Path, source: &str) -> Result<Vec<(Meta, PathBuf)>, Provider
         let Ok(meta) = serde_json::from_str::<Meta>(&text) else {
             continue;
         };
+        // The data file is a name inside the backup's own directory: backup.json is a file
+        // anyone who writes the store can shape, and `../..` or an absolute path would make
+        // a restore (or `dryrun doctor`) read whatever it names.
+        if !is_plain_file_name(&meta.file) {
+            tracing::warn!(
+                "{}: \"file\" must name a file in the backup's directory; this backup is skipped",
+                mpath.display()
+            );
+            continue;
+        }
         if meta.complete {
             out.push((meta, ent.path()));
         }
     }
     out.sort_by(|a, b| b.0.taken_at.cmp(&a.0.taken_at).then(b.0.id.cmp(&a.0.id)));
     Ok(out)
+}
+
+/// A single file name: not empty, no `/`, not `.` or `..`, no NUL.
+fn is_plain_file_name(f: &str) -> bool {
+    !f.is_empty() && f != "." && f != ".." && !f.contains(['/', '\0'])
 }
 
 /// Picks a backup of `source`.
@@ -205,6 +220,30 @@ mod tests {
             format!(r#"{{"id":"{id}","source":"src","engine":"sqlite","taken_at":"{at}","file":"f.db","size_bytes":{},"sha256":"{sha}","complete":{complete}}}"#, data.len()),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_data_file_outside_the_backups_directory_is_never_chosen() {
+        let t = tempfile::tempdir().unwrap();
+        mk(t.path(), "b1", "2026-11-20T03:00:00Z", true, b"one");
+        let outside = t.path().join("secret");
+        fs::write(&outside, b"not a backup").unwrap();
+        for (id, file) in [
+            ("b2", "../../secret"),
+            ("b3", outside.to_str().unwrap()),
+            ("b4", ".."),
+            ("b5", ""),
+        ] {
+            let d = t.path().join("src").join(id);
+            fs::create_dir_all(&d).unwrap();
+            let meta = serde_json::json!({"id": id, "source": "src", "engine": "sqlite",
+                "taken_at": "2026-11-25T03:00:00Z", "file": file, "complete": true});
+            fs::write(d.join("backup.json"), meta.to_string()).unwrap();
+        }
+        let b = pick(t.path(), "src", "sqlite", &BackupPick::Latest).unwrap();
+        assert_eq!(b.id, "b1");
+        assert!(b.location.ends_with("src/b1/f.db"), "{}", b.location);
+        assert!(pick(t.path(), "src", "sqlite", &BackupPick::Id("b2".into())).is_err());
     }
 
     #[test]
