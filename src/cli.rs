@@ -150,7 +150,7 @@ Writes DIR/NAME.yaml and DIR/release/dryrun-release.yaml; existing files are kep
 Names from the store or the account that are not plain (letters, digits, `.`, `_`, `-`) are left out and reported."
     )]
     Init {
-        /// Blueprint name (lowercase letters, digits, `-`).
+        /// Blueprint name (a lowercase letter, then lowercase letters, digits, `-`, `_`).
         #[arg(long, default_value = "rehearsal")]
         name: String,
         /// Directory to write into.
@@ -759,14 +759,9 @@ async fn init_cmd(
     (databases, bucket_names): (&[String], &[String]),
     endpoint: Option<&str>,
 ) -> anyhow::Result<i32> {
-    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.len() <= 40
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !valid {
+    if !blueprint::valid_name(name) {
         eprintln!(
-            "error: --name `{name}`: use lowercase letters, digits and `-`, starting with a letter (e.g. shop)"
+            "error: --name `{name}`: use lowercase letters, digits, `-` and `_`, starting with a letter, at most 40 (e.g. shop)"
         );
         return Ok(exit::USAGE);
     }
@@ -844,11 +839,7 @@ async fn init_cmd(
     let notes: Vec<String> = sources
         .notes
         .iter()
-        .map(|n| {
-            n.chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect()
-        })
+        .map(|n| crate::sinks::clean(n, usize::MAX))
         .collect();
     if sources.databases.is_empty() && sources.buckets.is_empty() {
         for n in &notes {

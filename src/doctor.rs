@@ -44,14 +44,23 @@ pub struct Finding {
 }
 
 impl Finding {
-    /// A pass.
-    pub fn pass(check: impl Into<String>, detail: impl Into<String>) -> Finding {
+    fn new(
+        check: impl Into<String>,
+        status: Status,
+        detail: impl Into<String>,
+        fix: Option<String>,
+    ) -> Finding {
         Finding {
             check: check.into(),
-            status: Status::Pass,
+            status,
             detail: detail.into(),
-            fix: None,
+            fix,
         }
+    }
+
+    /// A pass.
+    pub fn pass(check: impl Into<String>, detail: impl Into<String>) -> Finding {
+        Finding::new(check, Status::Pass, detail, None)
     }
 
     /// A failure with its fix.
@@ -60,12 +69,7 @@ impl Finding {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Finding {
-        Finding {
-            check: check.into(),
-            status: Status::Fail,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
+        Finding::new(check, Status::Fail, detail, Some(fix.into()))
     }
 
     /// A warning with what to do about it.
@@ -74,22 +78,12 @@ impl Finding {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Finding {
-        Finding {
-            check: check.into(),
-            status: Status::Warn,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
+        Finding::new(check, Status::Warn, detail, Some(fix.into()))
     }
 
     /// Not checked, and why.
     pub fn skip(check: impl Into<String>, why: impl Into<String>) -> Finding {
-        Finding {
-            check: check.into(),
-            status: Status::Skip,
-            detail: why.into(),
-            fix: None,
-        }
+        Finding::new(check, Status::Skip, why, None)
     }
 }
 
@@ -143,9 +137,19 @@ impl Report {
                 Status::Fail => "FAIL",
                 Status::Skip => "skip",
             };
-            let _ = writeln!(s, "{mark} {:width$}  {}", f.check, printable(&f.detail));
+            let _ = writeln!(
+                s,
+                "{mark} {:width$}  {}",
+                f.check,
+                crate::sinks::clean(&f.detail, usize::MAX)
+            );
             if let Some(fix) = &f.fix {
-                let _ = writeln!(s, "     {:width$}  fix: {}", "", printable(fix));
+                let _ = writeln!(
+                    s,
+                    "     {:width$}  fix: {}",
+                    "",
+                    crate::sinks::clean(fix, usize::MAX)
+                );
             }
         }
         let count = |st: Status| self.findings.iter().filter(|f| f.status == st).count();
@@ -284,14 +288,6 @@ pub fn state_dir_check(state: &StateDir) -> Finding {
         check,
         format!("{} (mode {mode:o}, yours, writable)", root.display()),
     )
-}
-
-/// What a backend or a file system said may hold anything; the terminal gets no control
-/// characters from it.
-fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// Free space on the state directory's file system against `needed` bytes (what the copies

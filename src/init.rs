@@ -385,6 +385,9 @@ mod tests {
         assert_eq!(resource_name("9lives", "db", &mut taken), "db-9lives");
         let long = resource_name(&"x".repeat(80), "db", &mut taken);
         assert!(long.len() <= 40, "{long}");
+        for n in &taken {
+            assert!(crate::blueprint::valid_name(n), "{n}");
+        }
     }
 
     #[test]

@@ -2021,7 +2021,10 @@ fn shown(value: &str) -> String {
     format!("{v:?}")
 }
 
-fn valid_name(s: &str) -> bool {
+/// A blueprint or resource name: a lowercase letter, then lowercase letters, digits, `-` and
+/// `_`; at most 40 characters.
+#[must_use]
+pub fn valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use compile::{CompileError, compile, compile_file};
+pub use compile::{CompileError, compile, compile_file, valid_name};
 pub use diag::{Diagnostic, Diagnostics};
 
 /// A value that may contain handlebars expressions (`{{params.x}}`, `{{resources.db.url}}`).
