@@ -135,16 +135,7 @@ impl Moto {
             return None;
         }
         let recording = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("MOTO_ENABLE_RECORDING", "True")
-            .env("MOTO_RECORDER_FILEPATH", recording.path().join("rec.jsonl"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start moto_server");
+        let (child, port) = spawn_moto(&bin, &recording.path().join("rec.jsonl"));
         let endpoint = format!("http://127.0.0.1:{port}");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -198,7 +189,6 @@ impl Moto {
             ami: String::new(),
             _recording: recording,
         };
-        m.wait_ready(port);
         m.fixtures();
         if sim {
             m.start_simulator(sim_args);
@@ -290,29 +280,50 @@ impl Moto {
         format!("s3://{RELEASES}/{key}")
     }
 
-    fn wait_ready(&mut self, port: u16) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("moto_server exited at start ({status})");
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && self.http("GET", "/moto-api/").starts_with("HTTP/1")
-            {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "moto_server did not answer on port {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// A raw HTTP/1.0 request to the emulator (its control API); returns the whole response.
     pub fn http(&self, method: &str, path: &str) -> String {
         http_request(&self.moto_endpoint, method, path)
     }
+}
+
+/// Starts moto_server on a free port and waits until moto itself answers there. The port is
+/// free when chosen but not reserved: another test's server (a run's HTTP sink, say) may take
+/// it first. Then moto cannot bind and exits, or a foreign server answers: another port is
+/// tried.
+fn spawn_moto(bin: &std::path::Path, recording: &std::path::Path) -> (std::process::Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ENABLE_RECORDING", "True")
+            .env("MOTO_RECORDER_FILEPATH", recording)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            let answer = http_get(&endpoint, "/moto-api/");
+            if answer.contains("<title>Moto") {
+                return (child, port);
+            }
+            if answer.starts_with("HTTP/1") {
+                // Someone else's server holds the port; ours cannot have bound it.
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moto_server did not answer on port {port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("moto_server could not get a free port in 5 tries");
 }
 
 fn which(tool: &str) -> bool {
