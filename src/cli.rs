@@ -1643,6 +1643,37 @@ async fn cleanup_cmd(
                         .await;
                 }
             }
+            // With a shared history, another worker may have marked a run of this machine
+            // interrupted while its journal here was already closed (the worker died between
+            // closing it and recording the outcome, before the journal's mirror caught up):
+            // cleanup skips closed runs, so say here that nothing of it remains.
+            if database_url.is_some() && !matches!(target, Target::Expired) {
+                let host = control.worker().host.clone();
+                for r in crate::journal::list_runs(state).unwrap_or_default() {
+                    if !r.closed
+                        || matches!(target, Target::Run(id) if *id != r.run_id)
+                        || done.iter().any(|c| c.run_id == r.run_id)
+                    {
+                        continue;
+                    }
+                    let Ok(Some((row, _))) = control.get(&r.run_id).await else {
+                        continue;
+                    };
+                    let note = row.failure.as_deref().unwrap_or("interrupted");
+                    if row.status == RunStatus::Interrupted
+                        && !note.contains("nothing of the run remains")
+                        && !note.contains("later removed by")
+                    {
+                        let note = format!(
+                            "{note}; later found by `dryrun cleanup` on {host} at {}: its journal is closed: nothing of the run remains",
+                            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+                        );
+                        let _ = control
+                            .set_status(&r.run_id, RunStatus::Interrupted, Some(&note))
+                            .await;
+                    }
+                }
+            }
         }
         Err(e) => eprintln!("warning: the history is not updated: {e:#}"),
     }
