@@ -371,12 +371,14 @@ async fn accepted_runs_survive_a_crash_of_the_server_and_run_after_the_restart()
     let url = srv.url.clone();
     let mut ids = Vec::new();
     for i in 0..40 {
-        let (code, v) = hook(
-            &url,
-            r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#,
-            &format!("crash-{i}"),
-        )
-        .await;
+        // The last one names a baseline: it is still queued at the crash, and the request
+        // kept with its row must bring the baseline back after the restart.
+        let body = if i == 39 {
+            r#"{"blueprint":"slow.yaml","release":"releases/quick","baseline":"releases/quick"}"#
+        } else {
+            r#"{"blueprint":"slow.yaml","release":"releases/quick"}"#
+        };
+        let (code, v) = hook(&url, body, &format!("crash-{i}")).await;
         assert_eq!(code, 202, "{v}");
         ids.push(v["run_id"].as_str().unwrap().to_string());
     }
@@ -405,6 +407,11 @@ async fn accepted_runs_survive_a_crash_of_the_server_and_run_after_the_restart()
     for id in &ids {
         assert_nothing_left(srv.state(), id);
     }
+    let last = get(&format!("{url}/v1/runs/{}", ids[39])).await;
+    let b = &last["report"]["baseline"];
+    assert_eq!(b["run_id"], format!("{}-baseline", ids[39]), "{last:#}");
+    assert_eq!(b["status"], "passed", "{b:#}");
+    assert_nothing_left(srv.state(), &format!("{}-baseline", ids[39]));
     // A delivery accepted before the crash is still recognised after it.
     let (code, again) = hook(
         &url,
