@@ -351,8 +351,10 @@ async fn dashboard_works_without_javascript() {
             && index.contains(r#"<option value="demo/shop.yaml">"#),
         "{index}"
     );
-    let form =
-        format!("blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=&csrf={csrf}");
+    // The form names the release in production too: it is rehearsed first, on its own copy.
+    let form = format!(
+        "blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&backup=&baseline=demo%2Freleases%2Fv2&csrf={csrf}"
+    );
     let post = |site: Option<&'static str>| {
         let mut r = http
             .post(format!("{}/ui/runs", srv.url))
@@ -384,6 +386,26 @@ async fn dashboard_works_without_javascript() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // A baseline outside the blueprints' root is refused like a release: nothing starts.
+    let r = http
+        .post(format!("{}/ui/runs", srv.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &cookie)
+        .body(format!(
+            "blueprint=demo%2Fshop.yaml&release=demo%2Freleases%2Fv2&baseline=%2Fetc&csrf={csrf}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("Not started: "));
+    assert_eq!(
+        get(&format!("{}/v1/runs", srv.url)).await["runs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     // A plain form post answers 303 to the run page.
     let r = post(None).await.unwrap();
     assert_eq!(r.status(), 303);
@@ -426,5 +448,10 @@ async fn dashboard_works_without_javascript() {
         !page.contains("http-equiv=\"refresh\""),
         "a finished run stops refreshing"
     );
+    assert!(
+        page.contains(&format!("(run {run_id}-baseline): passed")),
+        "{page}"
+    );
     assert_nothing_left(srv.state(), &run_id);
+    assert_nothing_left(srv.state(), &format!("{run_id}-baseline"));
 }
