@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::{LockHold, Migration, TraceReport, mode_name};
@@ -122,8 +122,8 @@ struct Sampler {
 }
 
 impl Sampler {
-    async fn sample(&mut self, c: &Client) -> Result<(), TraceError> {
-        let rows = c.query(SAMPLE, &[]).await.map_err(|e| db(&e))?;
+    async fn sample(&mut self, c: &Client, q: &Statement) -> Result<(), TraceError> {
+        let rows = c.query(q, &[]).await.map_err(|e| db(&e))?;
         let now_i = Instant::now();
         if let Some(p) = self.prev_at {
             self.max_gap = self.max_gap.max(now_i - p);
@@ -341,8 +341,11 @@ impl Monitor {
             .await
             .map_err(|e| db(&e))?;
         let before = relations(&c).await?;
+        // Parsed and planned once: a sample is then one Bind/Execute round trip, which keeps
+        // the monitor's share of a 2-core machine (and so its overhead on the migration) small.
+        let q = c.prepare(SAMPLE).await.map_err(|e| db(&e))?;
         let mut sampler = Sampler::default();
-        sampler.sample(&c).await?;
+        sampler.sample(&c, &q).await?;
         let stop = CancellationToken::new();
         let token = stop.clone();
         let database = database.to_string();
@@ -351,11 +354,11 @@ impl Monitor {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sampler.sample(&c).await?,
+                    _ = tick.tick() => sampler.sample(&c, &q).await?,
                     () = token.cancelled() => break,
                 }
             }
-            sampler.sample(&c).await?;
+            sampler.sample(&c, &q).await?;
             let after = relations(&c).await?;
             Ok(sampler.finish(&database, &before, &after))
         });
