@@ -90,6 +90,27 @@ fn a_rewriting_migration_is_failed_by_the_lock_guard_and_the_safe_one_passes() {
     );
     assert_eq!(guard(&r, "forbid_rewrite")["status"], "failed");
     assert_eq!(guard(&r, "max_migration")["status"], "passed");
+    // The service's install commands with their times, inside its install step.
+    let svc = r["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["address"] == "service.migrator")
+        .unwrap();
+    let steps = svc["install_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "{svc:#}");
+    assert_eq!(steps[0]["name"], "migrate-0006");
+    let install = svc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["step"] == "install")
+        .unwrap();
+    let ms = steps[0]["duration_ms"].as_u64().unwrap();
+    assert!(
+        ms > 250 && ms <= install["duration_ms"].as_u64().unwrap(),
+        "{svc:#}"
+    );
 
     // The statement, its lock and how long it was held, the rewrite, the WAL it wrote.
     let alter = statement(&r, "ALTER TABLE order_events ADD COLUMN trace_id");

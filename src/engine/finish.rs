@@ -216,6 +216,16 @@ pub(super) fn report(bp: &Blueprint, shared: &Shared, opts: &RunOptions, o: Outc
                     .filter(|(a, _)| *a == addr)
                     .map(|(_, s)| s.clone())
                     .collect(),
+                install_steps: judged
+                    .installs
+                    .iter()
+                    .filter(|(a, _)| *a == addr)
+                    .flat_map(|(_, s)| s)
+                    .map(|(name, d)| crate::report::InstallStep {
+                        name: name.clone(),
+                        duration_ms: millis(*d),
+                    })
+                    .collect(),
             }
         })
         .collect();

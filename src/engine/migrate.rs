@@ -198,6 +198,8 @@ impl Shared {
 /// The migrations' findings at the end of the walk.
 #[derive(Debug, Default)]
 pub(super) struct Judged {
+    /// Per service, its install steps and their times.
+    pub installs: Vec<(String, Vec<(String, Duration)>)>,
     pub migrations: Vec<Migration>,
     pub traces: Vec<TraceReport>,
     pub guards: Vec<GuardResult>,
@@ -237,6 +239,7 @@ pub(super) async fn judge(
     let traced = t.reports.iter().any(|r| r.status == "traced");
     migrations::lint::link(&mut hints, &t.migrations, traced);
     Judged {
+        installs: t.installs,
         migrations: t.migrations,
         traces: t.reports,
         guards: results,

@@ -222,6 +222,20 @@ pub struct ResourceReport {
     /// they ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepSpan>,
+    /// A service's install steps (the release's `install:` commands) and how long each took,
+    /// in the order they ran: the `install` step above is these plus starting the service and
+    /// waiting for its health.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub install_steps: Vec<InstallStep>,
+}
+
+/// One of the release's install commands on a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallStep {
+    /// Its `name` in dryrun-release.yaml.
+    pub name: String,
+    /// How long it ran.
+    pub duration_ms: u64,
 }
 
 /// A step on one resource.

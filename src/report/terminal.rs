@@ -938,6 +938,7 @@ pub(crate) mod testutil {
             status: Status::Passed,
             message: None,
             steps: Vec::new(),
+            install_steps: Vec::new(),
         }
     }
 
