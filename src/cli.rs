@@ -503,7 +503,12 @@ pub fn main() -> ExitCode {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(u8::try_from(*code).unwrap_or(1));
             }
-            eprintln!("error: {e:#}");
+            // Errors quote blueprints, releases and API answers: nothing in them may act on the
+            // terminal.
+            eprintln!(
+                "error: {}",
+                crate::report::terminal::printable(&format!("{e:#}"))
+            );
             let code = if e.chain().any(|c| {
                 c.is::<ReleaseError>()
                     || matches!(
@@ -664,7 +669,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.to_text());
+                // The plan quotes the release (its version, SQL file names) and API answers.
+                print!("{}", crate::report::terminal::printable(&report.to_text()));
             }
             Ok(if report.ok {
                 exit::PASSED
@@ -1760,9 +1766,13 @@ fn runs(state: &StateDir, limit: usize, json: bool) -> anyhow::Result<i32> {
                 .map_or_else(|| "?".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
             rep.as_ref()
                 .map_or_else(|| "-".into(), |x| report::human_ms(x.duration_ms)),
-            rep.as_ref()
-                .and_then(|x| x.release.version.clone())
-                .unwrap_or_else(|| r.release.clone()),
+            // The version is the release's own text: one line, nothing that acts on a terminal.
+            crate::sinks::clean(
+                &rep.as_ref()
+                    .and_then(|x| x.release.version.clone())
+                    .unwrap_or_else(|| r.release.clone()),
+                80
+            ),
         );
     }
     let needs_cleanup = runs.iter().any(|r| {

@@ -283,6 +283,45 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
         };
         bad(m.map_or(1, |m| m.line()), m.map_or(1, |m| m.column()), msg)
     })?;
+    // The version, the commit and the step names are shown in terminals, pages and reports as
+    // they are: a release that puts escape sequences (or line breaks) in them is refused here,
+    // at the line, instead of being filtered everywhere it is shown.
+    let plain = |value: &str, at: Option<&marked_yaml::Node>, what: &str| {
+        if value
+            .chars()
+            .any(crate::report::terminal::acts_on_a_terminal)
+        {
+            let m = at.and_then(|n| n.span().start());
+            return Err(bad(
+                m.map_or(1, |m| m.line()),
+                m.map_or(1, |m| m.column()),
+                format!(
+                    "{what} contains control characters (an escape sequence or a line break); \
+                     use plain text"
+                ),
+            ));
+        }
+        Ok(())
+    };
+    let top = node.as_mapping();
+    plain(
+        &raw.version,
+        top.and_then(|m| m.get_node("version")),
+        "`version`",
+    )?;
+    if let Some(sha) = &raw.git_sha {
+        plain(sha, top.and_then(|m| m.get_node("git_sha")), "`git_sha`")?;
+    }
+    let steps = top
+        .and_then(|m| m.get_node("install"))
+        .and_then(|n| n.as_sequence());
+    for (i, s) in raw.install.iter().enumerate() {
+        let at = steps
+            .and_then(|seq| seq.get(i))
+            .and_then(|n| n.as_mapping())
+            .and_then(|m| m.get_node("name"));
+        plain(&s.name, at, &format!("install step {}'s `name`", i + 1))?;
+    }
     let dur = |s: Option<&str>, d: Duration| -> Result<Duration, ReleaseError> {
         s.map_or(Ok(d), |s| {
             humantime::parse_duration(s)
@@ -388,6 +427,31 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("r/dryrun-release.yaml:2:1:"), "{msg}");
         assert!(msg.contains("instal"), "{msg}");
+    }
+
+    #[test]
+    fn escape_sequences_and_line_breaks_in_shown_fields_are_refused_at_their_line() {
+        let err = parse_manifest("m.yaml", "version: \"1.0\\e]0;pwned\\a\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("m.yaml:1:10: `version` contains control characters"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\x1b'), "{msg:?}");
+        let err = parse_manifest(
+            "m.yaml",
+            "version: '1'\ninstall:\n  - name: ok\n    run: 'true'\n  - name: \"a\\nb\"\n    run: 'true'\n",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("m.yaml:5:11: install step 2's `name` contains control characters"),
+            "{msg}"
+        );
+        let err = parse_manifest("m.yaml", "version: '1'\ngit_sha: \"ab\\u202ecd\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("m.yaml:2:"), "{err}");
+        // Plain text (Unicode included) is fine.
+        assert!(parse_manifest("m.yaml", "version: '1.0 — été'\n").is_ok());
     }
 
     #[test]

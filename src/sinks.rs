@@ -248,10 +248,14 @@ fn path_arg(rest: &str) -> String {
     )
 }
 
-/// At most `max` characters of `s`, without control characters: what the release sends is
-/// shown in terminals and pages, where an escape sequence must not act.
+/// At most `max` characters of `s` on one line, without control characters (nor bidi
+/// overrides): what the release sends is shown in terminals and pages, where an escape sequence
+/// must not act. [`crate::report::terminal::printable`] is the same for text with lines.
 pub(crate) fn clean(s: &str, max: usize) -> String {
-    s.chars().filter(|c| !c.is_control()).take(max).collect()
+    s.chars()
+        .filter(|&c| !crate::report::terminal::acts_on_a_terminal(c))
+        .take(max)
+        .collect()
 }
 
 async fn smtp(stream: TcpStream, seen: &Mutex<SideEffects>) -> std::io::Result<()> {

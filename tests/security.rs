@@ -1512,3 +1512,75 @@ fn a_kept_copys_service_keeps_logging_redacted_after_dryrun_exits() {
     assert_eq!(out.status.code(), Some(0));
     assert_nothing_left(state.path(), &run_id);
 }
+
+/// Whether `s` holds anything a terminal would act on instead of showing (line breaks and
+/// tabs aside).
+fn acts_on_a_terminal(s: &str) -> bool {
+    s.chars().any(|c| {
+        (c.is_control() && c != '\n' && c != '\t') || ('\u{202a}'..='\u{202e}').contains(&c)
+    })
+}
+
+#[test]
+fn escape_sequences_from_a_release_never_reach_the_operators_terminal() {
+    let fixtures = fixture_root();
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    write(
+        &fixtures.path().join("esc.yaml"),
+        "name: esc\nresources:\n  job:\n    type: service\n",
+    );
+    // The release's own output: clear the screen, set the title, write the clipboard (OSC 52),
+    // return over the line and reverse the text that follows.
+    release(
+        &fixtures.path().join("releases/esc"),
+        r"printf 'x\033[2Jy\033]0;pwned\007\033]52;c;cHduZWQ=\007z\rPASSED\342\200\256w\n' >&2; exit 3",
+    );
+    let out = run(dryrun(state.path())
+        .args(["run"])
+        .arg(fixtures.path().join("esc.yaml"))
+        .arg("--release")
+        .arg(fixtures.path().join("releases/esc")));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // The output is still shown, without what would act.
+    assert!(
+        stdout.contains("x[2Jy]0;pwned]52;c;cHduZWQ=zPASSEDw"),
+        "{stdout}"
+    );
+    assert!(!acts_on_a_terminal(&stdout), "{stdout:?}");
+    assert!(!acts_on_a_terminal(&stderr), "{stderr:?}");
+    // report.json keeps the output as the release wrote it (JSON escapes it).
+    let id = &run_ids(state.path())[0];
+    let report =
+        std::fs::read_to_string(state.path().join("runs").join(id).join("report.json")).unwrap();
+    assert!(report.contains(r"\u001b]52;c;cHduZWQ=\u0007"), "{report}");
+    assert_nothing_left(state.path(), id);
+
+    // What the release names itself with is shown everywhere: refused at its line instead.
+    let hostile = fixtures.path().join("releases/hostile-version");
+    write(
+        &hostile.join("dryrun-release.yaml"),
+        "version: \"2.0\\e]52;c;cHduZWQ=\\a\"\ninstall:\n  - name: step\n    run: 'true'\n",
+    );
+    let out = run(dryrun(state.path())
+        .args(["run"])
+        .arg(fixtures.path().join("esc.yaml"))
+        .arg("--release")
+        .arg(&hostile));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("dryrun-release.yaml:1:10: `version` contains control characters"),
+        "{stderr}"
+    );
+    assert!(!acts_on_a_terminal(&stderr), "{stderr:?}");
+    assert_eq!(
+        run_ids(state.path()).len(),
+        1,
+        "the refused release created a run"
+    );
+}

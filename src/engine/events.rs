@@ -95,3 +95,73 @@ pub enum Event {
         message: String,
     },
 }
+
+impl Event {
+    /// The same event with `f` applied to each of its texts (names, details, messages).
+    #[must_use]
+    pub fn map_text(&self, f: impl Fn(&str) -> String) -> Event {
+        let opt = |o: &Option<String>| o.as_deref().map(&f);
+        match self {
+            Event::RunStarted {
+                run_id,
+                blueprint,
+                provider,
+                release,
+            } => Event::RunStarted {
+                run_id: f(run_id),
+                blueprint: f(blueprint),
+                provider: f(provider),
+                release: f(release),
+            },
+            Event::StepStarted {
+                address,
+                step,
+                detail,
+            } => Event::StepStarted {
+                address: f(address),
+                step: *step,
+                detail: opt(detail),
+            },
+            Event::StepFinished {
+                address,
+                step,
+                status,
+                duration_ms,
+                message,
+            } => Event::StepFinished {
+                address: f(address),
+                step: *step,
+                status: *status,
+                duration_ms: *duration_ms,
+                message: opt(message),
+            },
+            Event::CheckStarted { name } => Event::CheckStarted { name: f(name) },
+            Event::CheckRetrying {
+                name,
+                attempt,
+                message,
+            } => Event::CheckRetrying {
+                name: f(name),
+                attempt: *attempt,
+                message: f(message),
+            },
+            Event::CheckFinished {
+                name,
+                status,
+                duration_ms,
+                message,
+            } => Event::CheckFinished {
+                name: f(name),
+                status: *status,
+                duration_ms: *duration_ms,
+                message: opt(message),
+            },
+            Event::Warning { message } => Event::Warning {
+                message: f(message),
+            },
+            Event::StageStarted { .. }
+            | Event::StageFinished { .. }
+            | Event::Interrupted { .. } => self.clone(),
+        }
+    }
+}

@@ -17,6 +17,55 @@ use crate::engine::events::{Event, Step};
 /// Width the summary wraps its stage line at.
 const WRAP_AT: usize = 80;
 
+/// Whether `c`, printed, would act on a terminal instead of being shown: control characters
+/// (ESC starts the sequences that clear the screen, set the title or write the clipboard —
+/// OSC 52 —, CR overwrites a line) and the bidi overrides that reorder what is displayed.
+pub(crate) fn acts_on_a_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` as a terminal may show it: line breaks and tabs kept, everything else that
+/// [acts on a terminal](acts_on_a_terminal) dropped. Every text the terminal views print goes
+/// through it — the release's version, step names and output, check output, database content,
+/// error messages quoting any of them — because all of it may come from a hostile release.
+#[must_use]
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |c: char| c == '\n' || c == '\t' || !acts_on_a_terminal(c);
+    if s.chars().all(keep) {
+        std::borrow::Cow::Borrowed(s)
+    } else {
+        std::borrow::Cow::Owned(s.chars().filter(|&c| keep(c)).collect())
+    }
+}
+
+/// A copy of `report` with every string [printable](printable), keys included. The copy goes
+/// through serde_json, so no field can be forgotten when the report grows; `None` if that
+/// round trip fails (the caller then prints without colour and filters its whole output).
+fn printable_report(report: &RunReport) -> Option<RunReport> {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => {
+                if let std::borrow::Cow::Owned(o) = printable(s) {
+                    *s = o;
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            serde_json::Value::Object(m) => {
+                let old = std::mem::take(m);
+                for (k, mut v) in old {
+                    walk(&mut v);
+                    m.insert(printable(&k).into_owned(), v);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(report).ok()?;
+    walk(&mut v);
+    serde_json::from_value(v).ok()
+}
+
 /// The final summary of a run, as printed after it ended.
 ///
 /// Holds the same facts as report.md: headline (status, blueprint, release, provider, run id,
@@ -25,6 +74,13 @@ const WRAP_AT: usize = 80;
 /// is always `left behind: ...`. ANSI colour codes appear only when `color` is true.
 #[must_use]
 pub fn summary(report: &RunReport, color: bool) -> String {
+    match printable_report(report) {
+        Some(r) => summary_of(&r, color),
+        None => printable(&summary_of(report, false)).into_owned(),
+    }
+}
+
+fn summary_of(report: &RunReport, color: bool) -> String {
     let p = Paint(color);
     let mut out = String::new();
 
@@ -306,7 +362,7 @@ pub fn scan_summary(
                 .as_deref()
                 .unwrap_or("the copy could not be made")
         );
-        return (out, report.exit_code);
+        return (printable(&out).into_owned(), report.exit_code);
     }
     let mut missing = 0;
     let dbs = report
@@ -347,7 +403,9 @@ pub fn scan_summary(
     if missing == 0 {
         out.push_str("every finding has a masking rule\n");
     }
-    (out, i32::from(missing > 0))
+    // Column names and findings come from the copy of production: no colour here, so the
+    // whole text is filtered.
+    (printable(&out).into_owned(), i32::from(missing > 0))
 }
 
 fn summary_left_behind(out: &mut String, report: &RunReport, p: Paint) {
@@ -630,8 +688,9 @@ impl Progress {
         }
     }
 
-    /// Renders one event.
+    /// Renders one event (its text [printable](printable)).
     pub fn handle(&mut self, ev: &Event) {
+        let ev = &ev.map_text(|s| printable(s).into_owned());
         match self.mode {
             ProgressMode::Quiet => {
                 if let Some(line) = alert_line(ev) {
@@ -1191,6 +1250,84 @@ mod tests {
         let colored = summary(&report, true);
         assert!(colored.contains("\x1b[1;31mFAILED\x1b[0m"), "{colored}");
         assert!(colored.contains("\x1b[32m✓\x1b[0m"), "{colored}");
+    }
+
+    /// Sequences a hostile release could print: clear screen, window title, clipboard write
+    /// (OSC 52), carriage return over the line, a bidi override.
+    const HOSTILE: &str = "a\x1b[2Jb\x1b]0;title\x07c\x1b]52;c;cHduZWQ=\x07d\rPASSED\u{202e}e";
+
+    #[test]
+    fn printable_keeps_lines_and_tabs_and_drops_what_acts_on_a_terminal() {
+        assert_eq!(printable(HOSTILE), "a[2Jb]0;titlec]52;c;cHduZWQ=dPASSEDe");
+        assert_eq!(printable("one\n\ttwo"), "one\n\ttwo");
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+        // One line for `clean`: the line break goes too.
+        assert_eq!(crate::sinks::clean("x\ny\u{2066}z", 10), "xyz");
+    }
+
+    #[test]
+    fn release_text_in_a_summary_cannot_act_on_the_terminal() {
+        let mut report = sample_report(Status::Failed);
+        // The report round-trips unchanged when there is nothing to filter.
+        assert_eq!(printable_report(&report).as_ref(), Some(&report));
+        report.release.version = Some(format!("2.0.0{HOSTILE}"));
+        report.failure = Some(format!("install step `{HOSTILE}` failed\n{HOSTILE}"));
+        report.checks[0].message = Some(HOSTILE.to_owned());
+        report.checks[0].output = Some(HOSTILE.to_owned());
+        report.resources[0].message = Some(HOSTILE.to_owned());
+        let plain = summary(&report, false);
+        assert!(
+            !plain.contains(|c: char| c != '\n' && acts_on_a_terminal(c)),
+            "{plain:?}"
+        );
+        assert!(plain.contains("2.0.0a[2Jb"), "{plain}");
+        // With colour, the only escape sequences are the summary's own colours.
+        let colored = summary(&report, true);
+        for seq in colored.split('\x1b').skip(1) {
+            let code = seq.split_once('m').map(|(c, _)| c).unwrap_or(seq);
+            assert!(
+                matches!(code, "[32" | "[1;31" | "[33" | "[2" | "[1" | "[0"),
+                "{seq:?} in {colored:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn progress_shows_event_text_without_what_acts_on_a_terminal() {
+        let captured = Captured::default();
+        let mut progress = Progress::with_writer(ProgressMode::Plain, Box::new(captured.clone()));
+        for ev in [
+            Event::RunStarted {
+                run_id: "r".into(),
+                blueprint: "b".into(),
+                provider: "local".into(),
+                release: HOSTILE.into(),
+            },
+            Event::StepFinished {
+                address: "service.app".into(),
+                step: Step::Install,
+                status: Status::Failed,
+                duration_ms: 5,
+                message: Some(format!("install step `{HOSTILE}` failed\n{HOSTILE}")),
+            },
+            Event::CheckRetrying {
+                name: "c".into(),
+                attempt: 1,
+                message: HOSTILE.into(),
+            },
+            Event::Warning {
+                message: HOSTILE.into(),
+            },
+        ] {
+            progress.handle(&ev);
+        }
+        progress.finish();
+        let text = captured.text();
+        assert!(
+            !text.contains(|c: char| c != '\n' && acts_on_a_terminal(c)),
+            "{text:?}"
+        );
+        assert!(text.contains("release a[2Jb"), "{text}");
     }
 
     #[test]
