@@ -1540,8 +1540,14 @@ fn escape_sequences_from_a_release_never_reach_the_operators_terminal() {
         .args(["run"])
         .arg(fixtures.path().join("esc.yaml"))
         .arg("--release")
-        .arg(fixtures.path().join("releases/esc")));
+        .arg(fixtures.path().join("releases/esc"))
+        .arg("--report-dir")
+        .arg(state.path().join("out")));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // report.md is shown in terminals too (`cat report.md` in a CI log).
+    let md = std::fs::read_to_string(state.path().join("out/report.md")).unwrap();
+    assert!(md.contains("x[2Jy]0;pwned"), "{md}");
+    assert!(!acts_on_a_terminal(&md), "{md:?}");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

@@ -32,7 +32,9 @@ pub fn to_markdown(report: &RunReport) -> String {
     let end = md.trim_end_matches('\n').len();
     md.truncate(end);
     md.push('\n');
-    md
+    // Release output is quoted verbatim; a job summary renders it, but a terminal that shows
+    // the file (`cat report.md` in a CI log) must not act on it.
+    super::terminal::printable(&md).into_owned()
 }
 
 /// Writes `report.md` into `dir` (created if missing) and returns its path.
