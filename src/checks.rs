@@ -107,11 +107,12 @@ pub async fn run(
     let mut attempts = 0;
     let mut last;
     let mut timings_ms = Vec::new();
+    let conn = PgConn::default();
     loop {
         attempts += 1;
         let began = Instant::now();
         let attempt = tokio::select! {
-            v = attempt(check, env) => v,
+            v = attempt(check, env, &conn) => v,
             () = env.cancel.cancelled() => Err(NoVerdict::from("cancelled".to_string())),
         };
         last = match attempt {
@@ -167,7 +168,7 @@ pub async fn run(
         for n in 2..=check.repeat {
             let began = Instant::now();
             let v = tokio::select! {
-                v = attempt(check, env) => v,
+                v = attempt(check, env, &conn) => v,
                 () = env.cancel.cancelled() => break,
             };
             match v {
@@ -217,7 +218,36 @@ fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict> {
+/// A `sql` check's PostgreSQL connection, kept from one attempt (and repetition) to the next:
+/// a timed query then measures the query, not a new connection's start-up and password
+/// exchange each time. Taken out while a query runs, so a query cut off by the check's timeout
+/// drops its connection with it.
+#[derive(Default)]
+struct PgConn(std::sync::Mutex<Option<(String, tokio_postgres::Client)>>);
+
+impl PgConn {
+    /// The kept connection to `url` if it is still open, else a new one.
+    async fn take(&self, url: &str) -> Result<tokio_postgres::Client, String> {
+        let kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            Some((u, c)) if u == url && !c.is_closed() => Ok(c),
+            _ => crate::pg::connect(url).await,
+        }
+    }
+
+    fn keep(&self, url: &str, c: tokio_postgres::Client) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((url.to_string(), c));
+    }
+}
+
+async fn attempt(check: &Check, env: &CheckEnv<'_>, conn: &PgConn) -> Result<Verdict, NoVerdict> {
     if let CheckSpec::Mail {
         count,
         to_contains,
@@ -263,14 +293,15 @@ async fn attempt(check: &Check, env: &CheckEnv<'_>) -> Result<Verdict, NoVerdict
         message: e.to_string(),
     })? {
         ProbeOutcome::Local => {
-            let local = tokio::time::timeout(check.timeout, run_local(&check.name, &probe, env))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "timed out after {}",
-                        humantime::format_duration(check.timeout)
-                    )
-                })?;
+            let local =
+                tokio::time::timeout(check.timeout, run_local(&check.name, &probe, env, conn))
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "timed out after {}",
+                            humantime::format_duration(check.timeout)
+                        )
+                    })?;
             (local?, None)
         }
         ProbeOutcome::Remote { answer, via } => (answer, Some(via)),
@@ -366,7 +397,12 @@ fn render_probe(spec: &CheckSpec, env: &CheckEnv<'_>) -> Result<Probe, String> {
 }
 
 /// Runs the action on this machine (the copy listens on loopback).
-async fn run_local(name: &str, probe: &Probe, env: &CheckEnv<'_>) -> Result<ProbeAnswer, String> {
+async fn run_local(
+    name: &str,
+    probe: &Probe,
+    env: &CheckEnv<'_>,
+    conn: &PgConn,
+) -> Result<ProbeAnswer, String> {
     match probe {
         Probe::Http {
             method,
@@ -450,7 +486,7 @@ async fn run_local(name: &str, probe: &Probe, env: &CheckEnv<'_>) -> Result<Prob
                 }
                 "postgres" => {
                     let url = outs.get("url").map(|o| o.value.clone()).unwrap_or_default();
-                    postgres_query(&url, query).await?
+                    postgres_query(&url, query, conn).await?
                 }
                 other => return Err(format!("sql checks do not support engine `{other}`")),
             };
@@ -656,14 +692,15 @@ fn sqlite_query(path: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
     Ok(out)
 }
 
-async fn postgres_query(url: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
-    let client = crate::pg::connect(url).await?;
+async fn postgres_query(url: &str, q: &str, conn: &PgConn) -> Result<Vec<Vec<String>>, String> {
+    let client = conn.take(url).await?;
     // simple_query returns every value as text, which is how expectations are written.
     let msgs = client
         .simple_query(q)
         .await
         .map_err(|e| format!("query failed: {}", crate::pg::error(&e)))?;
-    drop(client);
+    // Kept only after a query that worked: a failed one may have left a transaction open.
+    conn.keep(url, client);
     let mut out = Vec::new();
     for m in msgs {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = m {

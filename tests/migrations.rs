@@ -378,6 +378,42 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
 /// A release for the SQLite test: the demo's migrations through `demo-shop migrate` (its own
 /// transaction per file), then `extra`, Python run against the copy (a second tool, its own
 /// transaction handling).
+#[test]
+fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
+    if !have_postgres() {
+        return;
+    }
+    let state = state_dir();
+    let _reaper = Reaper(state.path().to_path_buf());
+    let dir = state.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The query answers `reused` only in a session where it ran before: the first attempt
+    // fails, its retry passes, and so do the repetitions, when all run on one connection (a
+    // timed repetition then measures the query, not a new connection's start-up).
+    std::fs::write(
+        dir.join("bp.yaml"),
+        format!(
+            "name: session\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: shop-pg\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\nchecks:\n  - name: one-session\n    type: sql\n    database: db\n    query: \"SELECT CASE WHEN current_setting('dryrun.seen', true) = 'y' THEN 'reused' ELSE set_config('dryrun.seen', 'y', false) END\"\n    retries: 1\n    interval: 10ms\n    repeat: 5\n    expect:\n      value: reused\n",
+            root().join("blueprints/demo/production/backups").display()
+        ),
+    )
+    .unwrap();
+    slow_release(&dir.join("rel"), "1.0.0", "0.001");
+    let (code, out, r) = rehearse(
+        state.path(),
+        dir.join("bp.yaml").to_str().unwrap(),
+        &["--release", dir.join("rel").to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    let c = &r["checks"][0];
+    assert_eq!(c["status"], "passed", "{c:#}");
+    assert_eq!(c["attempts"], 2, "{c:#}");
+    assert_eq!(c["timings_ms"].as_array().unwrap().len(), 5, "{c:#}");
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
+}
+
 fn sqlite_release(dir: &std::path::Path, version: &str, extra: &str) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     let migrations = root().join("blueprints/demo/releases/v2/migrations");
