@@ -227,6 +227,7 @@ async fn run_baseline(
         release: release.reference.clone(),
         status: crate::report::Status::Error,
         failure: Some(why),
+        comparable: false,
         timings: std::collections::BTreeMap::new(),
     };
     match state.claim_run(&id) {

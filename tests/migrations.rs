@@ -373,11 +373,44 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
     for id in run_ids(state.path()) {
         assert_nothing_left(state.path(), &id);
     }
+
+    // A baseline that fails only its own guards is still a yardstick: production has been
+    // through its migrations; its checks passed, so they are compared.
+    let text = std::fs::read_to_string(dir.join("bp.yaml")).unwrap();
+    let guarded = dir.join("bp-guarded.yaml");
+    std::fs::write(
+        &guarded,
+        text.replace("guards:\n", "guards:\n  max_migration: 1ms\n"),
+    )
+    .unwrap();
+    let state = state_dir();
+    let _reaper3 = Reaper(state.path().to_path_buf());
+    let (code, out, r) = rehearse(
+        state.path(),
+        guarded.to_str().unwrap(),
+        &[
+            "--release",
+            fast.to_str().unwrap(),
+            "--baseline",
+            fast.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(guard(&r, "max_migration")["status"], "failed");
+    let b = &r["baseline"];
+    assert_eq!(b["status"], "failed", "{b:#}");
+    assert_eq!(b["comparable"], true, "{b:#}");
+    assert_eq!(
+        guard(&r, "max_p95_regression")["status"],
+        "passed",
+        "{:#}",
+        r["guards"]
+    );
+    for id in run_ids(state.path()) {
+        assert_nothing_left(state.path(), &id);
+    }
 }
 
-/// A release for the SQLite test: the demo's migrations through `demo-shop migrate` (its own
-/// transaction per file), then `extra`, Python run against the copy (a second tool, its own
-/// transaction handling).
 #[test]
 fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
     if !have_postgres() {
@@ -414,6 +447,9 @@ fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
     }
 }
 
+/// A release for the SQLite test: the demo's migrations through `demo-shop migrate` (its own
+/// transaction per file), then `extra`, Python run against the copy (a second tool, its own
+/// transaction handling).
 fn sqlite_release(dir: &std::path::Path, version: &str, extra: &str) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     let migrations = root().join("blueprints/demo/releases/v2/migrations");

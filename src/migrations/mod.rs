@@ -548,22 +548,33 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
                 Status::Skipped,
                 Some("no baseline ran (`dryrun run --baseline REF`)".into()),
             ),
-            Some(c) if c.status != crate::report::Status::Passed => (
+            Some(c) if !c.comparable => (
                 Status::Skipped,
                 Some(format!(
-                    "the baseline run {} did not pass ({}); nothing to compare with",
+                    "not every check passed on the baseline run {} ({}); nothing to compare with",
                     c.run_id,
                     c.failure.as_deref().unwrap_or(c.status.as_str())
                 )),
             ),
             Some(c) => {
-                let worst = c
+                let judged: Vec<(&CheckComparison, f64)> = c
                     .checks
                     .iter()
+                    .filter(|x| {
+                        x.samples >= MIN_SAMPLES && x.baseline_samples.unwrap_or(0) >= MIN_SAMPLES
+                    })
                     .filter_map(|x| x.p95_change_pct.map(|p| (x, p)))
-                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                    .collect();
+                let grew = |x: &CheckComparison| {
+                    x.p95_ms > x.baseline_p95_ms.unwrap_or(0).saturating_add(NOISE_MS)
+                };
+                let worst = judged
+                    .iter()
+                    .filter(|(x, _)| grew(x))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .or_else(|| judged.iter().max_by(|a, b| a.1.total_cmp(&b.1)));
                 match worst {
-                    Some((x, p)) if p > limit => (
+                    Some((x, p)) if *p > limit && grew(x) => (
                         Status::Failed,
                         Some(format!(
                             "check `{}`: p95 {} ms, baseline {} {} ms (+{p:.0}%, limit {limit}%)",
@@ -575,11 +586,22 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
                     ),
                     Some((x, p)) => (
                         Status::Passed,
-                        Some(format!("largest: check `{}` {p:+.0}%", x.name)),
+                        Some(format!(
+                            "largest: check `{}` {p:+.0}%{}",
+                            x.name,
+                            if grew(x) {
+                                String::new()
+                            } else {
+                                format!(" (within the {NOISE_MS} ms noise floor)")
+                            }
+                        )),
                     ),
                     None => (
                         Status::Skipped,
-                        Some("no check passed on both releases".into()),
+                        Some(format!(
+                            "no check passed at least {MIN_SAMPLES} times on both releases \
+                             (give the checks to compare `repeat: 10` or more)"
+                        )),
                     ),
                 }
             }
@@ -605,6 +627,11 @@ pub struct Baseline {
     pub status: crate::report::Status,
     /// Its deciding failure.
     pub failure: Option<String>,
+    /// Whether it is a yardstick: every check ran and passed on it. Its own guards do not
+    /// matter (production has been through its migrations already); a check that failed there,
+    /// or an install that never got to the checks, does.
+    #[serde(default)]
+    pub comparable: bool,
     /// Per check: the time of each passing repetition.
     pub timings: BTreeMap<String, Vec<u64>>,
 }
@@ -622,6 +649,10 @@ impl Baseline {
                 .unwrap_or_else(|| r.release.reference.clone()),
             status: r.status,
             failure: r.failure.clone(),
+            comparable: !r.checks.is_empty()
+                && r.checks
+                    .iter()
+                    .all(|c| c.status == crate::report::Status::Passed),
             timings: r
                 .checks
                 .iter()
@@ -644,6 +675,9 @@ pub struct Comparison {
     /// Its deciding failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Every check passed on the baseline: its timings are a yardstick (see [`Baseline`]).
+    #[serde(default)]
+    pub comparable: bool,
     /// Per check, in blueprint order.
     pub checks: Vec<CheckComparison>,
 }
@@ -665,10 +699,22 @@ pub struct CheckComparison {
     /// Baseline p95.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_p95_ms: Option<u64>,
+    /// Baseline: repetitions timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_samples: Option<usize>,
     /// (candidate p95 − baseline p95) / baseline p95 × 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p95_change_pct: Option<f64>,
 }
+
+/// The fewest timings, on each side, of a check `max_p95_regression` judges: below that a p95
+/// is merely the slowest sample, and one slow sample is noise (`repeat: 10` or more is
+/// advised).
+pub const MIN_SAMPLES: usize = 5;
+
+/// Growth of a p95 by this much or less never fails `max_p95_regression`: timings are whole
+/// milliseconds, so a 1 ms check reads 1 or 2 ms by rounding alone (+100 %).
+pub const NOISE_MS: u64 = 2;
 
 /// The nearest-rank percentile `p` (0–100) of `v`; `None` when empty.
 #[must_use]
@@ -717,6 +763,7 @@ pub fn compare(b: &Baseline, checks: &[crate::report::CheckReport]) -> Compariso
             p95_ms: p95,
             baseline_p50_ms: bp50,
             baseline_p95_ms: bp95,
+            baseline_samples: base.map(Vec::len),
             p95_change_pct: change,
         });
     }
@@ -725,6 +772,7 @@ pub fn compare(b: &Baseline, checks: &[crate::report::CheckReport]) -> Compariso
         release: b.release.clone(),
         status: b.status,
         failure: b.failure.clone(),
+        comparable: b.comparable,
         checks: out,
     }
 }
@@ -928,6 +976,7 @@ mod tests {
             release: "1.0".into(),
             status: crate::report::Status::Passed,
             failure: None,
+            comparable: true,
             timings: [("list".to_string(), vec![10; 20])].into(),
         };
         let mut c = crate::report::CheckReport {
@@ -963,17 +1012,65 @@ mod tests {
             r[0].message.as_deref(),
             Some("check `list`: p95 13 ms, baseline 1.0 10 ms (+30%, limit 20%)")
         );
-        c.timings_ms = vec![11; 20];
-        assert_eq!(
-            f(&compare(&b, &[c])).first().unwrap().status,
-            crate::report::Status::Passed
-        );
-        // A baseline that failed is not a yardstick.
+        // A baseline that failed only its own guards (production has been through its
+        // migrations) is still a yardstick: every check passed on it.
+        let guarded = Comparison {
+            status: crate::report::Status::Failed,
+            failure: Some("guard max_exclusive_lock (1s): …".into()),
+            ..cmp.clone()
+        };
+        assert_eq!(f(&guarded)[0].status, crate::report::Status::Failed);
+        // One whose checks did not all pass (or never ran) is not.
         let failed = Comparison {
             status: crate::report::Status::Failed,
             failure: Some("install failed".into()),
+            comparable: false,
             ..cmp
         };
-        assert_eq!(f(&failed)[0].status, crate::report::Status::Skipped);
+        let r = f(&failed);
+        assert_eq!(r[0].status, crate::report::Status::Skipped);
+        assert!(
+            r[0].message.as_deref().unwrap().starts_with(
+                "not every check passed on the baseline run r-baseline (install failed)"
+            ),
+            "{r:?}"
+        );
+        let mut ok = c.clone();
+        ok.timings_ms = vec![11; 20];
+        assert_eq!(
+            f(&compare(&b, &[ok])).first().unwrap().status,
+            crate::report::Status::Passed
+        );
+        // Fewer than MIN_SAMPLES timings on either side: a p95 that is the slowest sample is
+        // not judged.
+        let mut few = c.clone();
+        few.timings_ms = vec![13; MIN_SAMPLES - 1];
+        let r = f(&compare(&b, &[few]));
+        assert_eq!(r[0].status, crate::report::Status::Skipped, "{r:?}");
+        assert!(
+            r[0].message
+                .as_deref()
+                .unwrap()
+                .contains("at least 5 times"),
+            "{r:?}"
+        );
+        // A millisecond check that reads 1 ms on the baseline and 3 ms now (+200 %) is within
+        // the noise floor; 4 ms is not.
+        let fast = Baseline {
+            timings: [("list".to_string(), vec![1; 20])].into(),
+            ..b
+        };
+        c.timings_ms = vec![3; 20];
+        let r = f(&compare(&fast, std::slice::from_ref(&c)));
+        assert_eq!(r[0].status, crate::report::Status::Passed, "{r:?}");
+        assert_eq!(
+            r[0].message.as_deref(),
+            Some("largest: check `list` +200% (within the 2 ms noise floor)")
+        );
+        c.timings_ms = vec![4; 20];
+        assert_eq!(
+            f(&compare(&fast, &[c]))[0].status,
+            crate::report::Status::Failed
+        );
     }
 }
