@@ -589,7 +589,7 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
                         Some(format!(
                             "largest: check `{}` {p:+.0}%{}",
                             x.name,
-                            if grew(x) {
+                            if grew(x) || *p <= 0.0 {
                                 String::new()
                             } else {
                                 format!(" (within the {NOISE_MS} ms noise floor)")
