@@ -669,7 +669,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                // The plan quotes the release (its version, SQL file names) and API answers.
+                // Findings quote API answers and names from the account.
                 print!("{}", crate::report::terminal::printable(&report.to_text()));
             }
             Ok(if report.ok {
@@ -1261,7 +1261,8 @@ async fn plan(
     print!(
         "{}",
         match format {
-            PlanFormat::Text => plan.to_text(),
+            // The plan quotes the release (SQL file names, parser errors) and API answers.
+            PlanFormat::Text => crate::report::terminal::printable(&plan.to_text()).into_owned(),
             PlanFormat::Json => plan.to_json(),
             PlanFormat::Dot => plan.to_dot(),
         }
@@ -1291,7 +1292,11 @@ async fn load_release(
         None => Release::load(reference),
     };
     loaded.map_err(|e| {
-        eprintln!("error: {e}");
+        // The message quotes the manifest (an unknown key as written).
+        eprintln!(
+            "error: {}",
+            crate::report::terminal::printable(&e.to_string())
+        );
         Exit(exit::USAGE).into()
     })
 }

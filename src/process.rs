@@ -270,9 +270,9 @@ pub struct Tagged {
     pub pid: i32,
     /// Process group.
     pub pgid: i32,
-    /// Resource address from its environment.
+    /// Resource address from its environment (the process can set it: no control characters).
     pub resource: String,
-    /// Command name.
+    /// Command name (the release chooses it: no control characters).
     pub comm: String,
 }
 
@@ -313,11 +313,12 @@ pub fn find_tagged(run_id: &str, address: Option<&str>) -> Vec<Tagged> {
         if state == 'Z' || state == 'X' {
             continue;
         }
+        // Both end up in messages that `dryrun cleanup` prints to a terminal.
         out.push(Tagged {
             pid,
             pgid,
-            resource,
-            comm,
+            resource: crate::sinks::clean(&resource, 200),
+            comm: crate::sinks::clean(&comm, 64),
         });
     }
     out
@@ -410,4 +411,47 @@ pub fn tail(text: &str, max: usize) -> String {
         text.len() - cut.len(),
         cut.trim_end()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_process_name_and_resource_the_release_chose_carry_no_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        // An executable named with an escape sequence: its comm is that name.
+        let evil = dir.path().join("z\u{1b}]0;t\u{7}q");
+        std::os::unix::fs::symlink("/bin/sleep", &evil).unwrap();
+        let run_id = format!("process-test-{}", std::process::id());
+        let env: BTreeMap<String, String> =
+            [("EVIL".to_string(), evil.display().to_string())].into();
+        let mut child = shell(
+            "exec \"$EVIL\" 30",
+            dir.path(),
+            &ChildEnv::new(dir.path(), &[]),
+            &env,
+            &run_id,
+            "service.a\u{1b}[2Jb",
+        )
+        .spawn()
+        .unwrap();
+        let start = std::time::Instant::now();
+        let found = loop {
+            let f = find_tagged(&run_id, None);
+            if f.iter().any(|p| p.comm.starts_with('z')) {
+                break f;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{f:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The resource filter still matches the address as it was given.
+        assert!(!find_tagged(&run_id, Some("service.a\u{1b}[2Jb")).is_empty());
+        let left = end_tagged(&run_id, None, Duration::from_secs(2)).await;
+        let _ = child.wait().await;
+        assert!(left.is_empty(), "{left:?}");
+        let p = found.iter().find(|p| p.comm.starts_with('z')).unwrap();
+        assert_eq!(p.comm, "z]0;tq");
+        assert_eq!(p.resource, "service.a[2Jb");
+    }
 }

@@ -253,19 +253,16 @@ impl Release {
 }
 
 fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
-    let bad = |line, col, message: String| ReleaseError::BadManifest {
+    // At the mark, or at the top of the file when there is none.
+    let bad = |at: Option<&marked_yaml::Marker>, message: String| ReleaseError::BadManifest {
         file: file.to_string(),
-        line,
-        col,
+        line: at.map_or(1, marked_yaml::Marker::line),
+        col: at.map_or(1, marked_yaml::Marker::column),
         message,
     };
     let node = marked_yaml::parse_yaml(0, text).map_err(|e| {
         let (at, msg) = crate::blueprint::compile::load_error(&e);
-        bad(
-            at.map_or(1, |m| m.line()),
-            at.map_or(1, |m| m.column()),
-            format!("not valid YAML: {msg}"),
-        )
+        bad(at.as_ref(), format!("not valid YAML: {msg}"))
     })?;
     let raw: RawManifest = marked_yaml::from_node(&node).map_err(|e| {
         let mut m = e.start_mark();
@@ -281,7 +278,7 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
             }
             other => format!("{other}"),
         };
-        bad(m.map_or(1, |m| m.line()), m.map_or(1, |m| m.column()), msg)
+        bad(m.as_ref(), msg)
     })?;
     // The version, the commit and the step names are shown in terminals, pages and reports as
     // they are: a release that puts escape sequences (or line breaks) in them is refused here,
@@ -291,10 +288,8 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
             .chars()
             .any(crate::report::terminal::acts_on_a_terminal)
         {
-            let m = at.and_then(|n| n.span().start());
             return Err(bad(
-                m.map_or(1, |m| m.line()),
-                m.map_or(1, |m| m.column()),
+                at.and_then(|n| n.span().start()),
                 format!(
                     "{what} contains control characters (an escape sequence or a line break); \
                      use plain text"
@@ -325,7 +320,7 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
     let dur = |s: Option<&str>, d: Duration| -> Result<Duration, ReleaseError> {
         s.map_or(Ok(d), |s| {
             humantime::parse_duration(s)
-                .map_err(|e| bad(1, 1, format!("`{s}` is not a duration: {e}")))
+                .map_err(|e| bad(None, format!("`{s}` is not a duration: {e}")))
         })
     };
     let mut install = Vec::new();
@@ -344,7 +339,7 @@ fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ReleaseError> {
         None => None,
     };
     if health.is_some() && raw.start.is_none() {
-        return Err(bad(1, 1, "`health` needs a `start` command".into()));
+        return Err(bad(None, "`health` needs a `start` command".into()));
     }
     Ok(Manifest {
         version: raw.version,

@@ -1517,7 +1517,8 @@ fn a_kept_copys_service_keeps_logging_redacted_after_dryrun_exits() {
 /// tabs aside).
 fn acts_on_a_terminal(s: &str) -> bool {
     s.chars().any(|c| {
-        (c.is_control() && c != '\n' && c != '\t') || ('\u{202a}'..='\u{202e}').contains(&c)
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     })
 }
 
@@ -1584,9 +1585,42 @@ fn escape_sequences_from_a_release_never_reach_the_operators_terminal() {
         "{stderr}"
     );
     assert!(!acts_on_a_terminal(&stderr), "{stderr:?}");
+    // A key the manifest does not know is quoted in the error: shown, without its escapes.
+    write(
+        &hostile.join("dryrun-release.yaml"),
+        "version: \"2.0\"\n\"x\\e]52;c;cHduZWQ=\\a\": 1\ninstall: []\n",
+    );
+    let out = run(dryrun(state.path())
+        .args(["run"])
+        .arg(fixtures.path().join("esc.yaml"))
+        .arg("--release")
+        .arg(&hostile));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown key `x]52;c;cHduZWQ=`"), "{stderr}");
+    assert!(!acts_on_a_terminal(&stderr), "{stderr:?}");
     assert_eq!(
         run_ids(state.path()).len(),
         1,
-        "the refused release created a run"
+        "the refused releases created a run"
+    );
+
+    // `dryrun plan --release` reads the release's SQL and quotes what it cannot parse.
+    let sql = fixtures.path().join("releases/hostile-sql");
+    release(&sql, "true");
+    write(
+        &sql.join("migrations/0001_x.sql"),
+        "CREATE INDEX i ON t (x);\nSELECT 1 '\u{1b}]52;c;cHduZWQ=\u{7}';\n",
+    );
+    let out = run(dryrun(state.path())
+        .args(["plan", "demo/shop-pg-guards.yaml", "--release"])
+        .arg(&sql)
+        .current_dir(fixtures.path()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("found: ']52;c;cHduZWQ='"), "{stdout}");
+    assert!(!acts_on_a_terminal(&stdout), "{stdout:?}");
+    assert!(
+        !acts_on_a_terminal(&String::from_utf8_lossy(&out.stderr)),
+        "{out:?}"
     );
 }

@@ -39,6 +39,12 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `ev` with each of its texts [printable](printable).
+#[must_use]
+pub fn printable_event(ev: &Event) -> Event {
+    ev.map_text(|s| printable(s).into_owned())
+}
+
 /// A copy of `report` with every string [printable](printable), keys included. The copy goes
 /// through serde_json, so no field can be forgotten when the report grows; `None` if that
 /// round trip fails (the caller then prints without colour and filters its whole output).
@@ -690,7 +696,7 @@ impl Progress {
 
     /// Renders one event (its text [printable](printable)).
     pub fn handle(&mut self, ev: &Event) {
-        let ev = &ev.map_text(|s| printable(s).into_owned());
+        let ev = &printable_event(ev);
         match self.mode {
             ProgressMode::Quiet => {
                 if let Some(line) = alert_line(ev) {

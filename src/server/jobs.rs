@@ -581,7 +581,7 @@ impl App {
             // The same text as `dryrun run`'s plain progress, a line at a time.
             let mut lines = crate::report::terminal::PlainLines::default();
             while let Some(ev) = rx.recv().await {
-                let ev = ev.map_text(|s| crate::report::terminal::printable(s).into_owned());
+                let ev = crate::report::terminal::printable_event(&ev);
                 for line in lines.render(&ev).unwrap_or_default().lines() {
                     me.push_progress(&rid, line.to_string());
                 }
