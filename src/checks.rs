@@ -110,6 +110,7 @@ pub async fn run(
     let conn = PgConn::default();
     loop {
         attempts += 1;
+        let _ = conn.query_time();
         let began = Instant::now();
         let attempt = tokio::select! {
             v = attempt(check, env, &conn) => v,
@@ -146,7 +147,7 @@ pub async fn run(
             ),
         };
         if last.0 == Status::Passed {
-            timings_ms.push(ms(began.elapsed()));
+            timings_ms.push(ms(conn.query_time().unwrap_or_else(|| began.elapsed())));
         }
         if matches!(last.0, Status::Passed | Status::Skipped)
             || attempts > check.retries
@@ -166,13 +167,16 @@ pub async fn run(
     // `repeat: N`: a passing check is timed N times in all; every repetition must pass.
     if last.0 == Status::Passed {
         for n in 2..=check.repeat {
+            let _ = conn.query_time();
             let began = Instant::now();
             let v = tokio::select! {
                 v = attempt(check, env, &conn) => v,
                 () = env.cancel.cancelled() => break,
             };
             match v {
-                Ok(v) if v.passed && !v.skipped => timings_ms.push(ms(began.elapsed())),
+                Ok(v) if v.passed && !v.skipped => {
+                    timings_ms.push(ms(conn.query_time().unwrap_or_else(|| began.elapsed())));
+                }
                 Ok(v) => {
                     last = (
                         Status::Failed,
@@ -218,33 +222,42 @@ fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A `sql` check's PostgreSQL connection, kept from one attempt (and repetition) to the next:
-/// a timed query then measures the query, not a new connection's start-up and password
-/// exchange each time. Taken out while a query runs, so a query cut off by the check's timeout
-/// drops its connection with it.
+/// A `sql` check's PostgreSQL session, kept from one attempt (and repetition) to the next, and
+/// the time its last query took: a check's timing is its query's, never a connection's
+/// start-up and password exchange. Taken out while a query runs, so a query cut off by the
+/// check's timeout drops its connection with it.
 #[derive(Default)]
-struct PgConn(std::sync::Mutex<Option<(String, tokio_postgres::Client)>>);
+struct PgConn {
+    kept: std::sync::Mutex<Option<(String, tokio_postgres::Client)>>,
+    query: std::sync::Mutex<Option<std::time::Duration>>,
+}
 
 impl PgConn {
-    /// The kept connection to `url` if it is still open, else a new one.
-    async fn take(&self, url: &str) -> Result<tokio_postgres::Client, String> {
-        let kept = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+    /// The kept session on `url` if it is still open (`true`), else a new one.
+    async fn take(&self, url: &str) -> Result<(tokio_postgres::Client, bool), String> {
+        let kept = lock(&self.kept).take();
         match kept {
-            Some((u, c)) if u == url && !c.is_closed() => Ok(c),
-            _ => crate::pg::connect(url).await,
+            Some((u, c)) if u == url && !c.is_closed() => Ok((c, true)),
+            _ => Ok((crate::pg::connect(url).await?, false)),
         }
     }
 
-    fn keep(&self, url: &str, c: tokio_postgres::Client) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((url.to_string(), c));
+    /// Keeps `c` for the next attempt, out of any transaction the query left open (`BEGIN;
+    /// SELECT …` works, and its snapshot and locks must not outlive the attempt).
+    async fn keep(&self, url: &str, c: tokio_postgres::Client) {
+        if c.batch_execute("ROLLBACK").await.is_ok() {
+            *lock(&self.kept) = Some((url.to_string(), c));
+        }
     }
+
+    /// How long the last query took, once (`None`: no query ran since).
+    fn query_time(&self) -> Option<std::time::Duration> {
+        lock(&self.query).take()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn attempt(check: &Check, env: &CheckEnv<'_>, conn: &PgConn) -> Result<Verdict, NoVerdict> {
@@ -693,14 +706,26 @@ fn sqlite_query(path: &str, q: &str) -> Result<Vec<Vec<String>>, String> {
 }
 
 async fn postgres_query(url: &str, q: &str, conn: &PgConn) -> Result<Vec<Vec<String>>, String> {
-    let client = conn.take(url).await?;
-    // simple_query returns every value as text, which is how expectations are written.
-    let msgs = client
-        .simple_query(q)
-        .await
-        .map_err(|e| format!("query failed: {}", crate::pg::error(&e)))?;
-    // Kept only after a query that worked: a failed one may have left a transaction open.
-    conn.keep(url, client);
+    let (mut client, mut reused) = conn.take(url).await?;
+    let msgs = loop {
+        let began = Instant::now();
+        // simple_query returns every value as text, which is how expectations are written.
+        match client.simple_query(q).await {
+            Ok(m) => {
+                *lock(&conn.query) = Some(began.elapsed());
+                break m;
+            }
+            // The kept session ended meanwhile (the server restarted, the backend was
+            // terminated): once more on a new one.
+            Err(_) if reused && client.is_closed() => {
+                client = crate::pg::connect(url).await?;
+                reused = false;
+            }
+            // Not kept: the failed query may have left the session in a failed transaction.
+            Err(e) => return Err(format!("query failed: {}", crate::pg::error(&e))),
+        }
+    };
+    conn.keep(url, client).await;
     let mut out = Vec::new();
     for m in msgs {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = m {

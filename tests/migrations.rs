@@ -273,6 +273,15 @@ fn slow_release(dir: &std::path::Path, version: &str, sleep: &str) {
     .unwrap();
 }
 
+/// A blueprint `name` over the demo's PostgreSQL backups: database `db`, service `app` with
+/// its URL, the demo's masking; `rest` adds guards and checks.
+fn pg_blueprint(name: &str, rest: &str) -> String {
+    format!(
+        "name: {name}\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: shop-pg\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\n{rest}",
+        root().join("blueprints/demo/production/backups").display()
+    )
+}
+
 #[test]
 fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_the_run() {
     if !have_postgres() {
@@ -281,13 +290,12 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
     let state = state_dir();
     let _reaper = Reaper(state.path().to_path_buf());
     let dir = state.path().join("work");
-    let backups = root().join("blueprints/demo/production/backups");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("bp.yaml"),
-        format!(
-            "name: slow\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: shop-pg\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\nguards:\n  max_p95_regression: 100%\nchecks:\n  - name: report\n    type: sql\n    database: db\n    query: SELECT report_total() > 0\n    repeat: 10\n    expect:\n      value: \"t\"\n",
-            backups.display()
+        pg_blueprint(
+            "slow",
+            "guards:\n  max_p95_regression: 100%\nchecks:\n  - name: report\n    type: sql\n    database: db\n    query: SELECT report_total() > 0\n    repeat: 10\n    expect:\n      value: \"t\"\n",
         ),
     )
     .unwrap();
@@ -421,13 +429,12 @@ fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
     let dir = state.path().join("work");
     std::fs::create_dir_all(&dir).unwrap();
     // The query answers `reused` only in a session where it ran before: the first attempt
-    // fails, its retry passes, and so do the repetitions, when all run on one connection (a
-    // timed repetition then measures the query, not a new connection's start-up).
+    // fails, its retry passes, and so do the repetitions, when all run on one connection.
     std::fs::write(
         dir.join("bp.yaml"),
-        format!(
-            "name: session\nproviders:\n  local:\n    backups: {}\nresources:\n  db:\n    type: database\n    engine: postgres\n    source: shop-pg\n    database: shop\n  app:\n    type: service\n    env:\n      DATABASE_URL: \"{{{{resources.db.url}}}}\"\nmasking:\n  db:\n    customers.email: email\n    customers.name: name\nchecks:\n  - name: one-session\n    type: sql\n    database: db\n    query: \"SELECT CASE WHEN current_setting('dryrun.seen', true) = 'y' THEN 'reused' ELSE set_config('dryrun.seen', 'y', false) END\"\n    retries: 1\n    interval: 10ms\n    repeat: 5\n    expect:\n      value: reused\n",
-            root().join("blueprints/demo/production/backups").display()
+        pg_blueprint(
+            "session",
+            "checks:\n  - name: one-session\n    type: sql\n    database: db\n    query: \"SELECT CASE WHEN current_setting('dryrun.seen', true) = 'y' THEN 'reused' ELSE set_config('dryrun.seen', 'y', false) END\"\n    retries: 1\n    interval: 10ms\n    repeat: 5\n    expect:\n      value: reused\n  - name: no-open-transaction\n    type: sql\n    database: db\n    query: \"BEGIN; SELECT CASE WHEN now() = statement_timestamp() THEN 'fresh' ELSE 'stale' END\"\n    repeat: 3\n    expect:\n      value: fresh\n",
         ),
     )
     .unwrap();
@@ -442,6 +449,9 @@ fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
     assert_eq!(c["status"], "passed", "{c:#}");
     assert_eq!(c["attempts"], 2, "{c:#}");
     assert_eq!(c["timings_ms"].as_array().unwrap().len(), 5, "{c:#}");
+    // A transaction the query left open is rolled back after each attempt: a repetition
+    // inside the first one's transaction would see its start time (`stale`).
+    assert_eq!(r["checks"][1]["status"], "passed", "{:#}", r["checks"][1]);
     for id in run_ids(state.path()) {
         assert_nothing_left(state.path(), &id);
     }

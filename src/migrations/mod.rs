@@ -550,11 +550,17 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
             ),
             Some(c) if !c.comparable => (
                 Status::Skipped,
-                Some(format!(
-                    "not every check passed on the baseline run {} ({}); nothing to compare with",
-                    c.run_id,
-                    c.failure.as_deref().unwrap_or(c.status.as_str())
-                )),
+                Some(match &c.failure {
+                    Some(f) => format!(
+                        "a check failed on the baseline run {}, or none passed there ({f}); \
+                         nothing to compare with",
+                        c.run_id
+                    ),
+                    None => format!(
+                        "no check passed on the baseline run {}; nothing to compare with",
+                        c.run_id
+                    ),
+                }),
             ),
             Some(c) => {
                 let judged: Vec<(&CheckComparison, f64)> = c
@@ -586,15 +592,23 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
                     ),
                     Some((x, p)) => (
                         Status::Passed,
-                        Some(format!(
-                            "largest: check `{}` {p:+.0}%{}",
-                            x.name,
-                            if grew(x) || *p <= 0.0 {
-                                String::new()
-                            } else {
-                                format!(" (within the {NOISE_MS} ms noise floor)")
-                            }
-                        )),
+                        Some(if grew(x) || *p <= 0.0 {
+                            let noise = judged.iter().any(|(y, q)| !grew(y) && q > p);
+                            format!(
+                                "largest: check `{}` {p:+.0}%{}",
+                                x.name,
+                                if noise {
+                                    format!(" (larger ones within the {NOISE_MS} ms noise floor)")
+                                } else {
+                                    String::new()
+                                }
+                            )
+                        } else {
+                            format!(
+                                "largest: check `{}` {p:+.0}% (within the {NOISE_MS} ms noise floor)",
+                                x.name
+                            )
+                        }),
                     ),
                     None => (
                         Status::Skipped,
@@ -627,9 +641,10 @@ pub struct Baseline {
     pub status: crate::report::Status,
     /// Its deciding failure.
     pub failure: Option<String>,
-    /// Whether it is a yardstick: every check ran and passed on it. Its own guards do not
-    /// matter (production has been through its migrations already); a check that failed there,
-    /// or an install that never got to the checks, does.
+    /// Whether it is a yardstick: its checks ran, and each passed or could not run from here
+    /// (skipped, e.g. a sql check on AWS without `runner_in_vpc`), at least one passed. Its own
+    /// guards do not matter (production has been through its migrations already); a check
+    /// that failed there, or an install that never got to the checks, does.
     #[serde(default)]
     pub comparable: bool,
     /// Per check: the time of each passing repetition.
@@ -649,10 +664,15 @@ impl Baseline {
                 .unwrap_or_else(|| r.release.reference.clone()),
             status: r.status,
             failure: r.failure.clone(),
-            comparable: !r.checks.is_empty()
-                && r.checks
-                    .iter()
-                    .all(|c| c.status == crate::report::Status::Passed),
+            comparable: r.checks.iter().all(|c| {
+                matches!(
+                    c.status,
+                    crate::report::Status::Passed | crate::report::Status::Skipped
+                )
+            }) && r
+                .checks
+                .iter()
+                .any(|c| c.status == crate::report::Status::Passed),
             timings: r
                 .checks
                 .iter()
@@ -707,9 +727,9 @@ pub struct CheckComparison {
     pub p95_change_pct: Option<f64>,
 }
 
-/// The fewest timings, on each side, of a check `max_p95_regression` judges: below that a p95
-/// is merely the slowest sample, and one slow sample is noise (`repeat: 10` or more is
-/// advised).
+/// The fewest timings, on each side, of a check `max_p95_regression` judges: a single slow
+/// sample is noise. (A nearest-rank p95 of fewer than 20 samples is the slowest one:
+/// `repeat: 20` or more is advised.)
 pub const MIN_SAMPLES: usize = 5;
 
 /// Growth of a p95 by this much or less never fails `max_p95_regression`: timings are whole
@@ -1031,7 +1051,7 @@ mod tests {
         assert_eq!(r[0].status, crate::report::Status::Skipped);
         assert!(
             r[0].message.as_deref().unwrap().starts_with(
-                "not every check passed on the baseline run r-baseline (install failed)"
+                "a check failed on the baseline run r-baseline, or none passed there (install failed)"
             ),
             "{r:?}"
         );
@@ -1069,8 +1089,57 @@ mod tests {
         );
         c.timings_ms = vec![4; 20];
         assert_eq!(
-            f(&compare(&fast, &[c]))[0].status,
+            f(&compare(&fast, std::slice::from_ref(&c)))[0].status,
             crate::report::Status::Failed
         );
+        // Two checks: one +200 % within the noise floor, one +25 % that counts: the second
+        // decides.
+        let two = Baseline {
+            timings: [
+                ("tiny".to_string(), vec![1; 20]),
+                ("list".to_string(), vec![20; 20]),
+            ]
+            .into(),
+            ..fast
+        };
+        let mut tiny = c.clone();
+        tiny.name = "tiny".into();
+        tiny.timings_ms = vec![3; 20];
+        c.timings_ms = vec![25; 20];
+        let r = f(&compare(&two, &[tiny.clone(), c.clone()]));
+        assert_eq!(r[0].status, crate::report::Status::Failed, "{r:?}");
+        assert!(
+            r[0].message.as_deref().unwrap().starts_with("check `list`"),
+            "{r:?}"
+        );
+        c.timings_ms = vec![23; 20];
+        let r = f(&compare(&two, &[tiny, c]));
+        assert_eq!(r[0].status, crate::report::Status::Passed, "{r:?}");
+        assert_eq!(
+            r[0].message.as_deref(),
+            Some("largest: check `list` +15% (larger ones within the 2 ms noise floor)")
+        );
+    }
+
+    #[test]
+    fn a_baseline_is_a_yardstick_when_its_checks_passed_whatever_its_guards_said() {
+        use crate::report::Status;
+        let mut r = crate::report::terminal::testutil::sample_report(Status::Passed);
+        assert!(Baseline::of(&r).comparable);
+        // Failed by its own guard: still a yardstick.
+        r.status = Status::Failed;
+        r.failure = Some("guard max_exclusive_lock (1s): …".into());
+        assert!(Baseline::of(&r).comparable);
+        // A check it could not run from here (skipped) does not matter either.
+        r.checks[1].status = Status::Skipped;
+        assert!(Baseline::of(&r).comparable);
+        // A check that failed there does.
+        r.checks[0].status = Status::Failed;
+        assert!(!Baseline::of(&r).comparable);
+        // And so do checks that never ran (the install failed).
+        for c in &mut r.checks {
+            c.status = Status::Skipped;
+        }
+        assert!(!Baseline::of(&r).comparable);
     }
 }
