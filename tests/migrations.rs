@@ -273,6 +273,17 @@ fn slow_release(dir: &std::path::Path, version: &str, sleep: &str) {
     .unwrap();
 }
 
+/// A state directory (reaped at the end) whose `work/bp.yaml` is [`pg_blueprint`]`(name,
+/// rest)`; returns the work directory.
+fn pg_work(name: &str, rest: &str) -> (tempfile::TempDir, Reaper, std::path::PathBuf) {
+    let state = state_dir();
+    let reaper = Reaper(state.path().to_path_buf());
+    let dir = state.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bp.yaml"), pg_blueprint(name, rest)).unwrap();
+    (state, reaper, dir)
+}
+
 /// A blueprint `name` over the demo's PostgreSQL backups: database `db`, service `app` with
 /// its URL, the demo's masking; `rest` adds guards and checks.
 fn pg_blueprint(name: &str, rest: &str) -> String {
@@ -287,18 +298,10 @@ fn baseline_and_candidate_run_on_the_same_backup_and_an_injected_slowdown_fails_
     if !have_postgres() {
         return;
     }
-    let state = state_dir();
-    let _reaper = Reaper(state.path().to_path_buf());
-    let dir = state.path().join("work");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("bp.yaml"),
-        pg_blueprint(
-            "slow",
-            "guards:\n  max_p95_regression: 100%\nchecks:\n  - name: report\n    type: sql\n    database: db\n    query: SELECT report_total() > 0\n    repeat: 10\n    expect:\n      value: \"t\"\n",
-        ),
-    )
-    .unwrap();
+    let (state, _reaper, dir) = pg_work(
+        "slow",
+        "guards:\n  max_p95_regression: 100%\nchecks:\n  - name: report\n    type: sql\n    database: db\n    query: SELECT report_total() > 0\n    repeat: 10\n    expect:\n      value: \"t\"\n",
+    );
     slow_release(&dir.join("fast"), "1.0.0", "0.005");
     slow_release(&dir.join("slow"), "1.1.0", "1.0");
     let bp = dir.join("bp.yaml");
@@ -424,20 +427,12 @@ fn a_sql_check_keeps_one_session_across_its_attempts_and_repetitions() {
     if !have_postgres() {
         return;
     }
-    let state = state_dir();
-    let _reaper = Reaper(state.path().to_path_buf());
-    let dir = state.path().join("work");
-    std::fs::create_dir_all(&dir).unwrap();
     // The query answers `reused` only in a session where it ran before: the first attempt
     // fails, its retry passes, and so do the repetitions, when all run on one connection.
-    std::fs::write(
-        dir.join("bp.yaml"),
-        pg_blueprint(
-            "session",
-            "checks:\n  - name: one-session\n    type: sql\n    database: db\n    query: \"SELECT CASE WHEN current_setting('dryrun.seen', true) = 'y' THEN 'reused' ELSE set_config('dryrun.seen', 'y', false) END\"\n    retries: 1\n    interval: 10ms\n    repeat: 5\n    expect:\n      value: reused\n  - name: no-open-transaction\n    type: sql\n    database: db\n    query: \"BEGIN; SELECT CASE WHEN now() = statement_timestamp() THEN 'fresh' ELSE 'stale' END\"\n    repeat: 3\n    expect:\n      value: fresh\n",
-        ),
-    )
-    .unwrap();
+    let (state, _reaper, dir) = pg_work(
+        "session",
+        "checks:\n  - name: one-session\n    type: sql\n    database: db\n    query: \"SELECT CASE WHEN current_setting('dryrun.seen', true) = 'y' THEN 'reused' ELSE set_config('dryrun.seen', 'y', false) END\"\n    retries: 1\n    interval: 10ms\n    repeat: 5\n    expect:\n      value: reused\n  - name: no-open-transaction\n    type: sql\n    database: db\n    query: \"BEGIN; SELECT CASE WHEN now() = statement_timestamp() THEN 'fresh' ELSE 'stale' END\"\n    repeat: 3\n    expect:\n      value: fresh\n",
+    );
     slow_release(&dir.join("rel"), "1.0.0", "0.001");
     let (code, out, r) = rehearse(
         state.path(),
