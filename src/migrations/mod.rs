@@ -328,8 +328,17 @@ pub fn summary_lines(r: &crate::report::RunReport, top: usize) -> Vec<String> {
                 .p95_change_pct
                 .map(|p| format!(" ({p:+.0}% p95)"))
                 .unwrap_or_default();
+            // What `max_p95_regression` leaves aside is said so, lest a +110 % of one sample
+            // read as a verdict.
+            let judged = if c.p95_change_pct.is_some()
+                && (c.samples < MIN_SAMPLES || c.baseline_samples.unwrap_or(0) < MIN_SAMPLES)
+            {
+                format!(", not judged: fewer than {MIN_SAMPLES} timings (`repeat: 20`)")
+            } else {
+                String::new()
+            };
             out.push(format!(
-                "  {}: p50 {} ms p95 {} ms over {} run(s); {base}{change}",
+                "  {}: p50 {} ms p95 {} ms over {} run(s); {base}{change}{judged}",
                 c.name, c.p50_ms, c.p95_ms, c.samples
             ));
         }
@@ -1119,6 +1128,37 @@ mod tests {
             r[0].message.as_deref(),
             Some("largest: check `list` +15% (larger ones within the 2 ms noise floor)")
         );
+    }
+
+    #[test]
+    fn the_summary_says_which_compared_checks_the_guard_leaves_aside() {
+        let mut r = crate::report::terminal::testutil::sample_report(crate::report::Status::Passed);
+        let row = |name: &str, samples: usize, base: usize| CheckComparison {
+            name: name.into(),
+            samples,
+            p50_ms: 44,
+            p95_ms: 44,
+            baseline_p50_ms: Some(21),
+            baseline_p95_ms: Some(21),
+            baseline_samples: Some(base),
+            p95_change_pct: Some(110.0),
+        };
+        r.baseline = Some(Comparison {
+            run_id: "r-baseline".into(),
+            release: "1.0".into(),
+            status: crate::report::Status::Passed,
+            failure: None,
+            comparable: true,
+            checks: vec![row("once", 1, 1), row("many", 20, 20)],
+        });
+        let lines = summary_lines(&r, 5);
+        let once = lines.iter().find(|l| l.contains("once:")).unwrap();
+        assert!(
+            once.ends_with("(+110% p95), not judged: fewer than 5 timings (`repeat: 20`)"),
+            "{once}"
+        );
+        let many = lines.iter().find(|l| l.contains("many:")).unwrap();
+        assert!(many.ends_with("(+110% p95)"), "{many}");
     }
 
     #[test]
