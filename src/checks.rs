@@ -717,7 +717,12 @@ async fn postgres_query(url: &str, q: &str, conn: &PgConn) -> Result<Vec<Vec<Str
             }
             // The kept session ended meanwhile (the server restarted, the backend was
             // terminated): once more on a new one.
-            Err(_) if reused && client.is_closed() => {
+            Err(e)
+                if reused
+                    && (client.is_closed()
+                        || e.is_closed()
+                        || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)) =>
+            {
                 client = crate::pg::connect(url).await?;
                 reused = false;
             }

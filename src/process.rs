@@ -420,20 +420,23 @@ mod tests {
     #[tokio::test]
     async fn a_process_name_and_resource_the_release_chose_carry_no_control_characters() {
         let dir = tempfile::tempdir().unwrap();
-        // An executable named with an escape sequence: its comm is that name.
+        // A shell started under a name with an escape sequence: its comm is that name (a
+        // shell, not sleep, which may be a multi-call binary that picks its applet by name).
         let evil = dir.path().join("z\u{1b}]0;t\u{7}q");
-        std::os::unix::fs::symlink("/bin/sleep", &evil).unwrap();
+        std::os::unix::fs::symlink("/bin/sh", &evil).unwrap();
         let run_id = format!("process-test-{}", std::process::id());
         let env: BTreeMap<String, String> =
             [("EVIL".to_string(), evil.display().to_string())].into();
         let mut child = shell(
-            "exec \"$EVIL\" 30",
+            "exec \"$EVIL\" -c 'while :; do sleep 1; done'",
             dir.path(),
             &ChildEnv::new(dir.path(), &[]),
             &env,
             &run_id,
             "service.a\u{1b}[2Jb",
         )
+        // Ended even when an assertion below fails first.
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
         let start = std::time::Instant::now();

@@ -330,9 +330,11 @@ pub fn summary_lines(r: &crate::report::RunReport, top: usize) -> Vec<String> {
                 .unwrap_or_default();
             // What `max_p95_regression` leaves aside is said so, lest a +110 % of one sample
             // read as a verdict.
-            let judged = if c.p95_change_pct.is_some()
-                && (c.samples < MIN_SAMPLES || c.baseline_samples.unwrap_or(0) < MIN_SAMPLES)
-            {
+            let judged = if c.p95_change_pct.is_none() {
+                String::new()
+            } else if !b.comparable {
+                ", not judged: the baseline is no yardstick".to_string()
+            } else if c.samples < MIN_SAMPLES || c.baseline_samples.unwrap_or(0) < MIN_SAMPLES {
                 format!(", not judged: fewer than {MIN_SAMPLES} timings (`repeat: 20`)")
             } else {
                 String::new()
@@ -623,7 +625,7 @@ pub fn judge(g: &Guards, f: Findings<'_>) -> Vec<GuardResult> {
                         Status::Skipped,
                         Some(format!(
                             "no check passed at least {MIN_SAMPLES} times on both releases \
-                             (give the checks to compare `repeat: 10` or more)"
+                             (give the checks to compare `repeat: 20` or more)"
                         )),
                     ),
                 }
@@ -704,7 +706,8 @@ pub struct Comparison {
     /// Its deciding failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
-    /// Every check passed on the baseline: its timings are a yardstick (see [`Baseline`]).
+    /// Its timings are a yardstick: its checks passed or were skipped from here, at least one
+    /// passed; its own guards do not count (see [`Baseline::comparable`]).
     #[serde(default)]
     pub comparable: bool,
     /// Per check, in blueprint order.
@@ -1159,6 +1162,16 @@ mod tests {
         );
         let many = lines.iter().find(|l| l.contains("many:")).unwrap();
         assert!(many.ends_with("(+110% p95)"), "{many}");
+        // A baseline that is no yardstick: nothing is judged.
+        if let Some(b) = &mut r.baseline {
+            b.comparable = false;
+        }
+        let lines = summary_lines(&r, 5);
+        let many = lines.iter().find(|l| l.contains("many:")).unwrap();
+        assert!(
+            many.ends_with("(+110% p95), not judged: the baseline is no yardstick"),
+            "{many}"
+        );
     }
 
     #[test]
